@@ -1,0 +1,341 @@
+"""Typed run configuration: YAML in, validated pydantic models out, dotted overrides on the command line.
+
+A config is checked in two passes, both before anything is computed or written:
+
+1. ``load_config`` parses the YAML, applies ``key.sub=value`` overrides and validates every field on
+   its own (types, ranges, known families / methods / languages);
+2. ``check_against_models`` reads each model's size (layers, experts, experts per token) from its HF
+   config and checks what depends on it (top-k not larger than the expert count, every band
+   resolving to at least one MoE layer).
+
+Every error is a ``ConfigError`` whose message names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ramoe_ray.models import FAMILIES
+
+METHODS = ("sft", "steering", "rise", "ramoe")
+
+# Languages a config may name, ISO 639-1 (MGSM, Global-MMLU and Belebele languages).
+LANGUAGES: dict[str, str] = {
+    "en": "English", "ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "el": "Greek",
+    "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fr": "French", "ha": "Hausa", "he": "Hebrew",
+    "hi": "Hindi", "id": "Indonesian", "ig": "Igbo", "it": "Italian", "ja": "Japanese", "ko": "Korean",
+    "ky": "Kyrgyz", "lt": "Lithuanian", "mg": "Malagasy", "ms": "Malay", "ne": "Nepali", "nl": "Dutch",
+    "ny": "Chichewa", "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian",
+    "si": "Sinhala", "sn": "Shona", "so": "Somali", "sr": "Serbian", "sv": "Swedish", "sw": "Swahili",
+    "te": "Telugu", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese",
+    "yo": "Yoruba", "zh": "Chinese", "am": "Amharic", "fil": "Filipino",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before any work starts. The message is meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="short label used in run names and tables")
+    path: str = Field(description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125) or a local folder")
+    family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES")
+    revision: str | None = Field(default=None, description="hub revision (commit, branch or tag)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; supported families: {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} is not a valid name; use letters, digits, '.', '_' and '-'")
+        return v
+
+
+class TaskConfig(_Strict):
+    name: str
+    format: Literal["generative_numeric", "multiple_choice", "passage_multiple_choice"]
+    source: str = Field(description="hub dataset id, a local folder/file, or 'synthetic'")
+
+
+class Band(_Strict):
+    """A layer band as a fraction range [start, end) of the model's depth."""
+
+    start: float
+    end: float
+
+    @model_validator(mode="after")
+    def _in_unit_interval(self) -> "Band":
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
+            raise ValueError(f"band [{self.start}, {self.end}] is outside 0-1; bands are fractions of depth")
+        if self.start >= self.end:
+            raise ValueError(f"band [{self.start}, {self.end}] is empty; start must be smaller than end")
+        return self
+
+    def label(self) -> str:
+        return f"{self.start:g}-{self.end:g}"
+
+
+BandSpec = Union[Literal["auto"], Band]
+
+
+def _parse_band(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ValueError(f"band {list(v)} must have two fractions [start, end]")
+        return {"start": v[0], "end": v[1]}
+    if isinstance(v, str) and v != "auto":
+        raise ValueError(f"band {v!r} is not allowed; a band is [start, end] (fractions of depth) or 'auto'")
+    return v
+
+
+class Knobs(_Strict):
+    """The three sweep knobs of RA-MoE."""
+
+    lambdas: list[float] = Field(default=[0.1, 0.5, 1.0], min_length=1)
+    bands: list[BandSpec] = Field(default_factory=lambda: [Band(start=0.375, end=0.625)], min_length=1)
+    top_k: list[int] = Field(default=[2], min_length=1)
+
+    @field_validator("lambdas")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        for x in v:
+            if x < 0:
+                raise ValueError(f"lambda {x} is negative; the alignment-loss weight must be >= 0")
+        return v
+
+    @field_validator("bands", mode="before")
+    @classmethod
+    def _bands(cls, v: Any) -> Any:
+        return [_parse_band(b) for b in v] if isinstance(v, list) else v
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        for k in v:
+            if k < 1:
+                raise ValueError(f"top_k {k} must be >= 1")
+        return v
+
+
+class SteeringConfig(_Strict):
+    strengths: list[float] = Field(default=[2.0], min_length=1, description="added to task experts' router logits")
+
+
+class RiseConfig(_Strict):
+    budget: int = Field(default=8, ge=1, description="experts adapted per model, split over depth zones")
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1, description="per worker")
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    seed: int = 0
+
+
+class ResourcesConfig(_Strict):
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers per trial")
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    inference_actors: int = Field(default=1, ge=1, description="Ray Data predictor actors")
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(default=None, description="default: sqlite database in the run folder")
+    experiment: str = "ramoe"
+
+
+class RunConfig(_Strict):
+    name: str = "ramoe"
+    models: list[ModelConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    languages: list[str] = Field(min_length=1, description="target languages (English is the source)")
+    methods: list[Literal["sft", "steering", "rise", "ramoe"]] = Field(default=list(METHODS), min_length=1)
+    knobs: Knobs = Field(default_factory=Knobs)
+    steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    rise: RiseConfig = Field(default_factory=RiseConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cache_dir: str = ".ramoe_cache"
+    output_dir: str = "runs"
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, v: list[str]) -> list[str]:
+        known = known_languages()
+        for code in v:
+            if code == "en":
+                raise ValueError("'en' is the source language; list only target languages")
+            if code not in known:
+                raise ValueError(f"unknown language code {code!r}; allowed: {', '.join(sorted(known))}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"languages {v} has duplicates")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        for what, names in (("models", [m.name for m in self.models]), ("tasks", [t.name for t in self.tasks])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def mlflow_uri(self) -> str:
+        if self.tracking.mlflow_uri:
+            return self.tracking.mlflow_uri
+        return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+
+
+def known_languages() -> set[str]:
+    return set(LANGUAGES)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.lr=1e-4`` -> (["training", "lr"], 0.0001). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {'.'.join(parts)}: {here} is a list of {len(node)}; use an index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {'.'.join(parts)}: {here} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {'.'.join(parts)}: index {last!r} out of range for a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "literal[")))
+        # pydantic tags union members ("Band", "literal['auto']") in the location; keep the field path
+        loc = re.sub(r"\.(Band|str)$", "", loc)
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            msg = f"{msg}"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling)"
+        if e["type"] == "missing":
+            lines.append(f"  {loc}: missing (required)")
+        else:
+            lines.append(f"  {loc} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a YAML config. Writes nothing."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"config file {str(p)!r} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {str(p)!r}: the top level must be a mapping, got {type(data).__name__}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return config_from_dict(data, repr(str(p)))
+
+
+def check_against_models(cfg: RunConfig) -> dict[str, "MoEShape"]:
+    """Checks what depends on each model's size; returns the shapes read from the HF configs."""
+    from ramoe_ray.experts import resolve_band
+    from ramoe_ray.models import MoEShape, moe_shape
+
+    shapes: dict[str, MoEShape] = {}
+    for i, m in enumerate(cfg.models):
+        try:
+            shapes[m.name] = moe_shape(m)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"models.{i} ({m.name}): {e}") from None
+        shape = shapes[m.name]
+        for j, k in enumerate(cfg.knobs.top_k):
+            if k > shape.num_experts:
+                raise ConfigError(
+                    f"knobs.top_k.{j} = {k}: larger than the {shape.num_experts} experts of model "
+                    f"{m.name!r}; allowed: 1..{shape.num_experts}"
+                )
+        for j, band in enumerate(cfg.knobs.bands):
+            if band == "auto":
+                continue
+            layers = resolve_band(band.start, band.end, shape.moe_layers)
+            if not layers:
+                raise ConfigError(
+                    f"knobs.bands.{j} = [{band.start}, {band.end}]: holds no MoE layer of model {m.name!r} "
+                    f"({shape.num_layers} layers, MoE layers {shape.moe_layers}); widen it"
+                )
+    return shapes
+
+
+def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.resolved.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with torch and the package (editable, with the
+# dev extra). Safe to run again: it does nothing when pyproject.toml has not changed since the
+# last successful install.
+#
+# torch is installed first, on its own: on the project's CPU machines `torch==2.13.0` resolves to a
+# local CPU wheel; on a GPU machine it resolves to the normal CUDA build. The rest is then installed
+# with a constraint pinning the torch that is there, so no other package can pull a different
+# (multi-GB CUDA) torch over it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${RAMOE_VENV:-.venv}"
+TORCH_SPEC="${RAMOE_TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.ramoe-setup"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $TORCH_SPEC"
+    "$PY" -m pip install -q "$TORCH_SPEC"
+fi
+torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
+echo "torch==$torch_version" > "$VENV/constraints.txt"
+echo "[setup] torch $torch_version (cuda: $("$PY" -c 'import torch; print(torch.cuda.is_available())'))"
+
+echo "[setup] installing ramoe_ray and its dependencies (first time: a few minutes)"
+"$PY" -m pip install -q -c "$VENV/constraints.txt" -e ".[dev]"
+
+echo "$want" > "$stamp"
+echo "[setup] done: $VENV"
