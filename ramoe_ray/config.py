@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ramoe_ray.models import FAMILIES
+from ramoe_ray.models import FAMILIES, PRESET, preset_family
 
 METHODS = ("sft", "steering", "rise", "ramoe")
 
@@ -48,8 +48,10 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str = Field(description="short label used in run names and tables")
-    path: str = Field(description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125) or a local folder")
     family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES")
+    path: str = Field(
+        description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125), a local folder, or preset:FAMILY (tiny model)"
+    )
     revision: str | None = Field(default=None, description="hub revision (commit, branch or tag)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -59,6 +61,16 @@ class ModelConfig(_Strict):
     def _known_family(cls, v: str) -> str:
         if v not in FAMILIES:
             raise ValueError(f"unknown model family {v!r}; supported families: {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _preset_matches_family(cls, v: str, info: ValidationInfo) -> str:
+        fam = preset_family(v)
+        if fam is not None and fam not in FAMILIES:
+            raise ValueError(f"{v!r} names no preset; presets: {', '.join(PRESET + f for f in FAMILIES)}")
+        if fam is not None and fam != info.data.get("family", fam):
+            raise ValueError(f"{v!r} is a {fam} preset but family is {info.data['family']!r}")
         return v
 
     @field_validator("name")
@@ -76,18 +88,10 @@ class TaskConfig(_Strict):
 
 
 class Band(_Strict):
-    """A layer band as a fraction range [start, end) of the model's depth."""
+    """A layer band as a fraction range [start, end) of the model's depth (checked by _parse_band)."""
 
     start: float
     end: float
-
-    @model_validator(mode="after")
-    def _in_unit_interval(self) -> "Band":
-        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
-            raise ValueError(f"band [{self.start}, {self.end}] is outside 0-1; bands are fractions of depth")
-        if self.start >= self.end:
-            raise ValueError(f"band [{self.start}, {self.end}] is empty; start must be smaller than end")
-        return self
 
     def label(self) -> str:
         return f"{self.start:g}-{self.end:g}"
@@ -96,14 +100,20 @@ class Band(_Strict):
 BandSpec = Union[Literal["auto"], Band]
 
 
-def _parse_band(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2:
-            raise ValueError(f"band {list(v)} must have two fractions [start, end]")
-        return {"start": v[0], "end": v[1]}
-    if isinstance(v, str) and v != "auto":
-        raise ValueError(f"band {v!r} is not allowed; a band is [start, end] (fractions of depth) or 'auto'")
-    return v
+def _parse_band(i: int, v: Any) -> Any:
+    """A band item as written in YAML: [start, end] or 'auto'."""
+    if v == "auto" or isinstance(v, Band):
+        return v
+    if isinstance(v, dict):
+        v = [v.get("start"), v.get("end")]
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(x, (int, float)) for x in v):
+        raise ValueError(f"band {i} = {v!r} is not allowed; a band is [start, end] (fractions of depth) or 'auto'")
+    start, end = float(v[0]), float(v[1])
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+        raise ValueError(f"band {i} = [{start:g}, {end:g}] is outside 0-1; bands are fractions of depth")
+    if start >= end:
+        raise ValueError(f"band {i} = [{start:g}, {end:g}] is empty; start must be smaller than end")
+    return Band(start=start, end=end)
 
 
 class Knobs(_Strict):
@@ -124,7 +134,7 @@ class Knobs(_Strict):
     @field_validator("bands", mode="before")
     @classmethod
     def _bands(cls, v: Any) -> Any:
-        return [_parse_band(b) for b in v] if isinstance(v, list) else v
+        return [_parse_band(i, b) for i, b in enumerate(v)] if isinstance(v, list) else v
 
     @field_validator("top_k")
     @classmethod
@@ -234,36 +244,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    """Sets data[parts[0]][parts[1]]... = value; list items are addressed by index (models.0.path)."""
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: i + 1])
+    for i, part in enumerate(parts):
+        here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {'.'.join(parts)}: {here} is a list of {len(node)}; use an index")
-            node = node[int(part)]
+                raise ConfigError(f"override {'.'.join(parts)}: {here}: a list of {len(node)}, use an index 0..{len(node) - 1}")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last:
+                node.setdefault(key, {})
         else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {'.'.join(parts)}: {here} is a value, not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {'.'.join(parts)}: index {last!r} out of range for a list of {len(node)}")
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} is a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "literal[")))
-        # pydantic tags union members ("Band", "literal['auto']") in the location; keep the field path
-        loc = re.sub(r"\.(Band|str)$", "", loc)
+        loc = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "literal_error":
-            msg = f"{msg}"
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling)"
         if e["type"] == "missing":

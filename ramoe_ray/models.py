@@ -19,7 +19,13 @@ raw (pre-softmax) logits first; ``route`` functions below mirror each router's o
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -182,12 +188,41 @@ def shape_of_config(hf_config) -> MoEShape:
     return MoEShape(fam.name, n, hf_config.num_experts, hf_config.num_experts_per_tok, tuple(moe))
 
 
+PRESET = "preset:"  # model path scheme for the tiny presets: "preset:olmoe"
+
+
+def preset_family(path: str) -> str | None:
+    return path[len(PRESET):] if path.startswith(PRESET) else None
+
+
 def load_hf_config(model_cfg):
     from transformers import AutoConfig
 
+    if (family := preset_family(model_cfg.path)) is not None:
+        return tiny_config(family)
     return AutoConfig.from_pretrained(
         model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
+
+
+def materialize_preset(family: str, cache_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Builds a tiny preset once and saves it with save_pretrained under the cache (atomic rename);
+    later calls return the saved folder. The key hashes the preset's config and seed."""
+    config = tiny_config(family)
+    key = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / "presets" / f"{family}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{family}-"))
+    try:
+        build_tiny(family, seed=seed).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():  # lost a race to a concurrent builder: fine
+            raise
+    return out
 
 
 def moe_shape(model_cfg) -> MoEShape:
@@ -202,13 +237,16 @@ def moe_shape(model_cfg) -> MoEShape:
     return shape_of_config(hf_config)
 
 
-def load_model(model_cfg, *, device: str | torch.device = "cpu"):
-    """Loads a causal-LM MoE from a hub id or a local folder, checked against its family."""
+def load_model(model_cfg, *, cache_dir: str | os.PathLike = ".ramoe_cache", device: str | torch.device = "cpu"):
+    """Loads a causal-LM MoE from a hub id, a local folder or a tiny preset, checked against its family."""
     from transformers import AutoModelForCausalLM
 
     moe_shape(model_cfg)  # refuses dense / unsupported / mismatched models before loading weights
+    path = model_cfg.path
+    if (family := preset_family(path)) is not None:
+        path = str(materialize_preset(family, cache_dir))
     model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.path,
+        path,
         revision=model_cfg.revision,
         dtype=getattr(torch, model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,

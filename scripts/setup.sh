@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pip here is configured with extra local indexes that print one harmless warning per package
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+
 PYTHON="${PYTHON:-python3}"
 VENV="${RAMOE_VENV:-.venv}"
 TORCH_SPEC="${RAMOE_TORCH_SPEC:-torch==2.13.0}"
@@ -28,14 +31,14 @@ fi
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC"
-    "$PY" -m pip install -q "$TORCH_SPEC"
+    quiet "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-torch_version="$("$PY" -c 'import torch; print(torch.__version__)')"
+torch_version="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 echo "torch==$torch_version" > "$VENV/constraints.txt"
-echo "[setup] torch $torch_version (cuda: $("$PY" -c 'import torch; print(torch.cuda.is_available())'))"
+echo "[setup] torch $torch_version (cuda: $("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null))"
 
 echo "[setup] installing ramoe_ray and its dependencies (first time: a few minutes)"
-"$PY" -m pip install -q -c "$VENV/constraints.txt" -e ".[dev]"
+quiet "$PY" -m pip install -q -c "$VENV/constraints.txt" -e ".[dev]"
 
 echo "$want" > "$stamp"
 echo "[setup] done: $VENV"
