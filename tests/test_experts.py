@@ -1,0 +1,265 @@
+"""Stage 2 pieces on hand-built arrays with known answers (expected values computed by hand)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ramoe_ray.experts import (
+    RULES,
+    auto_band,
+    budget_split,
+    depth_zones,
+    divergence_curve,
+    experts_artifact,
+    normalized_jsd,
+    rise_scores,
+    rise_select,
+    sequence_importance,
+    task_expert_scores,
+    task_experts,
+    write_json_atomic,
+)
+
+# ------------------------------------------------------------------------------- importance, frequency
+
+
+def _batch():
+    """1 MoE layer, 2 sequences of 3 positions, E = 4, k = 2. Sequence 0: 2 real tokens + padding;
+    sequence 1: 1 real token with a tie in p."""
+    probs = np.zeros((1, 2, 3, 4))
+    probs[0, 0, 0] = [0.5, 0.3, 0.1, 0.1]  # top-2 {0, 1} -> [5/8, 3/8, 0, 0]
+    probs[0, 0, 1] = [0.1, 0.2, 0.3, 0.4]  # top-2 {3, 2} -> [0, 0, 3/7, 4/7]
+    probs[0, 0, 2] = [0.25, 0.25, 0.25, 0.25]  # padding: must be ignored
+    probs[0, 1, 0] = [0.4, 0.2, 0.2, 0.2]  # tie among 1, 2, 3: lower id kept -> [2/3, 1/3, 0, 0]
+    probs[0, 1, 1:] = [0.0, 0.0, 0.0, 1.0]  # padding
+    selected = np.full((1, 2, 3, 2), -1)
+    selected[0, 0, 0] = [0, 1]
+    selected[0, 0, 1] = [1, 3]  # the model used {1, 3}, not the top-2 of p: frequency follows `selected`
+    selected[0, 1, 0] = [0, 2]
+    mask = np.array([[True, True, False], [True, False, False]])
+    return probs, selected, mask
+
+
+def test_importance_topk_renormalised_padding_ignored():
+    probs, selected, mask = _batch()
+    imp, freq = sequence_importance(probs, selected, mask, k=2)
+    assert imp.shape == (2, 1, 4) and imp.dtype == np.float32
+    expected0 = np.array([5 / 8, 3 / 8, 3 / 7, 4 / 7]) / 2
+    np.testing.assert_allclose(imp[0, 0], expected0, rtol=1e-6)
+    np.testing.assert_allclose(imp[1, 0], [2 / 3, 1 / 3, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(imp.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_frequency_uses_selected_and_rows_sum_to_k():
+    probs, selected, mask = _batch()
+    _, freq = sequence_importance(probs, selected, mask, k=2)
+    np.testing.assert_allclose(freq[0, 0], [0.5, 1.0, 0.0, 0.5])
+    np.testing.assert_allclose(freq[1, 0], [1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(freq.sum(-1), 2.0)
+
+
+def test_importance_accepts_torch_and_checks_shapes():
+    probs, selected, mask = _batch()
+    imp_t, freq_t = sequence_importance(torch.tensor(probs), torch.tensor(selected), torch.tensor(mask), k=2)
+    imp_n, freq_n = sequence_importance(probs, selected, mask, k=2)
+    np.testing.assert_array_equal(imp_t, imp_n)
+    np.testing.assert_array_equal(freq_t, freq_n)
+    with pytest.raises(ValueError, match="selected has shape"):
+        sequence_importance(probs, selected, mask, k=3)
+    with pytest.raises(ValueError, match="no real token"):
+        sequence_importance(probs, selected, np.zeros((2, 3), bool), k=2)
+
+
+# -------------------------------------------------------------------------------------- divergence
+
+
+def test_normalized_jsd_identical_is_zero():
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    np.testing.assert_allclose(normalized_jsd(p, p), [0.0, 0.0], atol=1e-12)
+
+
+def test_normalized_jsd_hand_computed_two_experts():
+    # P = [1, 0], Q = [1/2, 1/2], M = [3/4, 1/4]
+    kl_pm = math.log(1 / 0.75)
+    kl_qm = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    jsd = 0.5 * (kl_pm + kl_qm)
+    h_p, h_q = 0.0, math.log(2)
+    expected = jsd / (math.log(2) - 0.5 * (h_p + h_q))
+    assert float(normalized_jsd([1.0, 0.0], [0.5, 0.5])) == pytest.approx(expected, rel=1e-9)
+    assert float(normalized_jsd([1.0, 0.0], [0.0, 1.0])) == pytest.approx(1.0)  # disjoint one-hots: the maximum
+
+
+def test_normalized_jsd_hand_computed_three_experts_and_symmetric():
+    # P = [1/2, 1/2, 0], Q = [0, 1/2, 1/2]: JSD = 1/2 log 2, H(P) = H(Q) = log 2
+    expected = 0.5 * math.log(2) / (math.log(3) - math.log(2))
+    p, q = np.array([0.5, 0.5, 0.0]), np.array([0.0, 0.5, 0.5])
+    assert float(normalized_jsd(p, q)) == pytest.approx(expected, rel=1e-9)
+    rng = np.random.default_rng(0)
+    a, b = rng.dirichlet(np.ones(8), size=(5, 3)), rng.dirichlet(np.ones(8), size=(5, 3))
+    d = normalized_jsd(a, b)
+    assert d.shape == (5, 3)
+    np.testing.assert_allclose(d, normalized_jsd(b, a), rtol=1e-12)
+    assert (d > 0).all() and (d <= 1).all()
+
+
+def test_normalized_jsd_degenerate_uniform_is_zero():
+    u = np.full(4, 0.25)
+    assert float(normalized_jsd(u, u)) == 0.0  # denominator log 4 - log 4 = 0: defined as 0.0
+    out = normalized_jsd(np.stack([u, [0.7, 0.1, 0.1, 0.1]]), np.stack([u, u]))
+    assert out[0] == 0.0 and 0 < out[1] <= 1
+
+
+def test_divergence_curve_averages_over_pairs():
+    en = np.array([[[0.5, 0.5], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]])  # (N=2, L=2, E=2)
+    tgt = np.array([[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    # layer 0: pair 0 identical uniform (0, degenerate), pair 1 disjoint one-hots (1) -> 0.5; layer 1: 0
+    np.testing.assert_allclose(divergence_curve(en, tgt), [0.5, 0.0], atol=1e-12)
+    with pytest.raises(ValueError):
+        divergence_curve(en, tgt[:1])
+
+
+# --------------------------------------------------------------------------------------------- band
+
+
+def test_auto_band_picks_the_trough():
+    curve = [0.9, 0.6, 0.3, 0.1, 0.2, 0.5, 0.7, 0.9]  # w = 2; window means 0.45 .2 .15 .35 .6
+    assert auto_band(curve, range(8), 8) == [3, 4]
+
+
+def test_auto_band_excludes_first_and_last_moe_layer():
+    curve = [0.0, 0.5, 0.5, 0.4, 0.45, 0.5, 0.5, 0.0]
+    assert auto_band(curve, range(8), 8) == [3, 4]
+
+
+def test_auto_band_ties_closest_to_middle_then_shallower():
+    assert auto_band([0.3] * 8, range(8), 8) == [3, 4]  # centre exactly 0.5
+    # n = 7, w = 2: windows [2, 3] and [3, 4] are equally off-centre (1/14) -> the shallower
+    assert auto_band([0.3] * 7, range(7), 7) == [2, 3]
+
+
+def test_auto_band_width_and_small_models():
+    assert len(auto_band(np.linspace(0, 1, 10) ** 2, range(10), 10)) == 3  # 0.25 * 10 = 2.5 -> 3 (half up)
+    assert auto_band([0.2, 0.1, 0.3], [1, 2, 3], 4) == [2]  # dense layer 0; interior is [2]
+    assert auto_band([0.3, 0.1], [0, 1], 2) == [1]  # no interior: all layers are candidates
+    assert auto_band([0.3], [0], 1) == [0]
+
+
+# -------------------------------------------------------------------------------------- task experts
+
+
+def test_task_experts_picks_planted_experts_and_breaks_ties_by_id():
+    rng = np.random.default_rng(1)
+    general = rng.dirichlet(np.ones(6), size=(4, 2))  # (N=4, L=2, E=6)
+    base = general.mean(axis=0)
+    bump = np.zeros((2, 6))
+    bump[0, [4, 2]] = [0.2, 0.1]  # layer row 0: experts 4 then 2
+    bump[1, [1, 3, 5]] = [0.1, 0.1, 0.1]  # layer row 1: a three-way tie
+    task = np.stack([base + bump + d for d in (0.01, -0.01)])  # mean = base + bump
+    np.testing.assert_allclose(task_expert_scores(task, general), bump, atol=1e-12)
+    got = task_experts(task, general, [5, 6], {5: 0, 6: 1}, top_k=2)
+    assert got == {5: [4, 2], 6: [1, 3]}
+    assert task_experts(task, general, [6], {5: 0, 6: 1}, top_k=3) == {6: [1, 3, 5]}
+    with pytest.raises(ValueError, match="not a MoE layer"):
+        task_experts(task, general, [7], {5: 0, 6: 1}, top_k=2)
+
+
+# ---------------------------------------------------------------------------------------------- RISE
+
+
+def _per_example(means):
+    """Two examples whose mean is `means` (L, E); rows keep their sum."""
+    d = np.array([0.1, -0.1, 0.1, -0.1])
+    return np.stack([means + d, means - d])
+
+
+def test_rise_scores_three_languages_by_hand():
+    freqs = {
+        "en": _per_example(np.array([[0.8, 0.6, 0.4, 0.2]])),
+        "de": _per_example(np.array([[0.6, 0.8, 0.2, 0.4]])),
+        "sw": _per_example(np.array([[0.2, 0.4, 0.8, 0.6]])),
+    }
+    spec, overlap = rise_scores(freqs, "sw")
+    # sw minus mean(en, de) = [0.2 - 0.7, 0.4 - 0.7, 0.8 - 0.3, 0.6 - 0.3]
+    np.testing.assert_allclose(spec, [[-0.5, -0.3, 0.5, 0.3]], atol=1e-12)
+    np.testing.assert_allclose(overlap, [[0.2, 0.4, 0.2, 0.2]], atol=1e-12)
+    spec_de, overlap_de = rise_scores(freqs, "de")
+    # de minus mean(en, sw) = [0.6 - 0.5, 0.8 - 0.5, 0.2 - 0.6, 0.4 - 0.4]
+    np.testing.assert_allclose(spec_de, [[0.1, 0.3, -0.4, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(overlap_de, overlap)
+
+
+def test_budget_split_largest_remainder():
+    cap = {"shallow": 100, "middle": 100, "deep": 100}
+    assert budget_split(8, cap) == {"shallow": 3, "middle": 2, "deep": 3}  # 2.8 2.0 3.2
+    assert budget_split(5, cap) == {"shallow": 2, "middle": 1, "deep": 2}  # 1.75 1.25 2.0
+    assert budget_split(2, cap) == {"shallow": 1, "middle": 0, "deep": 1}  # .7 .5 .8
+    for b in range(1, 40):
+        assert sum(budget_split(b, cap).values()) == b
+    # a zone without MoE layers: shares renormalised over middle/deep (8 * .25/.65 = 3.08, 8 * .4/.65 = 4.92)
+    assert budget_split(8, {"shallow": 0, "middle": 4, "deep": 8}) == {"shallow": 0, "middle": 3, "deep": 5}
+    # capacity cap: 14 -> 5/3/6, shallow capped at 4, the 10 left re-split 4/6
+    assert budget_split(14, {"shallow": 4, "middle": 4, "deep": 8}) == {"shallow": 4, "middle": 4, "deep": 6}
+    with pytest.raises(ValueError, match="exceeds"):
+        budget_split(17, {"shallow": 4, "middle": 4, "deep": 8})
+
+
+def test_rise_select_zones_scores_and_tie_breaks():
+    # 4 layers, E = 4; zones: shallow [0], middle [1], deep [2, 3]. Values are exact binary fractions.
+    en = np.array([
+        [0.5, 0.5, 0.5, 0.5],
+        [0.125, 0.5, 0.25, 0.25],
+        [0.25, 0.25, 0.25, 0.25],
+        [0.5, 0.125, 0.25, 0.25],
+    ])
+    sw = np.array([
+        [0.875, 0.75, 0.625, 0.5],  # spec .375 .25 .125 0
+        [0.5, 0.875, 0.25, 0.25],  # spec .375 .375 (overlap .125 vs .5) 0 0
+        [0.75, 0.375, 0.25, 0.25],  # spec .5 .125 0 0
+        [0.875, 0.5, 0.25, 0.25],  # spec .375 .375 (overlap .5 vs .125) 0 0
+    ])
+    freqs = {"en": en[None], "sw": sw[None]}
+    assert depth_zones(range(4), 4) == {"shallow": [0], "middle": [1], "deep": [2, 3]}
+    # budget 5 -> 2/1/2; middle: tie at .375 -> higher overlap (expert 1); deep: (2,0) .5, then (3,0) by overlap
+    assert rise_select(freqs, target="sw", moe_layers=range(4), num_layers=4, budget=5) == {
+        0: [0, 1], 1: [1], 2: [0], 3: [0]
+    }
+    sel8 = rise_select(freqs, target="sw", moe_layers=range(4), num_layers=4, budget=8)  # 3/2/3
+    assert sel8 == {0: [0, 1, 2], 1: [0, 1], 2: [0], 3: [0, 1]}
+    assert sum(len(v) for v in sel8.values()) == 8
+
+
+# ------------------------------------------------------------------------------------------ artefact
+
+
+def test_experts_artifact_round_trips_and_writes_atomically(tmp_path):
+    scores = np.arange(8, dtype=float).reshape(2, 4) / 10
+    art = experts_artifact(
+        moe_layers=[1, 2],
+        num_layers=3,
+        band_spec=(0.375, 0.625),
+        band_layers=[1],
+        task_experts={1: [3, 2]},
+        task_scores=scores,
+        rise={"sw": {1: [0], 2: [1, 3]}},
+        rise_budget=3,
+        divergence={"sw": np.array([0.25, 0.5])},
+        provenance={"taxonomy": "abc123"},
+    )
+    path = write_json_atomic(tmp_path / "out" / "experts.json", art)
+    back = json.loads(path.read_text())
+    assert back["band"] == {"spec": [0.375, 0.625], "layers": [1]}
+    assert back["task_experts"]["1"]["experts"] == [3, 2]
+    assert back["task_experts"]["1"]["scores"] == pytest.approx([0.3, 0.2])
+    assert back["rise"]["experts"]["sw"] == {"1": [0], "2": [1, 3]}
+    assert sum(back["rise"]["split"].values()) == 3
+    assert back["divergence"]["sw"] == {"1": 0.25, "2": 0.5}
+    assert back["provenance"] == {"taxonomy": "abc123"}
+    assert set(back["rules"]) == set(RULES)
+    # a failed write leaves the old file whole and no temp file behind
+    with pytest.raises(ValueError):
+        write_json_atomic(path, {"x": float("nan")})
+    assert json.loads(path.read_text()) == back
+    assert [p.name for p in path.parent.iterdir()] == ["experts.json"]
