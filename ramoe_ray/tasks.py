@@ -1,0 +1,508 @@
+"""Tasks: parallel examples, their prompts, their scoring, loading, validation and the train/test split.
+
+Every later stage works on one record shape, a *parallel example* in one language::
+
+    {"id": str,            # the same id in every language (that is what makes the data parallel)
+     "language": str,      # ISO 639-1 code
+     "question": str,
+     "passage": str,       # "" when the format has none
+     "choices": list[str], # [] for generative tasks; exactly 4 for multiple choice
+     "answer": str}        # generative: canonical number ("18", "-3", "3.5"); multiple choice: "A".."D"
+
+The three task formats differ in one table, ``FORMATS``: prompt function, how a model's output is
+scored, and how a native hub row becomes a record. The choices follow lm-evaluation-harness
+(EleutherAI/lm-evaluation-harness), read from:
+
+- ``lm_eval/tasks/mgsm/direct/direct_yaml`` (version 3.0): ``generate_until`` (greedy, until "\\n"),
+  filter "flexible-extract" = regex ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` with ``group_select: -1``;
+- ``lm_eval/filters/extraction.py`` (``RegexFilter``): ``findall``, take match ``[group_select]``,
+  from a tuple of groups the first non-empty one, ``strip()``; no match -> "[invalid]";
+- ``lm_eval/tasks/global_mmlu/default/en/_en_template_yaml`` (and ``global_mmlu/_default_yaml``):
+  ``"{{question.strip()}}\\nA. {{option_a}}\\nB. ...\\nD. {{option_d}}\\nAnswer:"``,
+  ``doc_to_choice: ["A", "B", "C", "D"]``, metric ``acc``;
+- ``lm_eval/tasks/belebele/_default_template_yaml``:
+  ``"P: {{flores_passage}}\\nQ: {{question.strip()}}\\nA: {{mc_answer1}}\\n...\\nD: {{mc_answer4}}\\nAnswer："``,
+  ``doc_to_choice: ["A", "B", "C", "D"]``, target = index of ``correct_answer_num`` in "1".."4", metric ``acc``.
+
+Loading reads and checks; it never writes into the data folder (hub and local jsonl/parquet go
+through ``datasets`` in streaming mode, which keeps no copy; tsv is parsed here, strictly, so
+that a bad row is reported by its line number).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Iterable
+
+LETTERS = ("A", "B", "C", "D")
+FIELDS = ("id", "language", "question", "passage", "choices", "answer")
+DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+SPLITS = ("train", "validation", "test")
+
+# FLORES-200 codes (the config names of facebook/belebele) for the languages of config.LANGUAGES.
+BELEBELE_FLORES: dict[str, str] = {
+    "en": "eng_Latn", "ar": "arb_Arab", "bn": "ben_Beng", "cs": "ces_Latn", "de": "deu_Latn",
+    "el": "ell_Grek", "es": "spa_Latn", "fa": "pes_Arab", "fi": "fin_Latn", "fr": "fra_Latn",
+    "ha": "hau_Latn", "he": "heb_Hebr", "hi": "hin_Deva", "id": "ind_Latn", "ig": "ibo_Latn",
+    "it": "ita_Latn", "ja": "jpn_Jpan", "ko": "kor_Hang", "ky": "kir_Cyrl", "lt": "lit_Latn",
+    "mg": "plt_Latn", "ms": "zsm_Latn", "ne": "npi_Deva", "nl": "nld_Latn", "ny": "nya_Latn",
+    "pl": "pol_Latn", "pt": "por_Latn", "ro": "ron_Latn", "ru": "rus_Cyrl", "si": "sin_Sinh",
+    "sn": "sna_Latn", "so": "som_Latn", "sr": "srp_Cyrl", "sv": "swe_Latn", "sw": "swh_Latn",
+    "te": "tel_Telu", "th": "tha_Thai", "tr": "tur_Latn", "uk": "ukr_Cyrl", "vi": "vie_Latn",
+    "yo": "yor_Latn", "zh": "zho_Hans", "am": "amh_Ethi", "fil": "tgl_Latn",
+}
+
+
+class TaskDataError(ValueError):
+    """Task data that cannot be used. The message names the file (or hub dataset), row/id and field."""
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+# lm-eval's MGSM "flexible-extract" pattern (lm_eval/tasks/mgsm/direct/direct_yaml, version 3.0).
+FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def canonical_number(text: Any) -> str | None:
+    """The canonical string of a number, or None when ``text`` is not one.
+
+    Rule: strip spaces; drop every ``$`` and ``,`` (commas are thousands separators, ``.`` is the
+    decimal point: "1,000" -> "1000", "1.000" -> "1"); drop one trailing ``.`` (end of sentence);
+    then the exact decimal value without a trailing zero or exponent: "18.0" -> "18",
+    "3.50" -> "3.5", "-0" -> "0", "007" -> "7". The ``$``/``,``/trailing-``.`` removal is what
+    lm-eval's gsm8k ``regexes_to_ignore`` does; the decimal normalisation is ours (lm-eval's MGSM
+    compares strings, so there "18.0" != "18" and "$18" != "18").
+    """
+    if isinstance(text, bool) or text is None:
+        return None
+    s = str(text).strip().replace("$", "").replace(",", "")
+    if s.endswith("."):
+        s = s[:-1]
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
+        return None
+    try:
+        d = Decimal(s)
+    except InvalidOperation:  # pragma: no cover - the regex above admits only valid decimals
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_number(text: str) -> str | None:
+    """The number a generated answer gives, as lm-eval's MGSM "flexible-extract" finds it.
+
+    The LAST match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` (``group_select: -1``; of the two groups the
+    non-empty one), made canonical by ``canonical_number``. None when nothing matches or when the
+    last match is not a number: like lm-eval, "It is 18. Done..." gives the last match "..." and
+    so no number (lm-eval would compare "..." with the target and score it wrong, as we do).
+    """
+    matches = FLEXIBLE_EXTRACT.findall(text or "")
+    if not matches:
+        return None
+    last = [g for g in matches[-1] if g][0].strip()
+    return canonical_number(last)
+
+
+def score_generative(predictions: list[str], answers: list[str]) -> list[bool]:
+    """Correctness of generated texts against canonical answers, element-wise (a batch function).
+
+    A prediction is correct when ``extract_number(prediction)`` equals ``canonical_number(answer)``
+    (exact match of the normalised number). No number -> incorrect. A prediction that is already a
+    number scores the same as the number in a sentence ("18" and "The answer is 18." both match 18).
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
+    out = []
+    for pred, ans in zip(predictions, answers):
+        gold = canonical_number(ans)
+        if gold is None:
+            raise ValueError(f"answer {ans!r} is not a number")
+        got = extract_number(pred)
+        out.append(got is not None and got == gold)
+    return out
+
+
+# ------------------------------------------------------------------------------------ multiple choice
+
+
+def choice_continuations(example: dict) -> list[str]:
+    """The continuations scored by log-likelihood after the prompt: " A", " B", " C", " D".
+
+    As lm-eval's global_mmlu and belebele tasks: ``doc_to_choice: ["A", "B", "C", "D"]`` (the letters,
+    not the option texts) joined to the prompt with the default ``target_delimiter`` " ".
+    """
+    return [" " + LETTERS[i] for i in range(len(example["choices"]))]
+
+
+def score_choices(loglikelihoods: list[list[float]], answers: list[str]) -> tuple[list[str], list[bool]]:
+    """Predicted letters and correctness from each example's per-choice summed log-likelihoods.
+
+    lm-eval's ``acc``: the prediction is the argmax of the summed log-likelihoods (no length
+    normalisation; that would be ``acc_norm``). Ties go to the FIRST maximum, as ``numpy.argmax``.
+    A NaN log-likelihood is an error.
+    """
+    if len(loglikelihoods) != len(answers):
+        raise ValueError(f"{len(loglikelihoods)} rows of log-likelihoods but {len(answers)} answers")
+    letters, correct = [], []
+    for i, (row, ans) in enumerate(zip(loglikelihoods, answers)):
+        row = [float(x) for x in row]
+        if not row or len(row) > len(LETTERS):
+            raise ValueError(f"row {i}: {len(row)} log-likelihoods; expected 1..{len(LETTERS)}")
+        if any(math.isnan(x) for x in row):
+            raise ValueError(f"row {i}: NaN log-likelihood in {row}")
+        best = max(range(len(row)), key=lambda j: (row[j], -j))  # first maximum
+        letters.append(LETTERS[best])
+        correct.append(LETTERS[best] == ans)
+    return letters, correct
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def prompt_generative(example: dict) -> str:
+    """MGSM direct: ``"Question: {question}\\nAnswer:"``.
+
+    lm-eval's mgsm_direct localises the two words per language (e.g. "Frage: ...\\nAntwort:"); we
+    use the English words for every language on purpose, so that the only difference between the
+    parallel prompts compared by routing is the translated question itself.
+    """
+    return f"Question: {example['question'].strip()}\nAnswer:"
+
+
+def prompt_multiple_choice(example: dict) -> str:
+    """Global-MMLU (lm-eval global_mmlu template): question, then "A. ..." lines, then "Answer:"."""
+    lines = [example["question"].strip()]
+    lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(example["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def prompt_passage_multiple_choice(example: dict) -> str:
+    """Belebele (lm-eval belebele template): "P: passage", "Q: question", "A: ..." lines, "Answer:".
+
+    lm-eval's template ends in a full-width colon "Answer："; we use the ASCII ":" as in the
+    Global-MMLU template (a deliberate departure: the continuations " A".." D" are the same).
+    """
+    lines = [f"P: {example['passage']}", f"Q: {example['question'].strip()}"]
+    lines += [f"{LETTERS[i]}: {c}" for i, c in enumerate(example["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+# ----------------------------------------------------------------------- native rows -> records
+
+
+def _text(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        raise TaskDataError(f"field {key!r}: missing")
+    return str(v)
+
+
+def _row_id(row: dict, fmt: str, index: int) -> str:
+    """The id of a row: its ``id``; else Global-MMLU's ``sample_id``; else Belebele's
+    "{link}#{question_number}" (together they name a question in every language); else the
+    position, "{mgsm|mmlu|belebele}-{index:04d}" (so line i of every MGSM file is "mgsm-{i:04d}")."""
+    for keys in (("id",), ("sample_id",), ("link", "question_number")):
+        if all(row.get(k) not in (None, "") for k in keys):
+            return "#".join(str(row[k]) for k in keys)
+    return f"{FORMATS[fmt]['id_prefix']}-{index:04d}"
+
+
+def _mgsm_from_native(row: dict, language: str, index: int) -> dict:
+    """MGSM (juletxara/mgsm or a tsv line): question + answer_number (hub) or answer (tsv)."""
+    raw = row.get("answer_number")
+    if raw is None:
+        raw = row.get("answer")
+    return {"id": _row_id(row, "generative_numeric", index), "language": language,
+            "question": _text(row, "question"), "passage": "", "choices": [], "answer": _answer_number(raw)}
+
+
+def _mmlu_from_native(row: dict, language: str, index: int) -> dict:
+    """Global-MMLU: question, option_a..option_d, answer letter (kept as the letter)."""
+    return {"id": _row_id(row, "multiple_choice", index), "language": language, "question": _text(row, "question"),
+            "passage": "", "choices": [_text(row, f"option_{c}") for c in "abcd"],
+            "answer": _answer_letter(row.get("answer"))}
+
+
+def _belebele_from_native(row: dict, language: str, index: int) -> dict:
+    """Belebele: flores_passage, question, mc_answer1..4, correct_answer_num "1".."4" -> "A".."D"."""
+    num = str(row.get("correct_answer_num", "")).strip()
+    if num not in ("1", "2", "3", "4"):
+        raise TaskDataError(f"field 'correct_answer_num': {row.get('correct_answer_num')!r} is not one of 1, 2, 3, 4")
+    return {"id": _row_id(row, "passage_multiple_choice", index), "language": language,
+            "question": _text(row, "question"), "passage": _text(row, "flores_passage"),
+            "choices": [_text(row, f"mc_answer{i}") for i in range(1, 5)], "answer": LETTERS[int(num) - 1]}
+
+
+def _answer_number(raw: Any) -> str:
+    if raw is None or str(raw).strip() == "":
+        raise TaskDataError("field 'answer': missing")
+    num = canonical_number(raw)
+    if num is None:
+        raise TaskDataError(f"field 'answer': {raw!r} is not a number")
+    return num
+
+
+def _answer_letter(raw: Any) -> str:
+    if raw is None or str(raw).strip() == "":
+        raise TaskDataError("field 'answer': missing")
+    letter = str(raw).strip().upper()
+    if letter not in LETTERS:
+        raise TaskDataError(f"field 'answer': {raw!r} is not one of {', '.join(LETTERS)}")
+    return letter
+
+
+# The three task formats. prompt: record -> prompt string. output: what the model produces for it
+# ("generate": greedy text until "\n", scored by score_generative; "loglikelihood": summed
+# log-likelihood of each of choice_continuations(record) after the prompt, scored by score_choices).
+# from_native: native hub row -> record. id_prefix: ids of rows that carry none.
+FORMATS: dict[str, dict[str, Any]] = {
+    "generative_numeric": {"prompt": prompt_generative, "output": "generate", "score": score_generative,
+                           "from_native": _mgsm_from_native, "id_prefix": "mgsm"},
+    "multiple_choice": {"prompt": prompt_multiple_choice, "output": "loglikelihood", "score": score_choices,
+                        "from_native": _mmlu_from_native, "id_prefix": "mmlu"},
+    "passage_multiple_choice": {"prompt": prompt_passage_multiple_choice, "output": "loglikelihood",
+                                "score": score_choices, "from_native": _belebele_from_native, "id_prefix": "belebele"},
+}
+
+
+def build_prompt(example: dict, fmt: str) -> str:
+    return FORMATS[fmt]["prompt"](example)
+
+
+def check_example(ex: dict, fmt: str) -> dict:
+    """Checks a canonical record and returns it normalised; raises TaskDataError naming the field."""
+    if not str(ex.get("id") or "").strip():
+        raise TaskDataError("field 'id': missing or empty")
+    if not str(ex.get("question") or "").strip():
+        raise TaskDataError("field 'question': empty")
+    choices = ex.get("choices") or []
+    if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+        raise TaskDataError(f"field 'choices': {choices!r} is not a list")
+    out = {"id": str(ex["id"]), "language": str(ex.get("language") or ""), "question": str(ex["question"]),
+           "passage": str(ex.get("passage") or ""), "choices": ["" if c is None else str(c) for c in choices], "answer": ex.get("answer")}
+    if fmt == "generative_numeric":
+        if out["choices"]:
+            raise TaskDataError(f"field 'choices': a generative example has none, got {len(out['choices'])}")
+        out["answer"] = _answer_number(out["answer"])
+    else:
+        if len(out["choices"]) != 4 or any(not c.strip() for c in out["choices"]):
+            raise TaskDataError(f"field 'choices': need exactly 4 non-empty choices, got {out['choices']!r}")
+        out["answer"] = _answer_letter(out["answer"])
+        if fmt == "passage_multiple_choice" and not out["passage"].strip():
+            raise TaskDataError("field 'passage': empty")
+    return out
+
+
+def example_from_row(row: dict, fmt: str, language: str, index: int) -> dict:
+    """A checked record from one row (``index``: its 0-based position) of either schema:
+    canonical (has ``id``, ``question``, ``answer`` and, for multiple choice, ``choices``; other
+    columns are ignored) or the native hub schema of the format (MGSM / Global-MMLU / Belebele)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown task format {fmt!r}; one of {', '.join(FORMATS)}")
+    if all(k in row for k in ("id", "question", "answer")) and (fmt == "generative_numeric" or "choices" in row):
+        ex = {k: row.get(k) for k in FIELDS}
+        ex["language"] = language
+    else:
+        ex = FORMATS[fmt]["from_native"](row, language, index)
+    return check_example(ex, fmt)
+
+
+# ---------------------------------------------------------------------------------------- loading
+#
+# Local layout: ``task.source`` is a folder (relative paths are resolved against ``root``, default
+# the current directory), holding for each language exactly one of
+#   mgsm_<lang>.tsv   MGSM as published: no header, 2 tab-separated columns question<TAB>answer,
+#                     line i (0-based) of every language is example "mgsm-{i:04d}";
+#   <lang>.jsonl      one JSON object per line,
+#   <lang>.parquet    one row per example,
+#   <lang>.tsv        a header row naming the columns, then one row per example (no quoting);
+# where rows have the canonical schema (id, question, answer, optional passage and choices; choices
+# as a list, so jsonl/parquet only) or the native hub schema of the format (MGSM: question +
+# answer_number or answer; Global-MMLU: question, option_a..option_d, answer [, sample_id];
+# Belebele: flores_passage, question, mc_answer1..4, correct_answer_num [, link, question_number]).
+# Rows without an id are numbered by position, "<mgsm|mmlu|belebele>-{index:04d}".
+#
+# Hub: any other ``source`` of the form owner/name is a hub dataset, read split "test" in streaming
+# mode; its config is the language code (juletxara/mgsm, CohereLabs/Global-MMLU) or, for
+# Belebele, the FLORES-200 code from BELEBELE_FLORES.
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _where(task_source: str, root: str | os.PathLike | None) -> tuple[str, Path | str]:
+    """("local", folder) or ("hub", dataset id)."""
+    if task_source == "synthetic":
+        raise TaskDataError("source 'synthetic': synthetic tasks are generated by ramoe_ray.synthetic, not loaded")
+    p = Path(task_source).expanduser()
+    if not p.is_absolute():
+        p = Path(root or ".") / p
+    if p.exists() or task_source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(task_source):
+        if not p.is_dir():
+            raise TaskDataError(f"source {task_source!r}: no folder {str(p)!r} (a local source is a folder of per-language files)")
+        return "local", p
+    return "hub", task_source
+
+
+def _language_file(folder: Path, language: str) -> Path:
+    names = [f"mgsm_{language}.tsv", f"{language}.jsonl", f"{language}.parquet", f"{language}.tsv"]
+    found = [folder / n for n in names if (folder / n).is_file()]
+    if not found:
+        raise TaskDataError(f"{folder}: no file for language {language!r}; expected one of {', '.join(names)}")
+    if len(found) > 1:
+        raise TaskDataError(f"{folder}: several files for language {language!r} ({', '.join(f.name for f in found)}); keep one")
+    return found[0]
+
+
+def _read_tsv(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs; strict: every row has exactly as many columns as expected."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text ({e})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    headerless = path.name.startswith("mgsm_")
+    columns = ["question", "answer"] if headerless else lines[0].rstrip("\r").split("\t") if lines else []
+    first = 1 if headerless else 2
+    rows = []
+    for n, line in enumerate(lines[0 if headerless else 1:], start=first):
+        cells = line.rstrip("\r").split("\t")
+        if len(cells) != len(columns):
+            raise TaskDataError(
+                f"{path}: row {n}: {len(cells)} tab-separated columns, expected {len(columns)} "
+                f"({'<TAB>'.join(columns)}); field {columns[-1]!r} is followed by an extra column"
+                if len(cells) > len(columns) else
+                f"{path}: row {n}: {len(cells)} tab-separated columns, expected {len(columns)} "
+                f"({'<TAB>'.join(columns)}); field {columns[len(cells)]!r} is missing"
+            )
+        rows.append((n, dict(zip(columns, cells))))
+    return rows
+
+
+def _read_datasets(kind: str, data_files: str | None = None, hub_id: str | None = None,
+                   config: str | None = None, label: str = "") -> list[tuple[int, dict]]:
+    import datasets
+
+    try:
+        if hub_id is not None:
+            ds = datasets.load_dataset(hub_id, config, split="test", streaming=True)
+        else:
+            ds = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=True)
+        return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+    except TaskDataError:
+        raise
+    except Exception as e:  # datasets / pyarrow / network errors: say which file
+        raise TaskDataError(f"{label}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _rows(task_source: str, language: str, root) -> tuple[str, list[tuple[int, dict]]]:
+    kind, where = _where(task_source, root)
+    if kind == "hub":
+        config = BELEBELE_FLORES.get(language) if "belebele" in str(where).lower() else language
+        if config is None:
+            raise TaskDataError(f"{where}: language {language!r} has no FLORES-200 code in BELEBELE_FLORES")
+        label = f"{where}[{config}]"
+        return label, _read_datasets("hub", hub_id=str(where), config=config, label=label)
+    path = _language_file(where, language)
+    if path.suffix == ".tsv":
+        return str(path), _read_tsv(path)
+    return str(path), _read_datasets("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path), label=str(path))
+
+
+def _load(task_cfg, language: str, root) -> tuple[str, list[dict]]:
+    label, rows = _rows(task_cfg.source, language, root)
+    out, seen = [], {}
+    for index, (n, row) in enumerate(rows):
+        try:
+            ex = example_from_row(row, task_cfg.format, language, index)
+        except TaskDataError as e:
+            raise TaskDataError(f"{label}: row {n} (id {_row_id(row, task_cfg.format, index)!r}), {e}") from None
+        if ex["id"] in seen:
+            raise TaskDataError(f"{label}: row {n}, field 'id': {ex['id']!r} repeats row {seen[ex['id']]}")
+        seen[ex["id"]] = n
+        out.append(ex)
+    if not out:
+        raise TaskDataError(f"{label}: no examples")
+    return label, out
+
+
+def load_examples(task_cfg, language: str, *, root: str | os.PathLike | None = None) -> list[dict]:
+    """The checked records of one language, in file order (see the layout above). Writes nothing."""
+    return _load(task_cfg, language, root)[1]
+
+
+def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """English plus every language of ``languages``, checked to be parallel, before any model loads.
+
+    Checks (each failure is a TaskDataError naming file, row/id and field): every record is valid
+    (``check_example``); ids are unique in each language; every language has exactly English's ids
+    (the missing and extra ids are listed); and the same id has the same answer in every language
+    (the first row where it differs is named: a dropped or inserted line shifts everything after
+    it). Returns {language: records}, every list in English's order, so index i is the same example
+    in every language. Writes nothing.
+    """
+    langs = ["en"] + [l for l in dict.fromkeys(languages) if l != "en"]
+    loaded = {l: _load(task_cfg, l, root) for l in langs}
+    en_label, en = loaded["en"]
+    en_ids = [ex["id"] for ex in en]
+    en_answer = {ex["id"]: ex["answer"] for ex in en}
+    out = {"en": en}
+    for lang in langs[1:]:
+        label, recs = loaded[lang]
+        by_id = {ex["id"]: ex for ex in recs}
+        problems = []
+        missing = [i for i in en_ids if i not in by_id]
+        extra = [ex["id"] for ex in recs if ex["id"] not in en_answer]
+        if missing:
+            problems.append(f"missing ids (in {Path(en_label).name} but not here): {_few(missing)}")
+        if extra:
+            problems.append(f"extra ids (not in {Path(en_label).name}): {_few(extra)}")
+        for n, ex in enumerate(recs, start=1):
+            if ex["id"] in en_answer and ex["answer"] != en_answer[ex["id"]]:
+                problems.append(
+                    f"row {n} (id {ex['id']!r}), field 'answer': {ex['answer']!r} but English has "
+                    f"{en_answer[ex['id']]!r} (a dropped or inserted line before this row?)"
+                )
+                break
+        if problems:
+            raise TaskDataError(f"{label} (language {lang!r}) is not parallel to English ({len(recs)} examples, "
+                                f"English {len(en)}): " + "; ".join(problems))
+        out[lang] = [by_id[i] for i in en_ids]
+    return out
+
+
+def _few(ids: list[str], k: int = 10) -> str:
+    shown = ", ".join(ids[:k])
+    return f"{shown} (+{len(ids) - k} more)" if len(ids) > k else shown
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+def split_ids(ids: Iterable[str], *, seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[str]]:
+    """{"train", "validation", "test"} -> ids, decided by a hash of (seed, id), never by position.
+
+    Rule: each id gets the key sha256(f"{seed}\\x00{id}"); ids are ranked by that key and the first
+    round(n·train) go to train, the next round(n·validation) to validation, the rest to test (exact
+    sizes, so small sets get every split). Each list is sorted by id. The result depends only on the
+    seed and the SET of ids: identical for every language of a parallel task and unchanged when
+    rows are reordered.
+    """
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("split_ids: repeated ids")
+    fr = tuple(float(f) for f in fractions)
+    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-9):
+        raise ValueError(f"fractions {fractions!r}: need three non-negative numbers (train, validation, test) summing to 1")
+    ranked = sorted(ids, key=lambda i: (hashlib.sha256(f"{seed}\x00{i}".encode()).hexdigest(), i))
+    n_train = round(len(ids) * fr[0])
+    n_val = min(round(len(ids) * fr[1]), len(ids) - n_train)
+    parts = (ranked[:n_train], ranked[n_train:n_train + n_val], ranked[n_train + n_val:])
+    return {name: sorted(part) for name, part in zip(SPLITS, parts)}
