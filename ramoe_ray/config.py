@@ -25,7 +25,8 @@ from ramoe_ray.models import FAMILIES, PRESET, preset_family
 
 METHODS = ("sft", "steering", "rise", "ramoe")
 
-# Languages a config may name, ISO 639-1 (MGSM, Global-MMLU and Belebele languages).
+# Languages a config may name, ISO 639-1 (MGSM, Global-MMLU and Belebele languages); the synthetic
+# world's own languages (syn1..syn6) are added by known_languages().
 LANGUAGES: dict[str, str] = {
     "en": "English", "ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "el": "Greek",
     "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fr": "French", "ha": "Hausa", "he": "Hebrew",
@@ -222,7 +223,9 @@ class RunConfig(_Strict):
 
 
 def known_languages() -> set[str]:
-    return set(LANGUAGES)
+    from ramoe_ray.synthetic import TARGET_LANGUAGES
+
+    return set(LANGUAGES) | set(TARGET_LANGUAGES)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,501 @@
+"""The embedded default: a synthetic multilingual world (DESIGN.md, "The embedded default").
+
+English plus six target languages render the same concepts, so every example has an exact
+translation. Languages differ from English in graded ways, as real ones do:
+
+- ``share``: the fraction of content words (names, nouns, number words, ...) whose surface form is
+  the English one (names, numbers and cognates); the others get the language's own pseudo-word;
+- ``sov``: verb-final word order in statements and questions;
+- ``weight``: the language's share of the pretraining corpus (English has the most).
+
+Three tasks mirror the real formats: ``arith`` (generative numeric, like MGSM), ``category`` (4-way
+multiple choice, like Global-MMLU) and ``passage`` (passage + question, 4-way, like Belebele; the
+answer is the option the passage mentions, which a small model can learn). Task examples are
+written as jsonl in the canonical record schema of ``ramoe_ray.tasks`` and read back through the
+same loader as real data; they are never part of the pretraining corpus.
+
+``build_world`` pretrains a small MoE of each requested family on the corpus (CPU, seeded) and
+caches everything under a content hash of the world's parameters and this module's code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# ------------------------------------------------------------------------------------------ concepts
+
+NAMES = ["alice", "bob", "carol", "dave", "emma", "frank", "grace", "henry", "iris", "jack", "kate", "leo"]
+CATEGORIES = {
+    "animal": ["cat", "dog", "horse", "bird", "fish", "cow", "goat", "mouse"],
+    "fruit": ["apple", "pear", "plum", "grape", "lemon", "melon", "cherry", "peach"],
+    "tool": ["hammer", "saw", "drill", "knife", "rope", "shovel", "wrench", "ladder"],
+    "color": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"],
+    "place": ["paris", "rome", "lima", "oslo", "cairo", "delhi", "tokyo", "quito"],
+}
+COUNTABLE = CATEGORIES["animal"] + CATEGORIES["fruit"] + CATEGORIES["tool"]
+NUMBERS = [str(i) for i in range(21)]
+FUNCTION_WORDS = [
+    "has", "gets", "more", "gives", "to", "how", "many", "does", "have", "which", "of", "these", "is",
+    "a", "an", "the", "lives", "in", "live", "where", "likes", "like", "what", "and", "then", "counts",
+    "sees", "big", "small", "eats", "buys", "sells", "after", "before", "makes",
+]
+CONCEPTS = NAMES + [w for ws in CATEGORIES.values() for w in ws] + list(CATEGORIES) + NUMBERS + FUNCTION_WORDS
+
+
+@dataclass(frozen=True)
+class Language:
+    code: str
+    share: float  # fraction of concepts rendered with the English surface form
+    sov: bool  # verb-final word order
+    weight: float  # share of the pretraining corpus
+    syllables: tuple[str, ...]  # the language's own pseudo-words are built from these
+
+
+# Graded distance from English; codes are private to the synthetic world (not ISO 639-1).
+LANGUAGES: dict[str, Language] = {
+    lang.code: lang
+    for lang in (
+        Language("en", 1.0, False, 0.40, ()),
+        Language("syn1", 0.75, False, 0.14, ("ka", "lo", "mi", "ne", "ru", "sa")),
+        Language("syn2", 0.60, True, 0.12, ("ba", "do", "gi", "ku", "te", "zo")),
+        Language("syn3", 0.45, False, 0.10, ("fa", "hi", "jo", "pe", "tu", "wa")),
+        Language("syn4", 0.30, True, 0.09, ("qa", "xe", "yi", "vo", "lu", "ce")),
+        Language("syn5", 0.20, False, 0.08, ("ma", "no", "pi", "ri", "so", "tu")),
+        Language("syn6", 0.10, True, 0.07, ("da", "ge", "ko", "li", "mu", "we")),
+    )
+}
+TARGET_LANGUAGES = [c for c in LANGUAGES if c != "en"]
+TASKS = {"arith": "generative_numeric", "category": "multiple_choice", "passage": "passage_multiple_choice"}
+
+
+def lexicon(seed: int) -> dict[str, dict[str, str]]:
+    """language -> concept -> surface form. Deterministic in ``seed``; every own form is unique
+    within its language and never equal to an English form."""
+    out: dict[str, dict[str, str]] = {"en": {c: c for c in CONCEPTS}}
+    english = set(CONCEPTS)
+    for code, lang in LANGUAGES.items():
+        if code == "en":
+            continue
+        rng = random.Random(f"{seed}-lexicon-{code}")
+        used: set[str] = set()
+        forms = {}
+        for concept in CONCEPTS:
+            if rng.random() < lang.share:
+                forms[concept] = concept
+                continue
+            while True:
+                word = "".join(rng.choice(lang.syllables) for _ in range(rng.randint(2, 3)))
+                if word not in used and word not in english:
+                    used.add(word)
+                    forms[concept] = word
+                    break
+        out[code] = forms
+    return out
+
+
+# ----------------------------------------------------------------------------------------- sentences
+# A sentence is a list of (role, concept) pairs; "V" marks the verb group, moved last in SOV
+# languages. Rendering maps concepts through the lexicon.
+
+
+def _render(parts: list[tuple[str, str]], lang: Language, lex: dict[str, str]) -> str:
+    if lang.sov:
+        verbs = [p for p in parts if p[0] == "V"]
+        rest = [p for p in parts if p[0] != "V"]
+        end = [rest.pop()] if rest and rest[-1][1] in ("?", ".") else []
+        parts = rest + verbs + end
+    return " ".join(lex.get(c, c) for _, c in parts)
+
+
+def _s(*items: str) -> list[tuple[str, str]]:
+    """_s("S:alice", "V:has", "O:3", ...) -> [(role, concept)]."""
+    return [tuple(x.split(":", 1)) if ":" in x and len(x) > 1 else ("O", x) for x in items]  # type: ignore[misc]
+
+
+def _arith_problem(rng: random.Random) -> dict:
+    who, other = rng.sample(NAMES, 2)
+    obj = rng.choice(COUNTABLE)
+    a = rng.randint(0, 10)
+    if rng.random() < 0.5:
+        b = rng.randint(0, 10)
+        story = [_s(f"S:{who}", f"V:has", f"O:{a}", f"O:{obj}", "."), _s(f"S:{who}", "V:gets", f"O:{b}", "O:more", f"O:{obj}", ".")]
+        answer = a + b
+        other = None  # not in the text: not in the key either
+    else:
+        b = rng.randint(0, a)
+        story = [_s(f"S:{who}", "V:has", f"O:{a}", f"O:{obj}", "."), _s(f"S:{who}", "V:gives", f"O:{b}", f"O:{obj}", "O:to", f"O:{other}", ".")]
+        answer = a - b
+    question = _s("O:how", "O:many", f"O:{obj}", "V:does", f"S:{who}", "V:have", "?")
+    # the key is what the text shows
+    return {"key": ("arith", who, other, obj, a, b, answer), "story": story, "question": question, "answer": str(answer)}
+
+
+def _category_problem(rng: random.Random) -> dict:
+    cat = rng.choice(list(CATEGORIES))
+    right = rng.choice(CATEGORIES[cat])
+    others = [w for c, ws in CATEGORIES.items() if c != cat for w in ws]
+    options = [right] + rng.sample(others, 3)
+    rng.shuffle(options)
+    question = _s("O:which", "O:of", "O:these", "V:is", "O:a", f"O:{cat}", "?")
+    return {"key": ("category", cat, tuple(options)), "story": [], "question": question,
+            "options": options, "answer": "ABCD"[options.index(right)]}
+
+
+_PASSAGE_SLOTS = {"animal": ("has", "a"), "place": ("lives", "in"), "fruit": ("likes", None)}
+
+
+def _passage_problem(rng: random.Random) -> dict:
+    who = rng.choice(NAMES)
+    facts = {cat: rng.choice(CATEGORIES[cat]) for cat in _PASSAGE_SLOTS}
+    story = []
+    for cat in rng.sample(list(_PASSAGE_SLOTS), len(_PASSAGE_SLOTS)):
+        verb, prep = _PASSAGE_SLOTS[cat]
+        story.append(_s(f"S:{who}", f"V:{verb}", *( [f"O:{prep}"] if prep else []), f"O:{facts[cat]}", "."))
+    asked = rng.choice(list(_PASSAGE_SLOTS))
+    if asked == "place":
+        question = _s("O:where", "V:does", f"S:{who}", "V:live", "?")
+    else:
+        verb = "have" if asked == "animal" else "like"
+        question = _s("O:what", f"O:{asked}", "V:does", f"S:{who}", f"V:{verb}", "?")
+    right = facts[asked]
+    options = [right] + rng.sample([w for w in CATEGORIES[asked] if w != right], 3)
+    rng.shuffle(options)
+    return {"key": ("passage", who, tuple(sorted(facts.items())), asked, tuple(options)), "story": story,
+            "question": question, "options": options, "answer": "ABCD"[options.index(right)]}
+
+
+_PROBLEMS = {"arith": _arith_problem, "category": _category_problem, "passage": _passage_problem}
+
+
+def _record(task: str, problem: dict, ident: str, code: str, lex: dict[str, dict[str, str]]) -> dict:
+    lang, forms = LANGUAGES[code], lex[code]
+    story = " ".join(_render(s, lang, forms) for s in problem["story"])
+    question = _render(problem["question"], lang, forms)
+    if task == "arith":  # the story is part of the question, as in MGSM
+        return {"id": ident, "language": code, "question": f"{story} {question}", "passage": "",
+                "choices": [], "answer": problem["answer"]}
+    return {"id": ident, "language": code, "question": question, "passage": story,
+            "choices": [forms[o] for o in problem["options"]], "answer": problem["answer"]}
+
+
+def task_examples(task: str, n: int, seed: int) -> tuple[dict[str, list[dict]], set]:
+    """n distinct problems of a task rendered in every language (same ids), and their keys."""
+    rng = random.Random(f"{seed}-task-{task}")
+    lex = lexicon(seed)
+    problems, keys = [], set()
+    while len(problems) < n:
+        p = _PROBLEMS[task](rng)
+        if p["key"] not in keys:
+            keys.add(p["key"])
+            problems.append(p)
+    out = {code: [_record(task, p, f"{task}-{i:05d}", code, lex) for i, p in enumerate(problems)] for code in LANGUAGES}
+    return out, keys
+
+
+# -------------------------------------------------------------------------------------- general text
+
+
+def _general_sentence(rng: random.Random) -> list[tuple[str, str]]:
+    kind = rng.randrange(7)
+    who, other = rng.sample(NAMES, 2)
+    if kind == 0:  # category facts: teach what each word is
+        cat = rng.choice(list(CATEGORIES))
+        word = rng.choice(CATEGORIES[cat])
+        return _s(f"S:{word}", "V:is", "O:a", f"O:{cat}", ".")
+    if kind == 1:  # counting: teaches the number words in order
+        start = rng.randint(0, 14)
+        return _s("S:" + who, "V:counts", *[f"O:{i}" for i in range(start, start + rng.randint(3, 6))], ".")
+    if kind == 2:
+        return _s(f"S:{rng.choice(CATEGORIES['animal'])}", "V:is", f"O:{rng.choice(CATEGORIES['color'])}", ".")
+    if kind == 3:
+        return _s(f"S:{who}", "V:lives", "O:in", f"O:{rng.choice(CATEGORIES['place'])}", ".")
+    if kind == 4:
+        return _s(f"S:{who}", "V:eats", "O:a", f"O:{rng.choice(CATEGORIES['fruit'])}", "O:and", f"O:{other}", "V:sees", "O:a", f"O:{rng.choice(CATEGORIES['animal'])}", ".")
+    if kind == 5:
+        return _s(f"S:{who}", "V:buys", "O:a", f"O:{rng.choice(CATEGORIES['tool'])}", "O:in", f"O:{rng.choice(CATEGORIES['place'])}", ".")
+    return _s(f"S:{who}", "V:sells", f"O:{rng.randint(2, 20)}", f"O:{rng.choice(COUNTABLE)}", "O:to", f"O:{other}", ".")
+
+
+def general_text(code: str, n: int, seed: int) -> list[str]:
+    """n short non-task documents (2-4 sentences) in a language: for the task-expert contrast and
+    as part of pretraining."""
+    rng = random.Random(f"{seed}-general-{code}")
+    lang, forms = LANGUAGES[code], lexicon(seed)[code]
+    return [" ".join(_render(_general_sentence(rng), lang, forms) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------- prompts
+# The prompt of a record and its continuation; the same text is used in pretraining and evaluation.
+
+
+def prompt(record: dict) -> str:
+    """The task format's own prompt (ramoe_ray.tasks), as for real data."""
+    from ramoe_ray.tasks import build_prompt
+
+    return build_prompt(record, TASKS[record["id"].split("-", 1)[0]])
+
+
+def continuation(record: dict) -> str:
+    """The target text after the prompt: the number, or the answer letter."""
+    return record["answer"]
+
+
+# ---------------------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything that determines the world; its hash (with the code version) is the cache key."""
+
+    seed: int = 0
+    n_task_examples: int = 1000  # per task, rendered in every language
+    n_general: int = 400  # general-text documents per language (task-expert contrast)
+    num_layers: int = 6
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_experts: int = 8
+    experts_per_token: int = 2
+    steps: int = 900
+    batch_size: int = 64
+    seq_len: int = 64
+    lr: float = 3e-3
+    task_fraction: float = 0.5  # of each language's pretraining documents
+    languages: tuple[str, ...] = tuple(LANGUAGES)
+
+    def key(self) -> str:
+        code = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([asdict(self), code], sort_keys=True).encode()).hexdigest()[:16]
+
+
+SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=2, hidden_size=32, intermediate_size=32,
+                  num_experts=4, steps=6, batch_size=8, seq_len=48)  # for tests: builds in seconds
+
+
+def pretraining_documents(spec: WorldSpec, exclude: set, rng: random.Random, n: int) -> list[str]:
+    """n pretraining documents drawn by language weight; task documents whose problem is in
+    ``exclude`` (the task benchmark) are redrawn."""
+    lex = lexicon(spec.seed)
+    codes = list(spec.languages)
+    weights = [LANGUAGES[c].weight for c in codes]
+    docs = []
+    for code in rng.choices(codes, weights, k=n):
+        if rng.random() < spec.task_fraction:
+            task = rng.choice(list(TASKS))
+            while (p := _PROBLEMS[task](rng))["key"] in exclude:
+                pass
+            rec = _record(task, p, f"{task}-pretrain", code, lex)
+            docs.append(f"{prompt(rec)} {continuation(rec)}")
+        else:
+            lang, forms = LANGUAGES[code], lex[code]
+            docs.append(" ".join(_render(_general_sentence(rng), lang, forms) for _ in range(rng.randint(2, 4))))
+    return docs
+
+
+def _word_tokenizer(texts: list[str], out_dir: Path):
+    """Word-level tokenizer over the world's vocabulary (every surface form is one token), saved as a
+    standard HF tokenizer folder. Special tokens: <pad>=0, <bos>=1, <eos>=2, <unk>=3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="right",
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _model_config(spec: WorldSpec, family: str, vocab_size: int):
+    from ramoe_ray.models import tiny_config
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_experts_per_tok=spec.experts_per_token,
+        max_position_embeddings=max(128, spec.seq_len), output_router_logits=True, router_aux_loss_coef=0.01,
+    )
+    fields["num_local_experts" if family in ("mixtral", "gpt_oss") else "num_experts"] = spec.num_experts
+    if family in ("qwen3_moe", "deepseek_v2"):
+        fields["moe_intermediate_size"] = spec.intermediate_size
+    if family == "gpt_oss":
+        fields["layer_types"] = ["sliding_attention", "full_attention"] * (spec.num_layers // 2) + ["full_attention"] * (spec.num_layers % 2)
+    return tiny_config(family, **fields)
+
+
+def _batches(spec: WorldSpec, tokenizer, exclude: set, seed: int):
+    """Endless packed batches (batch, seq_len) of pretraining tokens: documents joined by <eos>."""
+    import torch
+
+    rng = random.Random(f"{spec.seed}-pretrain-{seed}")
+    need = spec.batch_size * spec.seq_len
+    buf: list[int] = []
+    eos = tokenizer.eos_token_id
+    while True:
+        while len(buf) < need:
+            for doc in pretraining_documents(spec, exclude, rng, 64):
+                buf.extend(tokenizer(doc)["input_ids"] + [eos])
+        chunk, buf = buf[:need], buf[need:]
+        yield torch.tensor(chunk).view(spec.batch_size, spec.seq_len)
+
+
+def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every: int = 50):
+    """Pretrains a small MoE of ``family`` on the world (CPU, seeded). Returns the model (eval mode)."""
+    import math
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(_model_config(spec, family, len(tokenizer)), dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, spec.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+    )
+    t0, seen = time.time(), 0
+    for step, batch in zip(range(spec.steps), _batches(spec, tokenizer, exclude, seed=0)):
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        seen += batch.numel()
+        if log_every and (step % log_every == 0 or step == spec.steps - 1):
+            print(f"  [{family}] step {step + 1}/{spec.steps} loss {out.loss.item():.3f} "
+                  f"({seen / (time.time() - t0):,.0f} tok/s)", flush=True)
+    return model.eval()
+
+
+def evaluate_world(model, tokenizer, examples: dict[str, dict[str, list[dict]]], *, batch_size: int = 128) -> "pd.DataFrame":
+    """Accuracy of a world model on task examples: one row per (task, language, id) with the
+    prediction and correctness. Every answer of the world is one token, so greedy decoding's first
+    token is the generation (numeric task) and the letter log-likelihoods are the last position's
+    (multiple choice)."""
+    import pandas as pd
+    import torch
+
+    from ramoe_ray.tasks import extract_number, score_choices, score_generative
+
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "ABCD"]
+    rows = []
+    for task, by_lang in examples.items():
+        for code, records in by_lang.items():
+            for i in range(0, len(records), batch_size):
+                chunk = records[i : i + batch_size]
+                enc = tokenizer([prompt(r) for r in chunk], return_tensors="pt", padding=True)
+                with torch.no_grad():
+                    logits = model(**enc).logits
+                last = enc["attention_mask"].sum(1) - 1
+                final = logits[torch.arange(len(chunk)), last].log_softmax(-1)
+                answers = [r["answer"] for r in chunk]
+                if TASKS[task] == "generative_numeric":
+                    preds = [extract_number(tokenizer.decode([t])) or "" for t in final.argmax(-1).tolist()]
+                    correct = score_generative(preds, answers)
+                else:
+                    preds, correct = score_choices(final[:, letters].tolist(), answers)
+                rows += [dict(task=task, language=code, id=r["id"], prediction=p, correct=bool(c))
+                         for r, p, c in zip(chunk, preds, correct)]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- build and cache
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Runs build(tmp_dir) and renames tmp_dir to ``final``: a crash never leaves a folder that looks
+    complete. An existing ``final`` is reused as is."""
+    import os
+    import shutil
+    import tempfile
+
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+    return final
+
+
+def world_dir(spec: WorldSpec, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "world" / spec.key()
+
+
+def build_data(spec: WorldSpec, cache_dir: str | Path) -> Path:
+    """Task files (tasks/TASK/LANG.jsonl), general text (general/LANG.jsonl) and the tokenizer."""
+
+    def build(tmp: Path) -> None:
+        texts = []
+        for task in TASKS:
+            examples, _ = task_examples(task, spec.n_task_examples, spec.seed)
+            for code in spec.languages:
+                _write_jsonl(tmp / "tasks" / task / f"{code}.jsonl", examples[code])
+                texts += [f"{prompt(r)} {continuation(r)}" for r in examples[code]]
+        for code in spec.languages:
+            general = general_text(code, spec.n_general, spec.seed)
+            _write_jsonl(tmp / "general" / f"{code}.jsonl", [{"id": f"general-{i:05d}", "language": code, "text": t}
+                                                             for i, t in enumerate(general)])
+            texts += general
+        # the vocabulary must cover every surface form, including those only pretraining shows
+        texts += pretraining_documents(spec, set(), random.Random(f"{spec.seed}-vocab"), 20000)
+        texts += [" ".join(lexicon(spec.seed)[c].values()) for c in spec.languages]
+        _word_tokenizer(texts, tmp / "tokenizer")
+        (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+
+    return _atomic_dir(world_dir(spec, cache_dir) / "data", build)
+
+
+def load_task_examples(data: Path, task: str, languages) -> dict[str, list[dict]]:
+    return {c: [json.loads(l) for l in (data / "tasks" / task / f"{c}.jsonl").open(encoding="utf-8")] for c in languages}
+
+
+def build_model(spec: WorldSpec, family: str, cache_dir: str | Path, *, log_every: int = 100) -> Path:
+    """The world's pretrained model of ``family`` (a save_pretrained folder with its tokenizer and a
+    report.json of per-cell accuracy), built once and cached."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    data = build_data(spec, cache_dir)
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+        exclude = set()
+        examples = {}
+        for task in TASKS:
+            exclude |= task_examples(task, spec.n_task_examples, spec.seed)[1]
+            examples[task] = load_task_examples(data, task, spec.languages)
+        t0 = time.time()
+        model = pretrain(spec, family, tokenizer, exclude, log_every=log_every)
+        seconds = time.time() - t0
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        df = evaluate_world(model, tokenizer, examples)
+        df.to_parquet(tmp / "eval.parquet")
+        acc = df.groupby(["task", "language"]).correct.mean().unstack()
+        (tmp / "report.json").write_text(json.dumps({"train_seconds": seconds, "accuracy": acc.to_dict()}, indent=2))
+
+    return _atomic_dir(world_dir(spec, cache_dir) / "models" / family, build)

@@ -1,0 +1,96 @@
+"""The synthetic multilingual world: exact translations, graded languages, cached seeded builds."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ramoe_ray import synthetic as S
+from ramoe_ray.config import TaskConfig
+from ramoe_ray.tasks import load_parallel
+
+
+def test_lexicon_is_seeded_and_graded():
+    lex = S.lexicon(0)
+    assert lex == S.lexicon(0) and lex != S.lexicon(1)
+    english = set(S.CONCEPTS)
+    shares = {}
+    for code in S.TARGET_LANGUAGES:
+        forms = lex[code]
+        own = [f for c, f in forms.items() if f != c]
+        assert len(set(own)) == len(own) and not set(own) & english  # own forms unique, never English
+        shares[code] = 1 - len(own) / len(forms)
+        assert abs(shares[code] - S.LANGUAGES[code].share) < 0.15
+    assert shares["syn1"] > shares["syn3"] > shares["syn6"]
+
+
+@pytest.mark.parametrize("task", list(S.TASKS))
+def test_task_examples_are_exact_translations_with_correct_answers(task):
+    ex, keys = S.task_examples(task, 50, seed=3)
+    assert len(keys) == 50 and set(ex) == set(S.LANGUAGES)
+    en = ex["en"]
+    for code, records in ex.items():
+        assert [r["id"] for r in records] == [r["id"] for r in en]
+        assert [r["answer"] for r in records] == [r["answer"] for r in en]
+    for r in en:
+        if task == "arith":  # recompute the answer from the English text
+            nums = [int(x) for x in re.findall(r"\b\d+\b", r["question"])]
+            a, b = nums[0], nums[1]
+            assert int(r["answer"]) == (a + b if " gets " in r["question"] else a - b)
+        else:
+            right = r["choices"]["ABCD".index(r["answer"])]
+            if task == "passage":
+                assert right in r["passage"].split() and sum(c in r["passage"].split() for c in r["choices"]) == 1
+            else:
+                cat = r["question"].split()[-2]
+                assert right in S.CATEGORIES[cat]
+                assert sum(c in S.CATEGORIES[cat] for c in r["choices"]) == 1
+    sov = ex["syn2"][0]["question"].split()
+    assert S.LANGUAGES["syn2"].sov and sov != en[0]["question"].split()
+
+
+def test_pretraining_never_contains_a_benchmark_problem():
+    import random
+
+    spec = S.SMALL
+    bench, exclude = {}, set()
+    for task in S.TASKS:
+        ex, keys = S.task_examples(task, spec.n_task_examples, spec.seed)
+        exclude |= keys
+        bench.update({S.prompt(r): r for rs in ex.values() for r in rs})
+    docs = S.pretraining_documents(spec, exclude, random.Random(0), 3000)
+    task_docs = [d for d in docs if d.rsplit(" ", 1)[0] in bench or "Answer:" in d]
+    assert len(task_docs) > 500  # the corpus does hold task-format documents...
+    assert not [d for d in task_docs if d.rsplit(" ", 1)[0] in bench]  # ...but none of the benchmark's
+
+
+def test_world_task_files_load_through_the_real_task_loader(tmp_path):
+    data = S.build_data(S.SMALL, tmp_path)
+    for task, fmt in S.TASKS.items():
+        cfg = TaskConfig(name=task, format=fmt, source=str(data / "tasks" / task))
+        loaded = load_parallel(cfg, S.TARGET_LANGUAGES)
+        assert len(loaded["en"]) == S.SMALL.n_task_examples
+        assert loaded["syn3"][5]["id"] == loaded["en"][5]["id"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    rec = loaded["syn6"][0]
+    ids = tok(S.prompt(rec))["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == " ".join(S.prompt(rec).split())  # words, not layout
+
+
+def test_reduced_world_build_is_seeded_and_cached(tmp_path, monkeypatch):
+    a = S.build_model(S.SMALL, "olmoe", tmp_path / "a", log_every=0)
+    b = S.build_model(S.SMALL, "olmoe", tmp_path / "b", log_every=0)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    report = (a / "report.json").read_text()
+    assert '"syn6"' in report and '"arith"' in report
+
+    calls = []
+    monkeypatch.setattr(S, "pretrain", lambda *args, **kw: calls.append(1))
+    assert S.build_model(S.SMALL, "olmoe", tmp_path / "a", log_every=0) == a  # cache hit: no pretraining
+    assert calls == []
+    other = S.WorldSpec(**{**S.SMALL.__dict__, "seed": 1})
+    assert other.key() != S.SMALL.key()
