@@ -12,17 +12,14 @@ decoder-layer index maps to its row on the L axis through the MoE layer list (``
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
+
+from ramoe_ray.cache import write_json_atomic  # noqa: F401  (experts.json is written with it)
 
 # The named choices of this module (our reconstruction; DESIGN.md "Definitions"). Values are short
 # descriptions; the docstrings below give the formulas.
@@ -426,21 +423,3 @@ def experts_artifact(
         "rules": dict(RULES),
         "provenance": dict(provenance),
     }
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON via a temp file in the same folder and ``os.replace`` (never half written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path

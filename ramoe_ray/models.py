@@ -22,8 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,6 +29,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ramoe_ray.cache import atomic_dir
 
 # ------------------------------------------------------------------------------------- routing rules
 # How each family's router turns logits (tokens, E) into (top-k weights, top-k indices).
@@ -210,19 +210,7 @@ def materialize_preset(family: str, cache_dir: str | os.PathLike, seed: int = 0)
     later calls return the saved folder. The key hashes the preset's config and seed."""
     config = tiny_config(family)
     key = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True, default=str).encode()).hexdigest()[:12]
-    out = Path(cache_dir) / "presets" / f"{family}-{key}"
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{family}-"))
-    try:
-        build_tiny(family, seed=seed).save_pretrained(tmp)
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").is_file():  # lost a race to a concurrent builder: fine
-            raise
-    return out
+    return atomic_dir(Path(cache_dir) / "presets" / f"{family}-{key}", lambda tmp: build_tiny(family, seed=seed).save_pretrained(tmp))
 
 
 def moe_shape(model_cfg) -> MoEShape:

@@ -26,6 +26,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ramoe_ray.cache import atomic_dir
+
 # ------------------------------------------------------------------------------------------ concepts
 
 NAMES = ["alice", "bob", "carol", "dave", "emma", "frank", "grace", "henry", "iris", "jack", "kate", "leo"]
@@ -419,27 +421,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Runs build(tmp_dir) and renames tmp_dir to ``final``: a crash never leaves a folder that looks
-    complete. An existing ``final`` is reused as is."""
-    import os
-    import shutil
-    import tempfile
-
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise
-    return final
-
-
 def world_dir(spec: WorldSpec, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "world" / spec.key()
 
@@ -465,7 +446,7 @@ def build_data(spec: WorldSpec, cache_dir: str | Path) -> Path:
         _word_tokenizer(texts, tmp / "tokenizer")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
 
-    return _atomic_dir(world_dir(spec, cache_dir) / "data", build)
+    return atomic_dir(world_dir(spec, cache_dir) / "data", build)
 
 
 def load_task_examples(data: Path, task: str, languages) -> dict[str, list[dict]]:
@@ -498,4 +479,4 @@ def build_model(spec: WorldSpec, family: str, cache_dir: str | Path, *, log_ever
         acc = df.groupby(["task", "language"]).correct.mean().unstack()
         (tmp / "report.json").write_text(json.dumps({"train_seconds": seconds, "accuracy": acc.to_dict()}, indent=2))
 
-    return _atomic_dir(world_dir(spec, cache_dir) / "models" / family, build)
+    return atomic_dir(world_dir(spec, cache_dir) / "models" / family, build)
