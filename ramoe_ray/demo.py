@@ -8,23 +8,20 @@ entropy and how far each language's expert usage is from English's.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 
 from ramoe_ray import models as M
 from ramoe_ray.config import RunConfig
+from ramoe_ray.tasks import load_examples
 
 N_QUESTIONS = 16
 MAX_BYTES = 96
 
 
-def _questions(source: str, lang: str) -> list[str]:
-    path = Path(source) / f"mgsm_{lang}.tsv"
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [r[0] for r in rows[:N_QUESTIONS]]
+def _questions(task, lang: str) -> list[str]:
+    return [r["question"] for r in load_examples(task, lang)[:N_QUESTIONS]]
 
 
 def _byte_batch(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +56,8 @@ def routing_summary(cfg: RunConfig) -> None:
     langs = [l for l in cfg.languages if (Path(task.source) / f"mgsm_{l}.tsv").is_file()]
     for m in cfg.models:
         model = M.load_model(m, cache_dir=cfg.cache_dir)
-        en_ent, en_share = _usage(model, _questions(task.source, "en"))
-        rows = {l: _usage(model, _questions(task.source, l)) for l in langs}
+        en_ent, en_share = _usage(model, _questions(task, "en"))
+        rows = {l: _usage(model, _questions(task, l)) for l in langs}
         layers = list(M.moe_blocks(model))
         print(f"\n{m.name} ({m.family}): routing of {N_QUESTIONS} {task.name} questions per language")
         print("  layer  entropy(en) " + " ".join(f"entropy({l}) L1-to-en({l})" for l in langs))

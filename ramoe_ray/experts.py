@@ -19,8 +19,6 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
-from ramoe_ray.cache import write_json_atomic  # noqa: F401  (experts.json is written with it)
-
 # The named choices of this module (our reconstruction; DESIGN.md "Definitions"). Values are short
 # descriptions; the docstrings below give the formulas.
 RULES: dict[str, str] = {

@@ -14,8 +14,9 @@ answer is the option the passage mentions, which a small model can learn). Task 
 written as jsonl in the canonical record schema of ``ramoe_ray.tasks`` and read back through the
 same loader as real data; they are never part of the pretraining corpus.
 
-``build_world`` pretrains a small MoE of each requested family on the corpus (CPU, seeded) and
-caches everything under a content hash of the world's parameters and this module's code version.
+``build_data`` writes the task files, general text and tokenizer; ``build_model`` pretrains a small
+MoE of one family on the corpus (CPU, seeded). Both are cached under a content hash of the world's
+parameters and this module's code version.
 """
 
 from __future__ import annotations
@@ -222,12 +223,16 @@ def _general_sentence(rng: random.Random) -> list[tuple[str, str]]:
     return _s(f"S:{who}", "V:sells", f"O:{rng.randint(2, 20)}", f"O:{rng.choice(COUNTABLE)}", "O:to", f"O:{other}", ".")
 
 
+def _general_document(rng: random.Random, lang: Language, forms: dict[str, str]) -> str:
+    return " ".join(_render(_general_sentence(rng), lang, forms) for _ in range(rng.randint(2, 4)))
+
+
 def general_text(code: str, n: int, seed: int) -> list[str]:
     """n short non-task documents (2-4 sentences) in a language: for the task-expert contrast and
     as part of pretraining."""
     rng = random.Random(f"{seed}-general-{code}")
     lang, forms = LANGUAGES[code], lexicon(seed)[code]
-    return [" ".join(_render(_general_sentence(rng), lang, forms) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+    return [_general_document(rng, lang, forms) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -292,8 +297,7 @@ def pretraining_documents(spec: WorldSpec, exclude: set, rng: random.Random, n: 
             rec = _record(task, p, f"{task}-pretrain", code, lex)
             docs.append(f"{prompt(rec)} {continuation(rec)}")
         else:
-            lang, forms = LANGUAGES[code], lex[code]
-            docs.append(" ".join(_render(_general_sentence(rng), lang, forms) for _ in range(rng.randint(2, 4))))
+            docs.append(_general_document(rng, LANGUAGES[code], lex[code]))
     return docs
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.experts import (
     RULES,
     auto_band,
@@ -20,7 +21,6 @@ from ramoe_ray.experts import (
     sequence_importance,
     task_expert_scores,
     task_experts,
-    write_json_atomic,
 )
 
 # ------------------------------------------------------------------------------- importance, frequency
