@@ -51,7 +51,8 @@ class ModelConfig(_Strict):
     name: str = Field(description="short label used in run names and tables")
     family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES")
     path: str = Field(
-        description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125), a local folder, or preset:FAMILY (tiny model)"
+        description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125), a local folder, preset:FAMILY (tiny "
+        "random model) or synthetic:FAMILY (the synthetic world's pretrained model)"
     )
     revision: str | None = Field(default=None, description="hub revision (commit, branch or tag)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -67,11 +68,15 @@ class ModelConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _preset_matches_family(cls, v: str, info: ValidationInfo) -> str:
+        from ramoe_ray import synthetic
+
         fam = preset_family(v)
+        if fam is None and (world := synthetic.parse_scheme(v)) is not None:
+            fam = world[1]
         if fam is not None and fam not in FAMILIES:
             raise ValueError(f"{v!r} names no preset; presets: {', '.join(PRESET + f for f in FAMILIES)}")
         if fam is not None and fam != info.data.get("family", fam):
-            raise ValueError(f"{v!r} is a {fam} preset but family is {info.data['family']!r}")
+            raise ValueError(f"{v!r} is a {fam} model but family is {info.data['family']!r}")
         return v
 
     @field_validator("name")
@@ -85,7 +90,20 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     name: str
     format: Literal["generative_numeric", "multiple_choice", "passage_multiple_choice"]
-    source: str = Field(description="hub dataset id, a local folder/file, or 'synthetic'")
+    source: str = Field(description="hub dataset id, a local folder, or a synthetic-world task ('synthetic:arith')")
+
+    @model_validator(mode="after")
+    def _synthetic_format(self) -> "TaskConfig":
+        from ramoe_ray import synthetic
+
+        world = synthetic.parse_scheme(self.source)
+        if world is not None:
+            task = world[1]
+            if task not in synthetic.TASKS:
+                raise ValueError(f"source {self.source!r}: no synthetic task {task!r}; allowed: {', '.join(synthetic.TASKS)}")
+            if synthetic.TASKS[task] != self.format:
+                raise ValueError(f"source {self.source!r} is a {synthetic.TASKS[task]} task, but format is {self.format!r}")
+        return self
 
 
 class Band(_Strict):

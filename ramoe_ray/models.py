@@ -196,10 +196,20 @@ def preset_family(path: str) -> str | None:
 
 
 def load_hf_config(model_cfg):
+    """The model's HF config, without weights. For a synthetic-world model ("synthetic:FAMILY") it is
+    the world's architecture with a placeholder vocabulary size (the tokenizer is only known once the
+    world's data is built); everything a config check reads (layers, experts, top-k) is exact."""
     from transformers import AutoConfig
+
+    from ramoe_ray import synthetic
 
     if (family := preset_family(model_cfg.path)) is not None:
         return tiny_config(family)
+    if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
+        spec, family = world
+        if family not in FAMILIES:
+            raise ValueError(f"{model_cfg.path!r}: unknown family {family!r}; allowed: {SUPPORTED}")
+        return synthetic._model_config(spec, family, vocab_size=len(synthetic.CONCEPTS))
     return AutoConfig.from_pretrained(
         model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
@@ -225,14 +235,24 @@ def moe_shape(model_cfg) -> MoEShape:
     return shape_of_config(hf_config)
 
 
+def resolve_model_path(model_cfg, cache_dir: str | os.PathLike = ".ramoe_cache") -> str:
+    """What from_pretrained should read: the hub id or folder as given, or the cached folder of a
+    tiny preset / synthetic-world model (built on first use)."""
+    from ramoe_ray import synthetic
+
+    if (family := preset_family(model_cfg.path)) is not None:
+        return str(materialize_preset(family, cache_dir))
+    if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
+        return str(synthetic.build_model(world[0], world[1], cache_dir))
+    return model_cfg.path
+
+
 def load_model(model_cfg, *, cache_dir: str | os.PathLike = ".ramoe_cache", device: str | torch.device = "cpu"):
     """Loads a causal-LM MoE from a hub id, a local folder or a tiny preset, checked against its family."""
     from transformers import AutoModelForCausalLM
 
     moe_shape(model_cfg)  # refuses dense / unsupported / mismatched models before loading weights
-    path = model_cfg.path
-    if (family := preset_family(path)) is not None:
-        path = str(materialize_preset(family, cache_dir))
+    path = resolve_model_path(model_cfg, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_cfg.revision,

@@ -278,8 +278,22 @@ class WorldSpec:
         return hashlib.sha256(json.dumps([asdict(self), code], sort_keys=True).encode()).hexdigest()[:16]
 
 
-SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=2, hidden_size=32, intermediate_size=32,
+SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=4, hidden_size=32, intermediate_size=32,
                   num_experts=4, steps=6, batch_size=8, seq_len=48)  # for tests: builds in seconds
+
+# Config path schemes: model path "synthetic:olmoe", task source "synthetic:arith" use the default
+# world; "synthetic-small:..." the reduced one the tests use.
+WORLDS = {"synthetic": WorldSpec(), "synthetic-small": SMALL}
+
+
+def parse_scheme(text: str) -> tuple[WorldSpec, str] | None:
+    """"synthetic:olmoe" -> (WorldSpec(), "olmoe"); None when ``text`` is not a world reference."""
+    scheme, sep, name = str(text).partition(":")
+    if not sep or scheme not in WORLDS:
+        return None
+    if not name:
+        raise ValueError(f"{text!r}: name a family or task after '{scheme}:'")
+    return WORLDS[scheme], name
 
 
 def pretraining_documents(spec: WorldSpec, exclude: set, rng: random.Random, n: int) -> list[str]:
@@ -451,6 +465,18 @@ def build_data(spec: WorldSpec, cache_dir: str | Path) -> Path:
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
 
     return atomic_dir(world_dir(spec, cache_dir) / "data", build)
+
+
+def task_folder(spec: WorldSpec, task: str, cache_dir: str | Path) -> Path:
+    """The world's files for ``task`` (one LANG.jsonl per language), built on first use."""
+    if task not in TASKS:
+        raise ValueError(f"synthetic task {task!r} does not exist; allowed: {', '.join(TASKS)}")
+    return build_data(spec, cache_dir) / "tasks" / task
+
+
+def general_file(spec: WorldSpec, language: str, cache_dir: str | Path) -> Path:
+    """The world's general (non-task) text of a language: jsonl with id, language, text."""
+    return build_data(spec, cache_dir) / "general" / f"{language}.jsonl"
 
 
 def load_task_examples(data: Path, task: str, languages) -> dict[str, list[dict]]:

@@ -94,3 +94,25 @@ def test_reduced_world_build_is_seeded_and_cached(tmp_path, monkeypatch):
     assert calls == []
     other = S.WorldSpec(**{**S.SMALL.__dict__, "seed": 1})
     assert other.key() != S.SMALL.key()
+
+
+def test_synthetic_schemes_resolve_to_the_cached_world(tmp_path):
+    """Config paths "synthetic-small:FAMILY" / sources "synthetic-small:TASK" read the same cached
+    world that build_model/build_data produce; mismatched formats and families are refused."""
+    from ramoe_ray.config import ConfigError, check_against_models, config_from_dict
+    from ramoe_ray.models import resolve_model_path
+    from ramoe_ray.tasks import load_parallel
+
+    d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+             tasks=[dict(name="a", format="generative_numeric", source="synthetic-small:arith")], languages=["syn3"])
+    cfg = config_from_dict(d)
+    shape = check_against_models(cfg)["m"]
+    assert (shape.num_layers, shape.num_experts) == (S.SMALL.num_layers, S.SMALL.num_experts)
+    par = load_parallel(cfg.tasks[0], ["syn3"], cache_dir=tmp_path)
+    want, _ = S.task_examples("arith", S.SMALL.n_task_examples, S.SMALL.seed)
+    assert par["syn3"] == want["syn3"] and par["en"] == want["en"]
+    assert resolve_model_path(cfg.models[0], tmp_path) == str(S.build_model(S.SMALL, "olmoe", tmp_path))
+    with pytest.raises(ConfigError, match="generative_numeric task, but format is 'multiple_choice'"):
+        config_from_dict({**d, "tasks": [dict(name="a", format="multiple_choice", source="synthetic:arith")]})
+    with pytest.raises(ConfigError, match="is a olmoe model but family is 'mixtral'"):
+        config_from_dict({**d, "models": [dict(name="m", family="mixtral", path="synthetic:olmoe")]})
