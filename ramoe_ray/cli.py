@@ -52,6 +52,76 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _plans(cfg: RunConfig, split: str, general: bool) -> list:
+    """Every (model, task) of the config planned (all its languages): every input is checked here,
+    before any model runs or any actor starts."""
+    from ramoe_ray import taxonomy
+
+    return [taxonomy.plan(cfg, m, t, cfg.languages, split, general=general) for m in cfg.models for t in cfg.tasks]
+
+
+def _table(header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _bands(cfg: RunConfig, shape) -> str:
+    from ramoe_ray.experts import resolve_band
+
+    out = []
+    for b in cfg.knobs.bands:
+        out.append("auto" if b == "auto" else f"{b.label()}:{resolve_band(b.start, b.end, shape.moe_layers, shape.num_layers)}")
+    return " ".join(out)
+
+
+def cmd_taxonomy(args) -> int:
+    """Stage 1 for every cell (model x task x language) of the config; prints n and cc/ci/ic/ii."""
+    from ramoe_ray import taxonomy
+
+    cfg, _ = _load(args)
+    plans = _plans(cfg, args.split, general=False)
+    rows = []
+    for p in plans:
+        cells, _ = taxonomy.execute(p, batch_size=args.batch_size)
+        for lang, (path, hit) in cells.items():
+            s = taxonomy.summary(path)
+            rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", s["n"],
+                         *(f"{100 * s[c]:.1f}" for c in taxonomy.CATEGORIES), _bands(cfg, p.shape),
+                         "hit" if hit else "computed", path.parent.name])
+    print(f"taxonomy ({args.split} split), categories in % of pairs (English first letter, target second):")
+    _table(["cell", "n", "cc%", "ci%", "ic%", "ii%", "bands", "cache", "artefact"], rows)
+    return 0
+
+
+def cmd_experts(args) -> int:
+    """Stage 2 for every cell x band x top_k of the config (running stage 1 where it is missing)."""
+    import json
+
+    from ramoe_ray import experts, taxonomy
+
+    cfg, _ = _load(args)
+    plans = _plans(cfg, args.split, general=True)
+    rows = []
+    for p in plans:
+        cells, (general, _) = taxonomy.execute(p, batch_size=args.batch_size)
+        paths = {l: path for l, (path, _) in cells.items()}
+        for lang in p.languages:
+            for band in cfg.knobs.bands:
+                for k in cfg.knobs.top_k:
+                    path, hit = experts.build_experts(p, paths, general, lang, band, k)
+                    art = json.loads(path.read_text())
+                    te = ";".join(f"{l}:{','.join(map(str, v['experts']))}" for l, v in art["task_experts"].items())
+                    n_rise = sum(len(v) for v in art["rise"]["experts"][lang].values())
+                    rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", experts.band_label(band),
+                                 ",".join(map(str, art["band"]["layers"])), k, te, n_rise, "hit" if hit else "computed",
+                                 path.parent.name])
+    print(f"experts ({args.split} split): band layers, task experts (layer:experts, best first), RISE experts chosen:")
+    _table(["cell", "band", "layers", "top_k", "task experts", "rise", "cache", "artefact"], rows)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,16 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("validate", help="check a config (and the models it names) without running anything"))
     with_config(sub.add_parser("demo", help="run the demo on the embedded default"), default=DEMO_CONFIG)
+    for name, text in (("taxonomy", "stage 1: score English and target versions, cc/ci/ic/ii, routing"),
+                       ("experts", "stage 2: layer band, task experts, RISE selection (runs stage 1 if needed)")):
+        sp = sub.add_parser(name, help=text)
+        with_config(sp)
+        sp.add_argument("--split", default="train", choices=["train", "validation", "test"])
+        sp.add_argument("--batch-size", type=int, default=None, help="examples per forward (default 8)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options ("CONFIG --split test key=value")
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides += extra
     # overrides may be given without a config for commands that have a default one
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)
         args.config = DEMO_CONFIG
-    handler = {"validate": cmd_validate, "demo": cmd_demo}[args.command]
+    handler = {"validate": cmd_validate, "demo": cmd_demo, "taxonomy": cmd_taxonomy, "experts": cmd_experts}[args.command]
     try:
         return handler(args)
     except ConfigError as e:

@@ -35,8 +35,12 @@ RULES: dict[str, str] = {
     ),
     "task_expert_score": "mean importance on correct English task examples - mean importance on English general text",
     "task_expert_ties": "scores equal to 12 decimals: lower expert id first; always top_k experts, even scores <= 0",
+    "task_expert_examples": (
+        "correct English examples of the split (taxonomy); all English examples when none is correct (recorded)"
+    ),
     "rise_specificity": "mean freq on target - unweighted mean over the other languages (English incl.) of their means",
     "rise_overlap": "min over all languages (target included) of the mean freq",
+    "rise_languages": "English and every target language of the config, on the split's task examples",
     "rise_score": "specificity; ties (to 12 decimals) -> higher overlap, then shallower layer, then lower expert id",
     "rise_zones": "shallow/middle/deep = depth [0, .375) / [.375, .625) / [.625, 1.0] by resolve_band",
     "rise_budget_split": (
@@ -95,6 +99,8 @@ def sequence_importance(probs: Any, selected: Any, mask: Any, *, k: int) -> tupl
     Returns (importance, frequency), both float32 of shape (B, L, E). A sequence with no real token
     is an error (its summaries are undefined).
     """
+    if _is_torch(probs):
+        return _sequence_importance_torch(probs, selected, mask, k=k)
     p = _numpy(probs).astype(np.float64)
     sel = _numpy(selected).astype(np.int64)
     m = _numpy(mask).astype(bool)
@@ -120,6 +126,41 @@ def sequence_importance(probs: Any, selected: Any, mask: Any, *, k: int) -> tupl
     used = (sel[..., None] == np.arange(n_exp)).any(axis=-2)  # (L, B, T, E); -1 matches nothing
     frequency = (used & w).sum(axis=2) / n_tok[None, :, None]
     return importance.transpose(1, 0, 2).astype(np.float32), frequency.transpose(1, 0, 2).astype(np.float32)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _sequence_importance_torch(probs, selected, mask, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``sequence_importance`` on the tensors' own device (the GPU during a taxonomy), same rules
+    and the same float64 arithmetic; only the (B, L, E) results are copied to the host."""
+    import torch
+
+    p = probs.detach().to(torch.float64)
+    sel = selected.detach().to(device=p.device, dtype=torch.int64)
+    m = mask.detach().to(device=p.device, dtype=torch.bool)
+    n_layers, b, t, n_exp = p.shape
+    if tuple(sel.shape) != (n_layers, b, t, k):
+        raise ValueError(f"selected has shape {tuple(sel.shape)}, expected {(n_layers, b, t, k)} (probs {tuple(p.shape)}, k={k})")
+    if tuple(m.shape) != (b, t):
+        raise ValueError(f"mask has shape {tuple(m.shape)}, expected {(b, t)}")
+    if not 1 <= k <= n_exp:
+        raise ValueError(f"k = {k} must be in 1..{n_exp} (the number of experts)")
+    n_tok = m.sum(dim=1)
+    if bool((n_tok == 0).any()):
+        raise ValueError(f"sequences {torch.nonzero(n_tok == 0).flatten().tolist()} have no real token (all padding)")
+    top = torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :k]  # ties: lower id first
+    keep = torch.zeros_like(p).scatter_(-1, top, p.gather(-1, top))
+    total = keep.sum(dim=-1, keepdim=True)
+    keep = torch.where(total > 0, keep / total.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(keep))
+    w = m[None, :, :, None]
+    denom = n_tok.to(p.dtype)[None, :, None]
+    importance = (keep * w).sum(dim=2) / denom
+    used = (sel[..., None] == torch.arange(n_exp, device=p.device)).any(dim=-2)
+    frequency = (used & w).sum(dim=2).to(p.dtype) / denom
+    return (importance.transpose(0, 1).to(torch.float32).cpu().numpy(),
+            frequency.transpose(0, 1).to(torch.float32).cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------- divergence
@@ -421,3 +462,187 @@ def experts_artifact(
         "rules": dict(RULES),
         "provenance": dict(provenance),
     }
+
+
+# ------------------------------------------------------------------------------- the stage entry
+
+def band_label(spec: Any) -> str:
+    """'auto' or 'START-END' (a Band, or a (start, end) pair)."""
+    s = _band_spec_json(spec)
+    return "auto" if s == "auto" else f"{s[0]:g}-{s[1]:g}"
+
+
+def _code_version() -> str:
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def experts_key_inputs(plan: Any, language: str, band: Any, top_k: int) -> dict:
+    """What an experts artefact depends on: the taxonomy artefacts' keys (every language of the
+    plan, for RISE), the general-text key, the target language, band, top_k, RISE budget, code."""
+    return {
+        "stage": "experts", "code": _code_version(), "taxonomy": dict(plan.keys), "general": plan.general_key,
+        "target": language, "band": _band_spec_json(band), "top_k": int(top_k), "rise_budget": plan.cfg.rise.budget,
+        "split": plan.split,
+    }
+
+
+def experts_figures(out_dir: Any, *, curves: Mapping[str, Any], moe_layers: Sequence[int], band_layers: Sequence[int],
+                    en_importance: Any, tgt_importance: Any, language: str, title: str = "") -> list:
+    """Two PNGs in ``out_dir``: divergence.png (divergence by MoE layer, one line per language, the
+    band shaded) and importance.png (mean importance, layer × expert, English vs ``language``)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    layers = list(moe_layers)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for lang, c in curves.items():
+        ax.plot(layers, np.asarray(c), marker="o", label=lang, linewidth=2.5 if lang == language else 1.2)
+    if band_layers:
+        ax.axvspan(min(band_layers) - 0.5, max(band_layers) + 0.5, color="tab:gray", alpha=0.2, label="band")
+    ax.set_xticks(layers)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("normalised JSD to English")
+    ax.set_title(title or "routing divergence")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    div = out_dir / "divergence.png"
+    fig.savefig(div, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    en, tg = np.asarray(_numpy(en_importance)), np.asarray(_numpy(tgt_importance))
+    vmax = float(max(en.max(), tg.max()))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+    for ax, m, name in zip(axes, (en, tg), ("en", language)):
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_title(f"importance ({name})")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    axes[0].set_ylabel("MoE layer")
+    fig.colorbar(im, ax=list(axes))
+    imp = out_dir / "importance.png"
+    fig.savefig(imp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [div, imp]
+
+
+def _log_mlflow(folder: Any, artifact_path: str) -> bool:
+    """Logs the files of ``folder`` to the active MLflow run; nothing (and no import) without one."""
+    import sys
+    from pathlib import Path
+
+    if "mlflow" not in sys.modules:  # no run can be active in a process that never imported mlflow
+        return False
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return False
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file():
+            mlflow.log_artifact(str(f), artifact_path=artifact_path)
+    return True
+
+
+def build_experts(plan: Any, cells: Mapping[str, Any], general: Any, language: str, band: Any, top_k: int) -> tuple:
+    """experts.json, divergence.parquet and the figures of one (cell, band, top_k) from the taxonomy
+    artefacts (``cells``: target language -> taxonomy.parquet of every language of the plan;
+    ``general``: rows.parquet of the English general text). Cached under
+    ``cache_dir/experts/<key>/``; returns (experts.json path, cache_hit)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from ramoe_ray.cache import atomic_dir
+    from ramoe_ray.taxonomy import routing_array
+
+    inputs = experts_key_inputs(plan, language, band, top_k)
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    final = Path(plan.cfg.cache_dir) / "experts" / key
+    hit = final.is_dir()
+    shape = plan.shape
+    layers = list(shape.moe_layers)
+
+    def build(tmp: Path) -> None:
+        frames = {lang: pd.read_parquet(cells[lang]) for lang in plan.languages}
+        first = frames[language]
+        en = first[first.language == "en"].sort_values("id")
+        imp_en, freq_en = routing_array(en, "importance"), routing_array(en, "frequency")
+        imps, freqs = {}, {"en": freq_en}
+        for lang, df in frames.items():
+            tg = df[df.language == lang].sort_values("id")
+            if tg.id.tolist() != en.id.tolist():
+                raise ValueError(f"taxonomy of {lang!r} is not parallel to English")
+            imps[lang] = routing_array(tg, "importance")
+            freqs[lang] = routing_array(tg, "frequency")
+        curves = {lang: divergence_curve(imp_en, imps[lang]) for lang in plan.languages}
+        if band == "auto":
+            band_layers = auto_band(curves[language], layers, shape.num_layers)
+        else:
+            start, end = _band_spec_json(band)
+            band_layers = resolve_band(start, end, layers, shape.num_layers)
+        if not band_layers:
+            raise ValueError(f"band {band_label(band)} holds no MoE layer (MoE layers {layers})")
+        correct = en.correct.to_numpy(bool)
+        task_rows, used = (imp_en[correct], "correct") if correct.any() else (imp_en, "all (no correct English example)")
+        gen = routing_array(pd.read_parquet(general), "importance")
+        row = {l: j for j, l in enumerate(layers)}
+        chosen = task_experts(task_rows, gen, band_layers, row, top_k=top_k)
+        scores = task_expert_scores(task_rows, gen)
+        rise = {language: rise_select(freqs, target=language, moe_layers=layers, num_layers=shape.num_layers,
+                                      budget=plan.cfg.rise.budget)}
+        art = experts_artifact(
+            moe_layers=layers, num_layers=shape.num_layers, band_spec=band, band_layers=band_layers,
+            task_experts=chosen, task_scores=scores, rise=rise, rise_budget=plan.cfg.rise.budget,
+            divergence=curves,
+            provenance={"taxonomy": dict(plan.keys), "taxonomy_cells": dict(plan.cell_keys),
+                        "general": plan.general_key, "key": key, "inputs": inputs},
+        )
+        art["cell"] = {"model": plan.model_cfg.name, "task": plan.task_cfg.name, "language": language,
+                       "split": plan.split, "top_k": int(top_k), "n_pairs": len(en),
+                       "n_task_examples": int(len(task_rows)), "task_examples": used, "n_general": int(len(gen))}
+        from ramoe_ray.cache import write_json_atomic
+
+        write_json_atomic(tmp / "experts.json", art)
+        pd.DataFrame([{"language": lang, "layer": l, "divergence": float(v)}
+                      for lang, c in curves.items() for l, v in zip(layers, c)]).to_parquet(tmp / "divergence.parquet")
+        experts_figures(tmp, curves=curves, moe_layers=layers, band_layers=band_layers,
+                        en_importance=imp_en.mean(axis=0), tgt_importance=imps[language].mean(axis=0),
+                        language=language,
+                        title=f"{plan.model_cfg.name} / {plan.task_cfg.name}: band {band_label(band)} {band_layers}")
+
+    atomic_dir(final, build)
+    _log_mlflow(final, f"experts/{plan.model_cfg.name}/{plan.task_cfg.name}/{language}/{band_label(band)}-top{top_k}")
+    return final / "experts.json", hit
+
+
+def run_experts(cfg: Any, model_cfg: Any, task_cfg: Any, language: str, band: Any = None, top_k: int | None = None,
+                *, split: str = "train", num_actors: int | None = None, batch_size: int | None = None) -> tuple:
+    """Stage 2 for one cell and one (band, top_k) -> (experts.json, cache_hit).
+
+    ``band``: 'auto', a config Band or a (start, end) pair (default: the config's first band);
+    ``top_k`` default: the config's first. Runs (or loads) the taxonomy of English and every
+    language of the config plus ``language`` (RISE compares them all) and the English general text,
+    in one pass; all inputs are checked before any model runs. The folder of experts.json also holds
+    divergence.parquet (language, layer, divergence) and divergence.png / importance.png; with an
+    active MLflow run they are logged as its artifacts."""
+    from ramoe_ray import taxonomy
+
+    band = cfg.knobs.bands[0] if band is None else band
+    top_k = cfg.knobs.top_k[0] if top_k is None else top_k
+    langs = [language] + [l for l in cfg.languages if l != language]
+    plan = taxonomy.plan(cfg, model_cfg, task_cfg, langs, split, general=True)
+    if not 1 <= top_k <= plan.shape.num_experts:
+        from ramoe_ray.config import ConfigError
+
+        raise ConfigError(f"top_k = {top_k}: allowed 1..{plan.shape.num_experts} (experts of {model_cfg.name!r})")
+    cells, general = taxonomy.execute(plan, num_actors=num_actors, batch_size=batch_size)
+    return build_experts(plan, {l: p for l, (p, _) in cells.items()}, general[0], language, band, top_k)

@@ -3,3 +3,56 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path
+
+import pytest
+
+# The reduced synthetic world is built once into a persistent, content-addressed cache (its key
+# hashes the world's parameters and synthetic.py), and linked into each test's fresh cache folder.
+WORLD_CACHE = Path(os.environ.get("RAMOE_TEST_CACHE", Path(__file__).parents[1] / ".ramoe_cache"))
+
+
+@pytest.fixture(scope="session")
+def small_world() -> Path:
+    from ramoe_ray import synthetic as S
+
+    S.build_model(S.SMALL, "olmoe", WORLD_CACHE, log_every=0)
+    return WORLD_CACHE / "world"
+
+
+@pytest.fixture
+def cache_dir(tmp_path, small_world) -> Path:
+    """A fresh cache folder in which the small world (data and olmoe model) is already built."""
+    c = tmp_path / "cache"
+    c.mkdir()
+    (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (CPU only, so results match the CPU reference)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def small_config(cache_dir, *, task="arith", languages=("syn3",), **extra):
+    """A RunConfig on the small world: olmoe model, one synthetic task."""
+    from ramoe_ray import synthetic as S
+    from ramoe_ray.config import config_from_dict
+
+    d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+             tasks=[dict(name=task, format=S.TASKS[task], source=f"synthetic-small:{task}")],
+             languages=list(languages), cache_dir=str(cache_dir))
+    d.update(extra)
+    return config_from_dict(d)
+
+
+@pytest.fixture
+def make_config(cache_dir):
+    """make_config(task="arith", languages=("syn3",), **fields) -> RunConfig in this test's cache."""
+    return lambda **kw: small_config(cache_dir, **kw)

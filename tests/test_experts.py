@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,21 @@ def test_importance_accepts_torch_and_checks_shapes():
         sequence_importance(probs, selected, mask, k=3)
     with pytest.raises(ValueError, match="no real token"):
         sequence_importance(probs, selected, np.zeros((2, 3), bool), k=2)
+
+
+def test_importance_torch_path_equals_numpy_path_with_ties_and_padding():
+    """The taxonomy computes importance on the model's device (torch); the numpy path is the
+    reference. Rounded probabilities make exact ties, which both break towards the lower id."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 5, 7, 8, generator=g), -1).round(decimals=1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    selected = torch.randint(0, 8, (3, 5, 7, 2), generator=g)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 1, 5, 6])[:, None]
+    selected[:, ~mask] = -1
+    imp_t, freq_t = sequence_importance(probs, selected, mask, k=2)
+    imp_n, freq_n = sequence_importance(probs.numpy(), selected.numpy(), mask.numpy(), k=2)
+    np.testing.assert_allclose(imp_t, imp_n, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(freq_t, freq_n)
 
 
 # -------------------------------------------------------------------------------------- divergence
@@ -263,3 +279,89 @@ def test_experts_artifact_round_trips_and_writes_atomically(tmp_path):
         write_json_atomic(path, {"x": float("nan")})
     assert json.loads(path.read_text()) == back
     assert [p.name for p in path.parent.iterdir()] == ["experts.json"]
+
+
+# ------------------------------------------------------------------------------- the stage entry
+
+
+def _run_cfg(make_config):
+    return make_config(task="category", languages=("syn3", "syn5"), rise=dict(budget=6),
+                       knobs=dict(bands=[[0.375, 0.625], "auto"], top_k=[2]))
+
+
+def test_run_experts_agrees_with_its_taxonomy_artefacts(make_config):
+    """experts.json, divergence.parquet and the figures, checked against the math applied by hand to
+    the taxonomy artefacts the stage names in its provenance; a second call is a cache hit."""
+    import pandas as pd
+
+    from ramoe_ray import taxonomy as T
+    from ramoe_ray.experts import run_experts
+
+    cfg = _run_cfg(make_config)
+    m, t = cfg.models[0], cfg.tasks[0]
+    path, hit = run_experts(cfg, m, t, "syn3", cfg.knobs.bands[0], 2, split="test", num_actors=0)
+    assert not hit
+    art = json.loads(path.read_text())
+    plan = T.plan(cfg, m, t, ["syn3", "syn5"], "test", general=True)
+    assert art["provenance"]["taxonomy"] == plan.keys and art["provenance"]["general"] == plan.general_key
+
+    root = Path(cfg.cache_dir) / "taxonomy"
+    tax = pd.read_parquet(root / plan.cell_keys["syn3"] / "taxonomy.parquet")
+    en = tax[tax.language == "en"].sort_values("id")
+    tg = tax[tax.language == "syn3"].sort_values("id")
+    gen = T.routing_array(pd.read_parquet(root / plan.general_key / "rows.parquet"))
+    imp_en = T.routing_array(en)
+    layers = list(plan.shape.moe_layers)
+
+    curve = divergence_curve(imp_en, T.routing_array(tg))
+    div = pd.read_parquet(path.parent / "divergence.parquet")
+    assert set(div.language) == {"syn3", "syn5"} and len(div) == 2 * len(layers)
+    np.testing.assert_allclose(div[div.language == "syn3"].sort_values("layer").divergence, curve)
+    assert ((div.divergence >= 0) & (div.divergence <= 1)).all()
+
+    assert art["band"] == {"spec": [0.375, 0.625], "layers": [1]}  # 4 layers: centre 0.375 of layer 1 only
+    correct = en.correct.to_numpy(bool)
+    task_rows = imp_en[correct] if correct.any() else imp_en
+    want = task_experts(task_rows, gen, [1], {l: j for j, l in enumerate(layers)}, top_k=2)
+    assert {int(l): v["experts"] for l, v in art["task_experts"].items()} == want
+    assert art["cell"]["task_examples"] == ("correct" if correct.any() else "all (no correct English example)")
+    assert sum(len(v) for v in art["rise"]["experts"]["syn3"].values()) == 6
+    assert set(art["rules"]) == set(RULES)
+
+    for name in ("divergence.png", "importance.png"):
+        png = (path.parent / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    auto, _ = run_experts(cfg, m, t, "syn3", "auto", 2, split="test", num_actors=0)
+    auto_art = json.loads(auto.read_text())
+    assert auto != path and auto_art["band"]["layers"] == auto_band(curve, layers, plan.shape.num_layers)
+    assert run_experts(cfg, m, t, "syn3", cfg.knobs.bands[0], 2, split="test", num_actors=0) == (path, True)
+
+
+def test_run_experts_logs_to_the_active_mlflow_run_only(make_config, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ramoe_ray.experts import run_experts
+
+    cfg = _run_cfg(make_config)
+    m, t = cfg.models[0], cfg.tasks[0]
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        run_experts(cfg, m, t, "syn3", "auto", 2, split="test", num_actors=0)  # no active run: nothing logged
+        exp = mlflow.create_experiment("experts-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            path, hit = run_experts(cfg, m, t, "syn3", "auto", 2, split="test", num_actors=0)
+        assert hit  # logged from the cache as well
+        client = MlflowClient()
+        where = "experts/m/category/syn3/auto-top2"
+        logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run.info.run_id, where)}
+        assert set(logged) == {"experts.json", "divergence.parquet", "divergence.png", "importance.png"}
+        assert all(size > 0 for size in logged.values())
+        back = json.loads(Path(client.download_artifacts(run.info.run_id, f"{where}/experts.json", str(tmp_path))).read_text())
+        assert back == json.loads(path.read_text())
+        runs = client.search_runs([exp])
+        assert len(runs) == 1  # the call outside the run created none
+    finally:
+        mlflow.set_tracking_uri(old)

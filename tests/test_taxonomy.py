@@ -1,0 +1,346 @@
+"""Stage 1 (taxonomy): Ray Data == a plain loop written here, padding invariance, the content-addressed
+cache, input checks before any actor, the real MGSM path with a tiny preset, and the CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import small_config
+from ramoe_ray import taxonomy as T
+from ramoe_ray.cli import main
+from ramoe_ray.config import ConfigError, config_from_dict
+from ramoe_ray.experts import sequence_importance
+from ramoe_ray.models import FAMILIES, capture
+from ramoe_ray.tasks import build_prompt, extract_number, score_choices, score_generative
+
+MGSM = Path(__file__).parents[2] / "shared/data/mgsm"
+N_TEST = 12  # examples in the small world's test split (20 % of 60)
+
+
+def reference_loop(model_path, examples, fmt, *, k, max_new_tokens, general=()):
+    """The stage written as the plainest loop: one example at a time (no padding), HF ``generate``
+    for the text, the last prompt position's log-probabilities for the letters."""
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    items = [(lang, ex["id"], build_prompt(ex, fmt), ex) for lang, exs in examples.items() for ex in exs]
+    items += [("en", f"general-{i:05d}", text, None) for i, text in enumerate(general)]
+    out = {}
+    for lang, ident, prompt, ex in items:
+        enc = tok(prompt, return_tensors="pt", truncation=ex is None, max_length=T.GENERAL_MAX_TOKENS)
+        with torch.no_grad(), capture(model) as rec:
+            logits = model(**enc).logits
+        r = rec.routing(enc["attention_mask"])
+        imp, freq = sequence_importance(r.probs(), r.selected, r.mask, k=k)
+        row = dict(importance=imp[0], frequency=freq[0], prediction="", correct=False)
+        if ex is not None and fmt == "generative_numeric":
+            with torch.no_grad():
+                g = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            new = g[0, enc["input_ids"].shape[1]:].tolist()
+            if tok.eos_token_id in new:
+                new = new[: new.index(tok.eos_token_id)]
+            text = tok.decode(new, skip_special_tokens=True)
+            for stop in ("\n", "Question:"):
+                text = text.split(stop)[0]
+            row.update(prediction=extract_number(text) or "", correct=score_generative([text], [ex["answer"]])[0])
+        elif ex is not None:
+            logp = logits[0, -1].log_softmax(-1)
+            letters = [tok(prompt + " " + letter)["input_ids"][-1] for letter in "ABCD"]
+            pred, correct = score_choices([[float(logp[i]) for i in letters]], [ex["answer"]])
+            row.update(prediction=pred[0], correct=correct[0])
+        out[(lang, ident)] = row
+    return out
+
+
+def assert_matches_reference(df: pd.DataFrame, ref: dict) -> None:
+    assert len(df) == len(ref)
+    for r in df.itertuples():
+        want = ref[(r.language, r.id)]
+        assert (r.prediction, bool(r.correct)) == (want["prediction"], want["correct"]), (r.language, r.id)
+        np.testing.assert_allclose(np.stack(r.importance), want["importance"], atol=2e-5)
+        np.testing.assert_allclose(np.stack(r.frequency), want["frequency"], atol=1e-6)
+
+
+def expected_categories(ref: dict, target: str) -> dict:
+    ids = {i for (lang, i) in ref if lang == target}
+    return {i: ("c" if ref[("en", i)]["correct"] else "i") + ("c" if ref[(target, i)]["correct"] else "i") for i in ids}
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def test_categories_english_first_letter_target_second():
+    en = pd.Series({"a": True, "b": True, "c": False, "d": False})
+    tg = pd.Series({"d": False, "c": True, "b": False, "a": True})  # order differs: joined by id
+    assert T.categories(en, tg).to_dict() == {"a": "cc", "b": "ci", "c": "ic", "d": "ii"}
+
+
+def test_multi_token_continuation_scoring_agrees_with_token_by_token(make_config):
+    """full_logliks (used when a continuation is several tokens) == the last prompt position's
+    log-probabilities for one token, and == the chain rule by separate forwards for two."""
+    cfg = make_config(task="category")
+    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test")
+    model, tok = T.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    prompt = build_prompt(p.examples["syn3"][0], "multiple_choice")
+    ids = tok(prompt)["input_ids"]
+    conts = [T.continuation_ids(tok, ids, prompt, " " + letter) for letter in "ABCD"]
+    assert all(len(c) == 1 for c in conts)
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        two = model(input_ids=torch.tensor([ids + conts[0]])).logits[0, -1].log_softmax(-1)
+    np.testing.assert_allclose(T.full_logliks(model, ids, conts), [float(logp[c[0]]) for c in conts], atol=1e-5)
+    chain = float(logp[conts[0][0]] + two[conts[1][0]])
+    np.testing.assert_allclose(T.full_logliks(model, ids, [conts[0] + conts[1]]), [chain], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- Ray == plain loop
+
+
+@pytest.mark.parametrize("task,actors", [
+    pytest.param("arith", 2, marks=pytest.mark.integration, id="arith-ray-2-actors"),
+    pytest.param("category", 0, id="category-in-process"),  # the same predictor; keeps the default run fast
+])
+def test_taxonomy_equals_a_plain_loop(task, actors, make_config, request):
+    if actors:
+        request.getfixturevalue("ray_local")
+    cfg = make_config(task=task)
+    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test", general=(task == "arith"), max_new_tokens=3)
+    cells, general = T.execute(p, num_actors=actors, batch_size=4)
+    path, hit = cells["syn3"]
+    assert not hit
+    df = pd.read_parquet(path)
+    assert len(df) == 2 * N_TEST and set(df.language) == {"en", "syn3"}
+
+    ref = reference_loop(p.model_path, {l: p.examples[l] for l in ("en", "syn3")}, cfg.tasks[0].format,
+                         k=p.shape.experts_per_token, max_new_tokens=3, general=p.general or ())
+    assert_matches_reference(df.drop(columns="category"), {k: v for k, v in ref.items() if "general" not in k[1]})
+    assert df.groupby("id").category.first().to_dict() == expected_categories(ref, "syn3")
+    if general is not None:
+        g = pd.read_parquet(general[0])
+        assert len(g) == len(p.general) and (g.kind == "general").all()
+        assert_matches_reference(g, {k: v for k, v in ref.items() if "general" in k[1]})
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["counts"] == {c: list(expected_categories(ref, "syn3").values()).count(c) for c in T.CATEGORIES}
+
+
+# ------------------------------------------------------------------------------ padding invariance
+
+
+@pytest.mark.parametrize("task", ["arith", "category"])
+def test_batch_size_one_and_eight_give_the_same_results(task, tmp_path, small_world):
+    frames = []
+    for bs in (1, 8):
+        cache = tmp_path / f"bs{bs}"
+        cache.mkdir()
+        (cache / "world").symlink_to(small_world.resolve(), target_is_directory=True)
+        cfg = small_config(cache, task=task)
+        path, hit = T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", "test", num_actors=0, batch_size=bs,
+                                   max_new_tokens=3)
+        frames.append(pd.read_parquet(path))
+    a, b = frames
+    assert a[["id", "language", "prediction", "correct", "category", "n_tokens"]].equals(
+        b[["id", "language", "prediction", "correct", "category", "n_tokens"]])
+    if task == "arith":
+        assert a.output.tolist() == b.output.tolist()  # the generated texts, token for token
+    np.testing.assert_allclose(T.routing_array(a), T.routing_array(b), atol=2e-6)
+    np.testing.assert_array_equal(T.routing_array(a, "frequency"), T.routing_array(b, "frequency"))
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("a model ran although the artefact was cached")
+
+
+def test_second_run_loads_the_artefact_and_runs_no_model(make_config, monkeypatch):
+    cfg = make_config(task="category", languages=("syn3", "syn5"))
+    m, t = cfg.models[0], cfg.tasks[0]
+    start = T.FORWARDS
+    path, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    assert not hit and T.FORWARDS - start == 2 * N_TEST
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["computed"] == {"en": True, "syn3": True} and meta["n"] == N_TEST
+    en_meta = json.loads((Path(cfg.cache_dir) / "taxonomy" / meta["inputs"]["en"] / "meta.json").read_text())
+    assert en_meta["forwards"] == N_TEST and en_meta["inputs"]["split"] == "test"
+    written = path.stat().st_mtime_ns
+
+    with monkeypatch.context() as mp:  # the hit path must not build a dataset, load a model or run one
+        mp.setattr(T, "_predict_rows", _boom)
+        mp.setattr(T, "load_model_and_tokenizer", _boom)
+        mp.setattr(T, "predict_batch", _boom)
+        again, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=2)
+    assert hit and again == path and path.stat().st_mtime_ns == written and T.FORWARDS - start == 2 * N_TEST
+
+    # another language: English is reused, only the new language runs
+    other, hit = T.run_taxonomy(cfg, m, t, "syn5", "test", num_actors=0)
+    assert not hit and other != path and T.FORWARDS - start == 3 * N_TEST
+    assert json.loads((other.parent / "meta.json").read_text())["computed"] == {"en": False, "syn5": True}
+
+    # another split: both languages run again
+    val, hit = T.run_taxonomy(cfg, m, t, "syn3", "validation", num_actors=0)
+    assert not hit and val != path and T.FORWARDS - start == 5 * N_TEST
+
+
+def test_changed_model_file_misses_the_cache(make_config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg0 = make_config(task="category")
+    folder = tmp_path / "model"
+    shutil.copytree(T.plan(cfg0, cfg0.models[0], cfg0.tasks[0], ["syn3"], "test").model_path, folder)
+    cfg = make_config(task="category", models=[dict(name="m", family="olmoe", path=str(folder))])
+    m, t = cfg.models[0], cfg.tasks[0]
+    first, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    assert not hit
+    assert T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0) == (first, True)
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(n for n in weights if n.endswith("mlp.gate.weight"))
+    weights[name][0] += 1.0  # expert 0's router row (a shift of every row would cancel in the softmax)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    second, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    assert not hit and second != first
+    a, b = pd.read_parquet(first), pd.read_parquet(second)
+    assert not np.allclose(T.routing_array(a), T.routing_array(b))  # the new weights really ran
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_bad_inputs_are_refused_before_any_actor_starts(make_config, tmp_path, monkeypatch, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ramoe_ray.models import build_tiny
+
+    monkeypatch.setattr(T, "_predict_rows", _boom)  # reaching the actors would fail the test differently
+    monkeypatch.setattr(T, "load_model_and_tokenizer", _boom)
+
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2)).save_pretrained(dense)
+    cfg = make_config(models=[dict(name="d", family="olmoe", path=str(dense))])
+    with pytest.raises(ConfigError, match="not a supported MoE family"):
+        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", num_actors=2)
+
+    no_tok = tmp_path / "no-tokenizer"
+    build_tiny("olmoe").save_pretrained(no_tok)
+    cfg = make_config(models=[dict(name="n", family="olmoe", path=str(no_tok))])
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", num_actors=2)
+
+    rows = [dict(id=f"q{i}", question=f"What is {i} plus 1?", answer=str(i + 1)) for i in range(2)]
+    _jsonl(tmp_path / "task" / "en.jsonl", rows)
+    _jsonl(tmp_path / "task" / "de.jsonl", rows)
+    task = [dict(name="tiny", format="generative_numeric", source=str(tmp_path / "task"))]
+    cfg = make_config(tasks=task, languages=["fr"])
+    with pytest.raises(ConfigError, match="no file for language 'fr'"):
+        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "fr", num_actors=2)
+    cfg = make_config(tasks=task, languages=["de"])
+    with pytest.raises(ConfigError, match="split 'validation' is empty"):
+        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "de", "validation", num_actors=2)
+
+    # the same through the CLI: exit code 2 and one "error:" line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.model_dump(mode="json")))))
+    assert main(["taxonomy", str(bad), "--split", "validation"]) == 2
+    assert "error: task 'tiny': split 'validation' is empty" in capsys.readouterr().err
+    assert main(["taxonomy", str(bad), f"models.0.path={dense}"]) == 2
+    assert "not a supported MoE family" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- real MGSM, tiny preset
+
+
+def test_real_mgsm_on_a_tiny_preset_with_a_trained_tokenizer(tmp_path):
+    cfg = config_from_dict(dict(
+        models=[dict(name="tiny", family="olmoe", path="preset:olmoe")],
+        tasks=[dict(name="mgsm", format="generative_numeric", source=str(MGSM))],
+        languages=["de"], cache_dir=str(tmp_path / "cache")))
+    m, t = cfg.models[0], cfg.tasks[0]
+    path, hit = T.run_taxonomy(cfg, m, t, "de", "test", num_actors=0, max_new_tokens=2)
+    df = pd.read_parquet(path)
+    assert not hit and len(df) == 2 * 50 and df.groupby("language").size().to_dict() == {"de": 50, "en": 50}
+    assert set(df.category) <= set(T.CATEGORIES)
+    assert all(p == "" or extract_number(p) == p for p in df.prediction)
+
+    p = T.plan(cfg, m, t, ["de"], "test")
+    folder = Path(p.model_path)
+    assert folder.parent.name == "presets" and (folder / "tokenizer.json").is_file()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) <= T.PRESET_VOCAB and json.loads((folder / "config.json").read_text())["vocab_size"] == T.PRESET_VOCAB
+    question = p.examples["de"][0]["question"]
+    ids = tok(question)["input_ids"]
+    assert tok.decode(ids) == question and len(ids) < len(question.encode()) / 2  # a trained BPE, not bytes
+    assert (df.n_tokens > 5).all()
+    imp, freq = T.routing_array(df), T.routing_array(df, "frequency")
+    assert imp.shape == (100, 4, 8)
+    np.testing.assert_allclose(imp.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(freq.sum(-1), 2.0, rtol=1e-5)
+    assert T.plan(cfg, m, t, ["de"], "test").model_path == p.model_path  # tokenizer and preset are cached
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_batched_generation_equals_hf_generate_for_every_family(family, tmp_path):
+    """Right padding + the KV cache of the one prompt pass: each row's generated text and routing equal
+    HF ``generate`` on the row alone, for every family, with prompts longer than GPT-OSS's sliding
+    window (64 in the preset) batched with short ones."""
+    cfg = config_from_dict(dict(
+        models=[dict(name="tiny", family=family, path=f"preset:{family}")],
+        tasks=[dict(name="mgsm", format="generative_numeric", source=str(MGSM))],
+        languages=["de"], cache_dir=str(tmp_path)))
+    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["de"], "test", max_new_tokens=4)
+    rows = T._rows_frame(p, ["en", "de"], False)
+    rows = rows.iloc[[0, 1, 2, len(rows) - 3, len(rows) - 2, len(rows) - 1]]  # shortest and longest prompts
+    out = T._predict_rows(p, rows, num_actors=0, batch_size=6)
+    assert out.n_tokens.max() > 100 > out.n_tokens.min()
+    by_lang = {l: [ex for ex in p.examples[l] if ex["id"] in set(rows[rows.language == l].id)] for l in ("en", "de")}
+    ref = reference_loop(p.model_path, by_lang, "generative_numeric", k=p.shape.experts_per_token, max_new_tokens=4)
+    for r in out.itertuples():
+        want = ref[(r.language, r.id)]
+        assert r.prediction == want["prediction"]
+        np.testing.assert_allclose(np.stack(r.importance), want["importance"], atol=2e-5)
+    model, tok = T.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    texts = []
+    for prompt in rows.prompt:  # the texts themselves, not only the numbers extracted from them
+        enc = tok(prompt, return_tensors="pt")
+        g = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, enc["input_ids"].shape[1]:].tolist()
+        g = g[: g.index(tok.eos_token_id)] if tok.eos_token_id in g else g
+        texts.append(T.cut_at_stop(tok.decode(g, skip_special_tokens=True)))
+    assert any(texts) and out.set_index(["language", "id"]).loc[list(zip(rows.language, rows.id)), "output"].tolist() == texts
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_taxonomy_and_experts_print_their_tables(cache_dir, tmp_path, capsys):
+    cfg = dict(name="t", models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+               tasks=[dict(name="cat", format="multiple_choice", source="synthetic-small:category")],
+               languages=["syn3", "syn5"], knobs=dict(bands=[[0.375, 0.625], "auto"], top_k=[2]),
+               cache_dir=str(cache_dir))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["taxonomy", str(path), "--split", "test", "resources.inference_actors=0"]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("m/cat/")]
+    assert len(lines) == 2 and all(" computed " in l and f" {N_TEST} " in l for l in lines)
+    assert "0.375-0.625:[1]" in out
+    assert main(["taxonomy", str(path), "--split", "test", "resources.inference_actors=0"]) == 0
+    assert len([l for l in capsys.readouterr().out.splitlines() if l.startswith("m/cat/") and " hit " in l]) == 2
+
+    assert main(["experts", str(path), "--split", "test", "resources.inference_actors=0"]) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith("m/cat/")]
+    assert len(rows) == 4  # 2 languages x 2 bands x 1 top_k
+    assert {r[1] for r in rows} == {"0.375-0.625", "auto"} and all(r[6] == "computed" for r in rows)
+    artefact = Path(cache_dir) / "experts" / rows[0][-1] / "experts.json"
+    assert json.loads(artefact.read_text())["cell"]["language"] == "syn3"
