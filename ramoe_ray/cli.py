@@ -40,16 +40,16 @@ def cmd_validate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The demo on the embedded default. Walking skeleton: validates the demo config, writes the
-    resolved config, builds/loads each model and records its routing on real MGSM questions."""
-    from ramoe_ray import demo
-
+    """The demo on the embedded default (sweeps/demo.yaml: the synthetic world): validates the config,
+    writes the resolved config, then runs stages 1 and 2 for every cell (building the world's models
+    on first use) and prints their tables. The sweep (training and comparison) joins it in issue 6."""
     cfg, shapes = _load(args)
     _print_plan(cfg, shapes)
     out = save_resolved(cfg, cfg.run_dir)
     print(f"resolved config: {out}")
-    demo.routing_summary(cfg)
-    return 0
+    args.split = getattr(args, "split", "train")
+    args.batch_size = getattr(args, "batch_size", None)
+    return cmd_experts(args, show_taxonomy=True)
 
 
 def _plans(cfg: RunConfig, split: str, general: bool) -> list:
@@ -95,7 +95,7 @@ def cmd_taxonomy(args) -> int:
     return 0
 
 
-def cmd_experts(args) -> int:
+def cmd_experts(args, show_taxonomy: bool = False) -> int:
     """Stage 2 for every cell x band x top_k of the config (running stage 1 where it is missing)."""
     import json
 
@@ -103,10 +103,14 @@ def cmd_experts(args) -> int:
 
     cfg, _ = _load(args)
     plans = _plans(cfg, args.split, general=True)
-    rows = []
+    rows, tax_rows = [], []
     for p in plans:
         cells, (general, _) = taxonomy.execute(p, batch_size=args.batch_size)
         paths = {l: path for l, (path, _) in cells.items()}
+        for lang, (path, hit) in cells.items():
+            s = taxonomy.summary(path)
+            tax_rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", s["n"],
+                             *(f"{100 * s[c]:.1f}" for c in taxonomy.CATEGORIES), "hit" if hit else "computed"])
         for lang in p.languages:
             for band in cfg.knobs.bands:
                 for k in cfg.knobs.top_k:
@@ -117,6 +121,10 @@ def cmd_experts(args) -> int:
                     rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", experts.band_label(band),
                                  ",".join(map(str, art["band"]["layers"])), k, te, n_rise, "hit" if hit else "computed",
                                  path.parent.name])
+    if show_taxonomy:
+        print(f"\ntaxonomy ({args.split} split), categories in % of pairs (English first letter, target second):")
+        _table(["cell", "n", "cc%", "ci%", "ic%", "ii%", "cache"], tax_rows)
+        print()
     print(f"experts ({args.split} split): band layers, task experts (layer:experts, best first), RISE experts chosen:")
     _table(["cell", "band", "layers", "top_k", "task experts", "rise", "cache", "artefact"], rows)
     return 0

@@ -91,6 +91,18 @@ class TaskConfig(_Strict):
     name: str
     format: Literal["generative_numeric", "multiple_choice", "passage_multiple_choice"]
     source: str = Field(description="hub dataset id, a local folder, or a synthetic-world task ('synthetic:arith')")
+    general_source: str | None = Field(
+        default=None,
+        description="English general (non-task) text for the task-expert contrast: a local .jsonl ({'text': ...} "
+        "per line) or .txt (one document per line); synthetic-world tasks default to the world's own",
+    )
+
+    @field_validator("general_source")
+    @classmethod
+    def _general_suffix(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith((".jsonl", ".txt")):
+            raise ValueError(f"{v!r}: general text is a .jsonl or .txt file")
+        return v
 
     @model_validator(mode="after")
     def _synthetic_format(self) -> "TaskConfig":
@@ -185,7 +197,11 @@ class ResourcesConfig(_Strict):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per trial")
     gpus_per_worker: float = Field(default=0.0, ge=0)
     cpus_per_worker: float = Field(default=1.0, gt=0)
-    inference_actors: int = Field(default=1, ge=1, description="Ray Data predictor actors")
+    inference_actors: int = Field(
+        default=1, ge=0,
+        description="Ray Data predictor actors on CPU (with GPUs: one per GPU); 0 runs the predictor in the driver "
+        "process without Ray (debugging, small runs)",
+    )
 
 
 class TrackingConfig(_Strict):

@@ -6,7 +6,9 @@ translation. Languages differ from English in graded ways, as real ones do:
 - ``share``: the fraction of content words (names, nouns, number words, ...) whose surface form is
   the English one (names, numbers and cognates); the others get the language's own pseudo-word;
 - ``sov``: verb-final word order in statements and questions;
-- ``weight``: the language's share of the pretraining corpus (English has the most).
+- ``weight``: the language's share of the pretraining corpus (English has the most);
+- ``task_scale``: how much rarer task-format documents are in its corpus than in English's (real
+  languages have far less task-like text — math word problems, quizzes — than English).
 
 Three tasks mirror the real formats: ``arith`` (generative numeric, like MGSM), ``category`` (4-way
 multiple choice, like Global-MMLU) and ``passage`` (passage + question, 4-way, like Belebele; the
@@ -56,23 +58,25 @@ class Language:
     sov: bool  # verb-final word order
     weight: float  # share of the pretraining corpus
     syllables: tuple[str, ...]  # the language's own pseudo-words are built from these
+    task_scale: float  # task documents are this much rarer in the language's corpus than in English's
 
 
 # Graded distance from English; codes are private to the synthetic world (not ISO 639-1).
 LANGUAGES: dict[str, Language] = {
     lang.code: lang
     for lang in (
-        Language("en", 1.0, False, 0.40, ()),
-        Language("syn1", 0.75, False, 0.14, ("ka", "lo", "mi", "ne", "ru", "sa")),
-        Language("syn2", 0.60, True, 0.12, ("ba", "do", "gi", "ku", "te", "zo")),
-        Language("syn3", 0.45, False, 0.10, ("fa", "hi", "jo", "pe", "tu", "wa")),
-        Language("syn4", 0.30, True, 0.09, ("qa", "xe", "yi", "vo", "lu", "ce")),
-        Language("syn5", 0.20, False, 0.08, ("ma", "no", "pi", "ri", "so", "tu")),
-        Language("syn6", 0.10, True, 0.07, ("da", "ge", "ko", "li", "mu", "we")),
+        Language("en", 1.0, False, 0.40, (), 1.0),
+        Language("syn1", 0.75, False, 0.14, ("ka", "lo", "mi", "ne", "ru", "sa"), 0.50),
+        Language("syn2", 0.60, True, 0.12, ("ba", "do", "gi", "ku", "te", "zo"), 0.35),
+        Language("syn3", 0.45, False, 0.10, ("fa", "hi", "jo", "pe", "tu", "wa"), 0.25),
+        Language("syn4", 0.30, True, 0.09, ("qa", "xe", "yi", "vo", "lu", "ce"), 0.15),
+        Language("syn5", 0.20, False, 0.08, ("ma", "no", "pi", "ri", "so", "tu"), 0.10),
+        Language("syn6", 0.10, True, 0.07, ("da", "ge", "ko", "li", "mu", "we"), 0.05),
     )
 }
 TARGET_LANGUAGES = [c for c in LANGUAGES if c != "en"]
 TASKS = {"arith": "generative_numeric", "category": "multiple_choice", "passage": "passage_multiple_choice"}
+CHOICES = "texts"  # multiple-choice scoring of the world's tasks (tasks.choice_continuations explains why)
 
 
 def lexicon(seed: int) -> dict[str, dict[str, str]]:
@@ -119,12 +123,15 @@ def _s(*items: str) -> list[tuple[str, str]]:
     return [tuple(x.split(":", 1)) if ":" in x and len(x) > 1 else ("O", x) for x in items]  # type: ignore[misc]
 
 
+ARITH_MAX = 6  # operands 0..6: answers 0..12, a table a 6-layer model learns in its pretraining budget
+
+
 def _arith_problem(rng: random.Random) -> dict:
     who, other = rng.sample(NAMES, 2)
     obj = rng.choice(COUNTABLE)
-    a = rng.randint(0, 10)
+    a = rng.randint(0, ARITH_MAX)
     if rng.random() < 0.5:
-        b = rng.randint(0, 10)
+        b = rng.randint(0, ARITH_MAX)
         story = [_s(f"S:{who}", f"V:has", f"O:{a}", f"O:{obj}", "."), _s(f"S:{who}", "V:gets", f"O:{b}", "O:more", f"O:{obj}", ".")]
         answer = a + b
         other = None  # not in the text: not in the key either
@@ -202,10 +209,20 @@ def task_examples(task: str, n: int, seed: int) -> tuple[dict[str, list[dict]], 
 # -------------------------------------------------------------------------------------- general text
 
 
+# Relative frequency of the seven kinds of general sentence. Only the category facts ("cat is a
+# animal") say which category a word belongs to: the other kinds put words of every category in
+# their slots, so they teach a language's vocabulary but not its categories. The facts are the rare
+# kind: English also learns category membership from its many task documents, a target language
+# mostly from these facts and from the forms it shares with English, so its category accuracy grades
+# with its share and corpus size instead of saturating.
+SENTENCE_KINDS = (0.3, 1, 1, 1, 1, 1, 1)
+WORDS = [w for ws in CATEGORIES.values() for w in ws]
+
+
 def _general_sentence(rng: random.Random) -> list[tuple[str, str]]:
-    kind = rng.randrange(7)
+    kind = rng.choices(range(7), SENTENCE_KINDS)[0]
     who, other = rng.sample(NAMES, 2)
-    if kind == 0:  # category facts: teach what each word is
+    if kind == 0:  # category facts
         cat = rng.choice(list(CATEGORIES))
         word = rng.choice(CATEGORIES[cat])
         return _s(f"S:{word}", "V:is", "O:a", f"O:{cat}", ".")
@@ -213,14 +230,14 @@ def _general_sentence(rng: random.Random) -> list[tuple[str, str]]:
         start = rng.randint(0, 14)
         return _s("S:" + who, "V:counts", *[f"O:{i}" for i in range(start, start + rng.randint(3, 6))], ".")
     if kind == 2:
-        return _s(f"S:{rng.choice(CATEGORIES['animal'])}", "V:is", f"O:{rng.choice(CATEGORIES['color'])}", ".")
+        return _s(f"S:{rng.choice(WORDS)}", "V:is", "O:big", ".")
     if kind == 3:
         return _s(f"S:{who}", "V:lives", "O:in", f"O:{rng.choice(CATEGORIES['place'])}", ".")
     if kind == 4:
-        return _s(f"S:{who}", "V:eats", "O:a", f"O:{rng.choice(CATEGORIES['fruit'])}", "O:and", f"O:{other}", "V:sees", "O:a", f"O:{rng.choice(CATEGORIES['animal'])}", ".")
+        return _s(f"S:{who}", "V:likes", f"O:{rng.choice(WORDS)}", "O:and", f"O:{other}", "V:sees", f"O:{rng.choice(WORDS)}", ".")
     if kind == 5:
-        return _s(f"S:{who}", "V:buys", "O:a", f"O:{rng.choice(CATEGORIES['tool'])}", "O:in", f"O:{rng.choice(CATEGORIES['place'])}", ".")
-    return _s(f"S:{who}", "V:sells", f"O:{rng.randint(2, 20)}", f"O:{rng.choice(COUNTABLE)}", "O:to", f"O:{other}", ".")
+        return _s(f"S:{who}", "V:makes", f"O:{rng.choice(WORDS)}", "O:after", f"O:{rng.choice(WORDS)}", ".")
+    return _s(f"S:{who}", "V:sells", f"O:{rng.randint(2, 20)}", f"O:{rng.choice(WORDS)}", "O:to", f"O:{other}", ".")
 
 
 def _general_document(rng: random.Random, lang: Language, forms: dict[str, str]) -> str:
@@ -247,7 +264,9 @@ def prompt(record: dict) -> str:
 
 
 def continuation(record: dict) -> str:
-    """The target text after the prompt: the number, or the answer letter."""
+    """The target text after the prompt: the number, or the right option's text (CHOICES)."""
+    if record["choices"]:
+        return record["choices"]["ABCD".index(record["answer"])]
     return record["answer"]
 
 
@@ -266,11 +285,12 @@ class WorldSpec:
     intermediate_size: int = 128
     num_experts: int = 8
     experts_per_token: int = 2
-    steps: int = 900
+    steps: int = 1000
     batch_size: int = 64
     seq_len: int = 64
-    lr: float = 3e-3
+    lr: float = 6e-3
     task_fraction: float = 0.5  # of each language's pretraining documents
+    answer_weight: float = 8.0  # loss weight of a task document's answer tokens (other tokens: 1)
     languages: tuple[str, ...] = tuple(LANGUAGES)
 
     def key(self) -> str:
@@ -296,22 +316,23 @@ def parse_scheme(text: str) -> tuple[WorldSpec, str] | None:
     return WORLDS[scheme], name
 
 
-def pretraining_documents(spec: WorldSpec, exclude: set, rng: random.Random, n: int) -> list[str]:
-    """n pretraining documents drawn by language weight; task documents whose problem is in
-    ``exclude`` (the task benchmark) are redrawn."""
+def pretraining_documents(spec: WorldSpec, exclude: set, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """n pretraining documents (text, answer) drawn by language weight: a task document is its
+    prompt and its answer (the continuation), a general document has answer "". Task documents
+    whose problem is in ``exclude`` (the task benchmark) are redrawn."""
     lex = lexicon(spec.seed)
     codes = list(spec.languages)
     weights = [LANGUAGES[c].weight for c in codes]
     docs = []
     for code in rng.choices(codes, weights, k=n):
-        if rng.random() < spec.task_fraction:
+        if rng.random() < spec.task_fraction * LANGUAGES[code].task_scale:
             task = rng.choice(list(TASKS))
             while (p := _PROBLEMS[task](rng))["key"] in exclude:
                 pass
             rec = _record(task, p, f"{task}-pretrain", code, lex)
-            docs.append(f"{prompt(rec)} {continuation(rec)}")
+            docs.append((prompt(rec), continuation(rec)))
         else:
-            docs.append(_general_document(rng, LANGUAGES[code], lex[code]))
+            docs.append((_general_document(rng, LANGUAGES[code], lex[code]), ""))
     return docs
 
 
@@ -351,23 +372,32 @@ def _model_config(spec: WorldSpec, family: str, vocab_size: int):
 
 
 def _batches(spec: WorldSpec, tokenizer, exclude: set, seed: int):
-    """Endless packed batches (batch, seq_len) of pretraining tokens: documents joined by <eos>."""
+    """Endless packed batches of pretraining tokens, documents joined by <eos>: (ids, weights), both
+    (batch, seq_len); weights[i] is the loss weight of predicting ids[i] (``answer_weight`` on a task
+    document's answer tokens, 1 elsewhere)."""
     import torch
 
     rng = random.Random(f"{spec.seed}-pretrain-{seed}")
     need = spec.batch_size * spec.seq_len
-    buf: list[int] = []
+    ids: list[int] = []
+    weights: list[float] = []
     eos = tokenizer.eos_token_id
     while True:
-        while len(buf) < need:
-            for doc in pretraining_documents(spec, exclude, rng, 64):
-                buf.extend(tokenizer(doc)["input_ids"] + [eos])
-        chunk, buf = buf[:need], buf[need:]
-        yield torch.tensor(chunk).view(spec.batch_size, spec.seq_len)
+        while len(ids) < need:
+            for text, answer in pretraining_documents(spec, exclude, rng, 64):
+                body = tokenizer(text)["input_ids"]
+                tail = tokenizer(answer)["input_ids"] if answer else []
+                ids += body + tail + [eos]
+                weights += [1.0] * len(body) + [spec.answer_weight] * len(tail) + [1.0]
+        shape = (spec.batch_size, spec.seq_len)
+        yield torch.tensor(ids[:need]).view(shape), torch.tensor(weights[:need]).view(shape)
+        ids, weights = ids[need:], weights[need:]
 
 
-def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every: int = 50):
-    """Pretrains a small MoE of ``family`` on the world (CPU, seeded). Returns the model (eval mode)."""
+def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every: int = 50, on_log=None):
+    """Pretrains a small MoE of ``family`` on the world (CPU, seeded): next-token cross-entropy,
+    weighted per token (see ``_batches``), plus the model's own router load-balancing loss.
+    Returns the model (eval mode). ``on_log(step, model)`` is called at every log step."""
     import math
     import time
 
@@ -383,31 +413,39 @@ def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.steps))))
     )
     t0, seen = time.time(), 0
-    for step, batch in zip(range(spec.steps), _batches(spec, tokenizer, exclude, seed=0)):
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+    for step, (batch, weights) in zip(range(spec.steps), _batches(spec, tokenizer, exclude, seed=0)):
+        out = model(input_ids=batch)
+        ce = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        w = weights[:, 1:].flatten()
+        loss = (ce * w).sum() / w.sum()
+        if getattr(out, "aux_loss", None) is not None:
+            loss = loss + model.config.router_aux_loss_coef * out.aux_loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         seen += batch.numel()
         if log_every and (step % log_every == 0 or step == spec.steps - 1):
-            print(f"  [{family}] step {step + 1}/{spec.steps} loss {out.loss.item():.3f} "
+            print(f"  [{family}] step {step + 1}/{spec.steps} loss {loss.item():.3f} "
                   f"({seen / (time.time() - t0):,.0f} tok/s)", flush=True)
+            if on_log is not None:
+                on_log(step + 1, model)
+                model.train()
     return model.eval()
 
 
 def evaluate_world(model, tokenizer, examples: dict[str, dict[str, list[dict]]], *, batch_size: int = 128) -> "pd.DataFrame":
     """Accuracy of a world model on task examples: one row per (task, language, id) with the
-    prediction and correctness. Every answer of the world is one token, so greedy decoding's first
-    token is the generation (numeric task) and the letter log-likelihoods are the last position's
-    (multiple choice)."""
+    prediction and correctness. Every answer and option of the world is one token, so greedy
+    decoding's first token is the generation (numeric task) and the options' log-likelihoods are
+    the last position's (multiple choice, scored on the option texts: CHOICES)."""
     import pandas as pd
     import torch
 
     from ramoe_ray.tasks import extract_number, score_choices, score_generative
 
-    letters = [tokenizer.convert_tokens_to_ids(c) for c in "ABCD"]
     rows = []
     for task, by_lang in examples.items():
         for code, records in by_lang.items():
@@ -423,7 +461,8 @@ def evaluate_world(model, tokenizer, examples: dict[str, dict[str, list[dict]]],
                     preds = [extract_number(tokenizer.decode([t])) or "" for t in final.argmax(-1).tolist()]
                     correct = score_generative(preds, answers)
                 else:
-                    preds, correct = score_choices(final[:, letters].tolist(), answers)
+                    options = torch.tensor([tokenizer.convert_tokens_to_ids(r["choices"]) for r in chunk])
+                    preds, correct = score_choices(final.gather(1, options).tolist(), answers)
                 rows += [dict(task=task, language=code, id=r["id"], prediction=p, correct=bool(c))
                          for r, p, c in zip(chunk, preds, correct)]
     return pd.DataFrame(rows)
@@ -459,7 +498,7 @@ def build_data(spec: WorldSpec, cache_dir: str | Path) -> Path:
                                                              for i, t in enumerate(general)])
             texts += general
         # the vocabulary must cover every surface form, including those only pretraining shows
-        texts += pretraining_documents(spec, set(), random.Random(f"{spec.seed}-vocab"), 20000)
+        texts += [f"{t} {a}" for t, a in pretraining_documents(spec, set(), random.Random(f"{spec.seed}-vocab"), 20000)]
         texts += [" ".join(lexicon(spec.seed)[c].values()) for c in spec.languages]
         _word_tokenizer(texts, tmp / "tokenizer")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))

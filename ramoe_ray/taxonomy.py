@@ -269,7 +269,8 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
                   max_length: int | None = None) -> list[dict]:
     """One batch of rows of ONE format (``fmt`` None: routing only, as for general text).
 
-    rows: dicts with ``prompt`` (and ``answer``, ``n_choices`` for scored formats). One forward
+    rows: dicts with ``prompt`` (and ``answer``, and ``continuations`` (tasks.choice_continuations in
+    the task's ``choices`` mode) for multiple choice). One forward
     over the right-padded prompts (``routing_forward``) gives each row's importance/frequency (L, E)
     and its last-position log-probabilities; then generation or choice scoring (module docstring).
     Returns one dict per row: prediction, output, correct, n_tokens, importance, frequency."""
@@ -287,7 +288,7 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
         preds = [extract_number(t) or "" for t in outputs]
         correct = score_generative(outputs, [r["answer"] for r in rows])
     elif fmt is not None:
-        texts = [[r["prompt"] + c for c in choice_continuations({"choices": [""] * int(r["n_choices"])})] for r in rows]
+        texts = [[r["prompt"] + c for c in r["continuations"]] for r in rows]
         whole = iter(tok([t for ts in texts for t in ts])["input_ids"])  # one batched tokenizer call
         lls = []
         for i, r in enumerate(rows):
@@ -533,6 +534,7 @@ def plan(cfg, model_cfg, task_cfg, languages: list[str], split: str = "train", *
         inputs[lang] = {
             "stage": "taxonomy/language", "code": code, "model": model_ident,
             "task": {"name": task_cfg.name, "format": task_cfg.format, "source": task_cfg.source,
+                     "choices": task_cfg.choices if FORMATS[task_cfg.format]["output"] == "loglikelihood" else None,
                      "data": _task_data_identity(task_cfg, lang, cfg.cache_dir)},
             "language": lang, "split": split, "seed": cfg.training.seed, "fractions": list(DEFAULT_FRACTIONS),
             # the generation length matters only where the format generates
@@ -570,11 +572,11 @@ def _rows_frame(plan: Plan, languages: list[str], with_general: bool) -> pd.Data
         for ex in plan.examples[lang]:
             rows.append(dict(id=ex["id"], language=lang, kind="task", fmt=plan.task_cfg.format,
                              prompt=build_prompt(ex, plan.task_cfg.format), answer=ex["answer"],
-                             n_choices=len(ex["choices"])))
+                             continuations=choice_continuations(ex, plan.task_cfg.choices) if ex["choices"] else []))
     if with_general:
         for i, text in enumerate(plan.general or []):
             rows.append(dict(id=f"general-{i:05d}", language="en", kind="general", fmt="", prompt=text, answer="",
-                             n_choices=0))
+                             continuations=[]))
     df = pd.DataFrame(rows)
     # similar lengths batch together (less padding); results do not depend on the order
     return df.iloc[np.argsort(df["prompt"].str.len().to_numpy(), kind="stable")].reset_index(drop=True)
