@@ -91,6 +91,11 @@ class TaskConfig(_Strict):
     name: str
     format: Literal["generative_numeric", "multiple_choice", "passage_multiple_choice"]
     source: str = Field(description="hub dataset id, a local folder, or a synthetic-world task ('synthetic:arith')")
+    choices: Literal["letters", "texts"] = Field(
+        default="letters",
+        description="multiple choice: score the letters (lm-eval's global_mmlu/belebele) or the option texts "
+        "(ARC-style); synthetic-world tasks default to texts (see tasks.choice_continuations)",
+    )
     general_source: str | None = Field(
         default=None,
         description="English general (non-task) text for the task-expert contrast: a local .jsonl ({'text': ...} "
@@ -103,6 +108,15 @@ class TaskConfig(_Strict):
         if v is not None and not v.endswith((".jsonl", ".txt")):
             raise ValueError(f"{v!r}: general text is a .jsonl or .txt file")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_choices(cls, data: Any) -> Any:
+        from ramoe_ray import synthetic
+
+        if isinstance(data, dict) and "choices" not in data and synthetic.parse_scheme(str(data.get("source", ""))):
+            data = {**data, "choices": synthetic.CHOICES}
+        return data
 
     @model_validator(mode="after")
     def _synthetic_format(self) -> "TaskConfig":
@@ -191,6 +205,10 @@ class TrainingConfig(_Strict):
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     seed: int = 0
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (default: all epochs)")
+    log_every: int = Field(default=1, ge=1, description="report metrics every N steps")
+    checkpoint_every: int = Field(default=50, ge=1, description="Ray Train checkpoint every N steps (and at the end)")
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the last checkpoint (FailureConfig)")
 
 
 class ResourcesConfig(_Strict):

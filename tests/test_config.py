@@ -115,3 +115,11 @@ def test_shipped_sweep_configs_are_valid():
         cfg = load_config(path)
         if all(m.path.startswith("preset:") for m in cfg.models):
             check_against_models(cfg)
+
+
+def test_choices_mode_defaults_to_letters_and_to_texts_for_the_synthetic_world():
+    from ramoe_ray.config import TaskConfig
+
+    assert TaskConfig(name="m", format="multiple_choice", source="x/y").choices == "letters"
+    assert TaskConfig(name="c", format="multiple_choice", source="synthetic:category").choices == "texts"
+    assert TaskConfig(name="c", format="multiple_choice", source="synthetic:category", choices="letters").choices == "letters"

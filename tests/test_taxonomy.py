@@ -26,7 +26,8 @@ N_TEST = 12  # examples in the small world's test split (20 % of 60)
 
 def reference_loop(model_path, examples, fmt, *, k, max_new_tokens, general=()):
     """The stage written as the plainest loop: one example at a time (no padding), HF ``generate``
-    for the text, the last prompt position's log-probabilities for the letters."""
+    for the text, the last prompt position's log-probabilities for the option texts (the world's
+    ``choices: texts``; every option is one token)."""
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     items = [(lang, ex["id"], build_prompt(ex, fmt), ex) for lang, exs in examples.items() for ex in exs]
@@ -51,8 +52,9 @@ def reference_loop(model_path, examples, fmt, *, k, max_new_tokens, general=()):
             row.update(prediction=extract_number(text) or "", correct=score_generative([text], [ex["answer"]])[0])
         elif ex is not None:
             logp = logits[0, -1].log_softmax(-1)
-            letters = [tok(prompt + " " + letter)["input_ids"][-1] for letter in "ABCD"]
-            pred, correct = score_choices([[float(logp[i]) for i in letters]], [ex["answer"]])
+            options = [tok(prompt + " " + option)["input_ids"][-1] for option in ex["choices"]]
+            assert all(len(tok(" " + o)["input_ids"]) == 1 for o in ex["choices"])
+            pred, correct = score_choices([[float(logp[i]) for i in options]], [ex["answer"]])
             row.update(prediction=pred[0], correct=correct[0])
         out[(lang, ident)] = row
     return out
