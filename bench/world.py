@@ -11,6 +11,7 @@ measured on all held-out task examples (never part of pretraining).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +37,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--families", nargs="+", default=["olmoe", "qwen3_moe", "mixtral"])
     p.add_argument("--cache", default=None, help="cache folder (default: a fresh temporary one)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (2: this project's CPU machines)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="ramoe-world-"))
     spec = S.WorldSpec()
 
@@ -58,7 +60,10 @@ def main() -> None:
         print(f"\n== {fam}: cc/ci/ic/ii")
         print(cats.round(2).to_string(index=False))
         good = ((cats.ci >= 0.1) & (cats.cc >= 0.1)).sum()
-        print(f"ci span {cats.ci.max() - cats.ci.min():.2f}; cells with >=10% ci and >=10% cc: {good}/{len(cats)}")
+        en = df[df.language == "en"].groupby("task").correct.mean()
+        print(f"English accuracy min {en.min():.2f} ({en.idxmin()}); ci span {cats.ci.max() - cats.ci.min():.2f}; "
+              f"cells with >=10% ci and >=10% cc: {good}/{len(cats)}")
+        print(f"train seconds {json.loads((path / 'report.json').read_text())['train_seconds']:.0f}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,22 @@ def test_synthetic_schemes_resolve_to_the_cached_world(tmp_path):
         config_from_dict({**d, "tasks": [dict(name="a", format="multiple_choice", source="synthetic:arith")]})
     with pytest.raises(ConfigError, match="is a olmoe model but family is 'mixtral'"):
         config_from_dict({**d, "models": [dict(name="m", family="mixtral", path="synthetic:olmoe")]})
+
+
+def test_pretraining_batches_weight_exactly_the_answer_tokens(tmp_path):
+    """_batches: weight answer_weight on each task document's answer token(s), 1 elsewhere; the
+    packed stream is the documents' tokens joined by <eos>."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    spec = dataclasses.replace(S.SMALL, answer_weight=5.0, task_fraction=1.0, languages=("en",))  # task documents only
+    tok = AutoTokenizer.from_pretrained(S.build_data(spec, tmp_path) / "tokenizer")
+    ids, w = next(S._batches(spec, tok, set(), seed=0))
+    ids, w = ids.flatten().tolist(), w.flatten().tolist()
+    eos = [i for i, t in enumerate(ids) if t == tok.eos_token_id]
+    assert eos and set(w) == {1.0, 5.0}
+    for i, weight in enumerate(w):
+        # an answer token is the last token before an <eos> (every world answer is one token)
+        is_answer = i + 1 in eos
+        assert (weight == 5.0) == is_answer, (i, ids[max(0, i - 3): i + 2])

@@ -92,6 +92,14 @@ def test_choice_continuations_are_letters():
     assert choice_continuations(ex) == [" A", " B", " C", " D"]
 
 
+def test_choice_continuations_texts_mode_and_bad_mode():
+    ex = {"choices": ["cat", "red apple", "7", "paris"]}
+    assert choice_continuations(ex, "texts") == [" cat", " red apple", " 7", " paris"]
+    assert choice_continuations(ex) == [" A", " B", " C", " D"]
+    with pytest.raises(ValueError, match="allowed: letters, texts"):
+        choice_continuations(ex, "words")
+
+
 def test_score_choices_argmax_and_first_max_on_ties():
     lls = [
         [-4.0, -1.0, -3.0, -2.0],  # B best, answer B
