@@ -130,6 +130,87 @@ def cmd_experts(args, show_taxonomy: bool = False) -> int:
     return 0
 
 
+def _pick(items, name: str | None, what: str):
+    if name is None:
+        if len(items) == 1:
+            return items[0]
+        raise ConfigError(f"--{what} is required: the config has {len(items)} ({', '.join(i.name for i in items)})")
+    for i in items:
+        if i.name == name:
+            return i
+    raise ConfigError(f"--{what} {name!r} is not in the config; choose one of {', '.join(i.name for i in items)}")
+
+
+def _parse_band(text: str | None):
+    if text is None or text == "auto":
+        return text
+    from ramoe_ray.config import Band
+
+    try:
+        start, end = (float(x) for x in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"--band {text!r}: write START-END (fractions of depth, e.g. 0.375-0.625) or auto") from None
+    if not (0.0 <= start < end <= 1.0):
+        raise ConfigError(f"--band {text!r} lies outside the model: 0 <= START < END <= 1")
+    return Band(start=start, end=end)
+
+
+def _cell_args(cfg, args):
+    model = _pick(cfg.models, args.model, "model")
+    task = _pick(cfg.tasks, args.task, "task")
+    return model, task
+
+
+def cmd_train(args) -> int:
+    """Stage 3 for one cell and one method (runs stages 1-2 where missing); prints the final metrics."""
+    import json
+
+    from ramoe_ray import train
+
+    cfg, _ = _load(args)
+    model, task = _cell_args(cfg, args)
+    language = args.language or (cfg.languages[0] if len(cfg.languages) == 1 else None)
+    if language is None or language not in cfg.languages:
+        raise ConfigError(f"--language: one of the config's languages {cfg.languages}")
+    save_resolved(cfg, cfg.run_dir)
+    res = train.train_cell(cfg, model, task, language, method=args.method, lam=args.lam, band=_parse_band(args.band),
+                           top_k=args.top_k, run_dir=args.run_dir, num_workers=args.workers, resume_from=args.resume_from)
+    keep = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_train", "n_ci", "steps",
+            "adapter", "steering", "final", "restarts", "notes", "run_dir")
+    print(json.dumps({k: res.get(k) for k in keep}, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Stage 4 for one cell and one method: base model, --adapter, or --method steering."""
+    from ramoe_ray import evaluate, train
+
+    cfg, _ = _load(args)
+    model, task = _cell_args(cfg, args)
+    languages = args.language or list(cfg.languages)
+    bad = [l for l in languages if l not in cfg.languages]
+    if bad:
+        raise ConfigError(f"--language {bad}: not in the config's languages {cfg.languages}")
+    steering = None
+    if args.method == "steering":
+        if args.adapter:
+            raise ConfigError("--adapter and --method steering exclude each other")
+        steering = train.train_cell(cfg, model, task, languages[0], method="steering", band=_parse_band(args.band),
+                                    top_k=args.top_k)["steering"]
+        if args.strength is not None:
+            steering["strength"] = args.strength
+    res = evaluate.evaluate_cell(cfg, model, task, languages, adapter=args.adapter, steering=steering, split=args.split,
+                                 out_dir=args.out_dir)
+    label = "steering" if steering else ("adapter " + str(args.adapter) if args.adapter else "base model")
+    print(f"{model.name}/{task.name} ({args.split} split), {label}:")
+    rows = [[l, res["n"][l], f"{100 * res['accuracy'][l]:.1f}",
+             " ".join(f"{d:.3f}" for d in res["divergence"][l]) if l in res["divergence"] else "-"]
+            for l in res["languages"]]
+    _table(["language", "n", "acc%", "divergence to en by MoE layer"], rows)
+    print(f"artefact: {res['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
         with_config(sp)
         sp.add_argument("--split", default="train", choices=["train", "validation", "test"])
         sp.add_argument("--batch-size", type=int, default=None, help="examples per forward (default 8)")
+    sp = sub.add_parser("train", help="stage 3: train one cell with one method (sft, rise, ramoe; steering trains nothing)")
+    with_config(sp)
+    sp.add_argument("--model", help="model name (default: the config's only model)")
+    sp.add_argument("--task", help="task name (default: the config's only task)")
+    sp.add_argument("--language", help="target language (default: the config's only language)")
+    sp.add_argument("--method", required=True, choices=["sft", "steering", "rise", "ramoe"])
+    sp.add_argument("--lam", type=float, default=None, help="alignment weight λ (ramoe; default knobs.lambdas[0])")
+    sp.add_argument("--band", default=None, help="START-END fractions of depth or auto (default knobs.bands[0])")
+    sp.add_argument("--top-k", type=int, default=None, help="task experts per band layer (default knobs.top_k[0])")
+    sp.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: local mode, in this process)")
+    sp.add_argument("--run-dir", default=None, help="output folder (default OUTPUT_DIR/NAME/train/<cell-method>)")
+    sp.add_argument("--resume-from", default=None, help="a checkpoint folder of the same model and configuration")
+    sp = sub.add_parser("evaluate", help="stage 4: accuracy per language and divergence per layer for one method")
+    with_config(sp)
+    sp.add_argument("--model")
+    sp.add_argument("--task")
+    sp.add_argument("--language", action="append", help="target language (repeatable; default all of the config)")
+    sp.add_argument("--method", default="base", choices=["base", "steering"], help="use --adapter for trained methods")
+    sp.add_argument("--adapter", default=None, help="adapter folder written by `ramoe train`")
+    sp.add_argument("--band", default=None)
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--strength", type=float, default=None, help="steering strength (default steering.strengths[0])")
+    sp.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    sp.add_argument("--out-dir", default=None)
     return p
 
 
@@ -165,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)
         args.config = DEMO_CONFIG
-    handler = {"validate": cmd_validate, "demo": cmd_demo, "taxonomy": cmd_taxonomy, "experts": cmd_experts}[args.command]
+    handler = {"validate": cmd_validate, "demo": cmd_demo, "taxonomy": cmd_taxonomy, "experts": cmd_experts,
+               "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
     try:
         return handler(args)
     except ConfigError as e:

@@ -1,0 +1,196 @@
+"""Stage 4: evaluation (DESIGN.md, "The method" 4) — one evaluator for the base model, a trained adapter
+(SFT, RA-MoE, RISE) and Routing Steering.
+
+Entry: ``evaluate_cell(cfg, model_cfg, task_cfg, languages, adapter=None, steering=None, split="test")``.
+
+It is stage 1's predictor (``taxonomy.predict_rows`` in ``taxonomy.Predictor``, as a Ray Data actor pool
+or in process with ``resources.inference_actors = 0``) on the split's English and target examples:
+
+- base model: exactly the taxonomy of that split (its cached artefacts are reused, or computed);
+- adapter: the folder ``train.train_cell`` saved (peft format + ramoe_lora.json); loaded into our expert
+  LoRA (``lora.apply_expert_lora`` + ``load_lora_state_dict``), so the model stays a plain HF model whose
+  routers ``models.capture`` finds (peft's PeftModel computes the same function: tests/test_train.py);
+- steering: {"experts": {layer: [experts]}, "strength": s}; every forward runs under ``models.steer``
+  (whose hooks run before capture's, so the recorded routing is the steered one).
+
+Per language (English included): accuracy; per target language: the divergence curve to English
+(``experts.divergence_curve`` of the per-example importance arrays, one value per MoE layer); per
+language the mean importance (L, E) (a steering check: the task experts' share). Written to
+``out_dir/eval.json`` + ``out_dir/rows.parquet``; with an active MLflow run also logged as metrics
+(``acc_<lang>``, ``div_<lang>_L<layer>``, ``div_<lang>_mean``) and artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ramoe_ray import models as M
+from ramoe_ray import taxonomy as TX
+from ramoe_ray.config import ConfigError
+
+EVAL = "eval.json"
+
+
+def _steering_spec(steering: dict | None) -> dict | None:
+    if steering is None:
+        return None
+    return {"experts": {int(l): [int(e) for e in v] for l, v in steering["experts"].items()},
+            "strength": float(steering["strength"])}
+
+
+def load_adapter(model, adapter: str | os.PathLike):
+    """Our expert LoRA on ``model`` with the saved factors of ``adapter`` (in place; returns the model)."""
+    from safetensors.torch import load_file
+
+    from ramoe_ray import lora as LA
+
+    folder = Path(adapter)
+    meta_file = folder / LA.RAMOE_LORA
+    if not meta_file.is_file() or not (folder / LA.ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"adapter {str(folder)!r}: no {LA.RAMOE_LORA} / {LA.ADAPTER_WEIGHTS} (train.train_cell writes both)")
+    meta = json.loads(meta_file.read_text())
+    fam = M.family_of(model)
+    if meta["family"] != fam.name:
+        raise ConfigError(f"adapter {str(folder)!r} was trained on a {meta['family']} model, this is {fam.name}")
+    LA.apply_expert_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), seed=0)
+    state = load_file(str(folder / LA.ADAPTER_WEIGHTS))
+    try:
+        LA.load_lora_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"adapter {str(folder)!r} does not fit the model: {e}") from None
+    return model.eval()
+
+
+class EvalPredictor(TX.Predictor):
+    """``taxonomy.Predictor`` with an adapter loaded and/or steering applied to every forward."""
+
+    def __init__(self, model_path: str, model_cfg: dict, k: int, max_new_tokens: int, device: str = "cpu",
+                 threads: int | None = None, adapter: str | None = None, steering: dict | None = None):
+        super().__init__(model_path, model_cfg, k, max_new_tokens, device, threads)
+        if adapter:
+            load_adapter(self.model, adapter)
+        self.steering = _steering_spec(steering)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        s = self.steering
+        with M.steer(self.model, s["experts"], s["strength"]) if s else contextlib.nullcontext():
+            return super().__call__(batch)
+
+
+def _predict(plan, rows: pd.DataFrame, *, adapter, steering, num_actors: int, batch_size: int) -> pd.DataFrame:
+    """As ``taxonomy._predict_rows`` with ``EvalPredictor``."""
+    kwargs = dict(model_path=plan.model_path, model_cfg=plan.model_cfg.model_dump(), k=plan.shape.experts_per_token,
+                  max_new_tokens=plan.max_new_tokens, adapter=str(adapter) if adapter else None, steering=steering)
+    if num_actors == 0:
+        pred = EvalPredictor(device="cuda" if torch.cuda.is_available() else "cpu", **kwargs)
+        return pd.concat([pred(rows.iloc[i : i + batch_size]) for i in range(0, len(rows), batch_size)],
+                         ignore_index=True)
+    import ray
+
+    TX._ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n_blocks = max(1, min(len(rows), 4 * num_actors))
+    blocks = [b for b in np.array_split(np.arange(len(rows)), n_blocks) if len(b)]
+    ds = ray.data.from_pandas([rows.iloc[b] for b in blocks])
+    if gpus:
+        num_actors, res = gpus, dict(num_gpus=1)
+        kwargs["device"] = "cuda"
+    else:
+        res = dict(num_cpus=plan.cfg.resources.cpus_per_worker)
+        kwargs["threads"] = max(1, int(plan.cfg.resources.cpus_per_worker))
+    out = ds.map_batches(EvalPredictor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
+                         batch_size=batch_size, batch_format="pandas", **res)
+    return out.to_pandas()
+
+
+def _label(adapter, steering) -> str:
+    if adapter is None and steering is None:
+        return "base"
+    h = hashlib.sha256(json.dumps([str(adapter), steering], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return ("adapter" if adapter else "steering") + "-" + h
+
+
+def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.PathLike | None = None,
+                  steering: dict | None = None, split: str = "test", out_dir: str | os.PathLike | None = None,
+                  num_actors: int | None = None, batch_size: int | None = None) -> dict:
+    """Accuracy per language (English included) and the divergence to English per MoE layer, for the base
+    model, base + ``adapter`` or base under ``steering`` (module docstring). Returns the eval.json content
+    plus "path"."""
+    from ramoe_ray.experts import divergence_curve
+
+    if isinstance(languages, str):
+        languages = [languages]
+    languages = [l for l in dict.fromkeys(languages) if l != "en"]
+    if adapter is not None and not Path(adapter).is_dir():
+        raise ConfigError(f"adapter {str(adapter)!r} is not a folder")
+    plan = TX.plan(cfg, model_cfg, task_cfg, languages, split)
+    if steering is not None:
+        steering = {"experts": {str(l): list(v) for l, v in _steering_spec(steering)["experts"].items()},
+                    "strength": float(steering["strength"])}
+        bad = sorted(int(l) for l in steering["experts"] if int(l) not in plan.shape.moe_layers)
+        if bad:
+            raise ConfigError(f"steering layers {bad} are not MoE layers of {model_cfg.name!r} ({list(plan.shape.moe_layers)})")
+    num_actors = cfg.resources.inference_actors if num_actors is None else num_actors
+    batch_size = batch_size or TX.BATCH_SIZE
+    langs = ["en"] + languages
+    if adapter is None and steering is None:  # the base model: the taxonomy of this split
+        TX.execute(plan, num_actors=num_actors, batch_size=batch_size)
+        frames = [pd.read_parquet(plan.root / plan.keys[l] / "rows.parquet") for l in langs]
+        out = pd.concat(frames, ignore_index=True)
+    else:
+        rows = TX._rows_frame(plan, langs, False)
+        out = _predict(plan, rows, adapter=adapter, steering=steering, num_actors=num_actors, batch_size=batch_size)
+        if len(out) != len(rows):
+            raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
+    out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
+    layers = list(plan.shape.moe_layers)
+    by_lang = {l: out[out.language == l].sort_values("id") for l in langs}
+    imp = {l: TX.routing_array(df, "importance") for l, df in by_lang.items()}
+    result = {
+        "model": model_cfg.name, "task": task_cfg.name, "split": split, "languages": langs,
+        "adapter": str(adapter) if adapter else None, "steering": steering, "moe_layers": layers,
+        "n": {l: int(len(df)) for l, df in by_lang.items()},
+        "accuracy": {l: float(df.correct.mean()) for l, df in by_lang.items()},
+        "divergence": {l: [float(x) for x in divergence_curve(imp["en"], imp[l])] for l in languages},
+        "importance_mean": {l: imp[l].mean(axis=0).tolist() for l in langs},
+    }
+    out_dir = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval" / f"{model_cfg.name}-{task_cfg.name}-{split}-{_label(adapter, steering)}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out.drop(columns=[c for c in ("continuations",) if c in out]).copy()
+    for c in ("importance", "frequency"):  # (L, E) per row, whether from the predictor or read back from parquet
+        table[c] = [np.stack([np.asarray(r, dtype=np.float32) for r in x]) for x in table[c]]
+    TX._write_parquet(table, out_dir / "rows.parquet")
+    from ramoe_ray.cache import write_json_atomic
+
+    write_json_atomic(out_dir / EVAL, result)
+    result["path"] = str(out_dir / EVAL)
+    result["mlflow"] = _log_mlflow(result, out_dir)
+    return result
+
+
+def _log_mlflow(result: dict, out_dir: Path) -> bool:
+    """Metrics and the artefact files to the active MLflow run; nothing (no import) without one."""
+    if "mlflow" not in sys.modules:
+        return False
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return False
+    metrics = {f"acc_{l}": v for l, v in result["accuracy"].items()}
+    for lang, curve in result["divergence"].items():
+        metrics.update({f"div_{lang}_L{l}": v for l, v in zip(result["moe_layers"], curve)})
+        metrics[f"div_{lang}_mean"] = float(np.mean(curve))
+    mlflow.log_metrics(metrics)
+    for f in (EVAL, "rows.parquet"):
+        mlflow.log_artifact(str(out_dir / f), artifact_path=f"eval/{out_dir.name}")
+    return True

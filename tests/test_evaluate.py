@@ -1,0 +1,110 @@
+"""Stage 4 (evaluate.py): one evaluator for base, adapter and steering; accuracy per language, divergence
+per layer; steering raises the band's task experts' share and leaves the layers below the band alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import small_config
+from ramoe_ray import evaluate as EV
+from ramoe_ray import train as TR
+from ramoe_ray.config import ConfigError
+
+LANG = "syn3"
+TASK = "category"
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory, small_world):
+    c = tmp_path_factory.mktemp("eval") / "cache"
+    c.mkdir()
+    (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
+    return c
+
+
+def cfg_for(cache, tmp_path, **training):
+    return small_config(cache, task=TASK, languages=(LANG,), resources=dict(inference_actors=0),
+                        training=dict(lr=1e-2, batch_size=12, lora_rank=4, lora_alpha=8, **training),
+                        steering=dict(strengths=[3.0]), output_dir=str(tmp_path / "runs"))
+
+
+def evaluate(cfg, **kw):
+    return EV.evaluate_cell(cfg, cfg.models[0], cfg.tasks[0], [LANG], **kw)
+
+
+def test_steering_raises_band_task_experts_share_only_there(shared_cache, tmp_path):
+    cfg = cfg_for(shared_cache, tmp_path)
+    spec = TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="steering", top_k=1, num_workers=0)["steering"]
+    band = sorted(int(l) for l in spec["experts"])
+    assert band == [1]  # default band 0.375-0.625 of the 4-layer world model
+    base = evaluate(cfg)
+    steered = evaluate(cfg, steering=spec)
+    layers = base["moe_layers"]
+    for lang in ("en", LANG):
+        b, s = np.array(base["importance_mean"][lang]), np.array(steered["importance_mean"][lang])
+        for l in band:
+            j = layers.index(l)
+            ex = spec["experts"][str(l)]
+            assert s[j, ex].sum() > b[j, ex].sum() + 0.05, (lang, l, b[j], s[j])
+        for l in layers:
+            if l < min(band):  # below the band nothing changes (above it, the steered states flow on)
+                j = layers.index(l)
+                assert np.array_equal(s[j], b[j]), (lang, l)
+    assert set(steered["accuracy"]) == {"en", LANG} and steered["n"] == base["n"]
+    assert json.loads(open(steered["path"]).read())["steering"]["strength"] == 3.0
+    # strength 0: the steered model is the base model
+    zero = evaluate(cfg, steering={**spec, "strength": 0.0})
+    assert zero["accuracy"] == base["accuracy"]
+    for lang in ("en", LANG):
+        assert np.allclose(zero["importance_mean"][lang], base["importance_mean"][lang], atol=1e-6)
+    with pytest.raises(ConfigError, match="not MoE layers"):
+        evaluate(cfg, steering={"experts": {"9": [0]}, "strength": 1.0})
+
+
+def test_adapter_evaluation_with_divergence_and_mlflow(shared_cache, tmp_path):
+    import mlflow
+
+    cfg = cfg_for(shared_cache, tmp_path, max_steps=2)
+    res = TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="sft", top_k=1, num_workers=0,
+                        run_dir=tmp_path / "sft")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("eval-test")
+    with mlflow.start_run() as run:
+        trained = evaluate(cfg, adapter=res["adapter"])
+    base = evaluate(cfg)
+    n_layers = len(base["moe_layers"])
+    for r in (base, trained):
+        assert set(r["accuracy"]) == {"en", LANG} and all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+        curve = r["divergence"][LANG]
+        assert len(curve) == n_layers and all(0.0 <= d <= 1.0 for d in curve)
+    assert r["n"]["en"] == r["n"][LANG] > 0
+    # the adapter acts: routing after training differs from the base model's
+    assert not np.allclose(trained["importance_mean"][LANG], base["importance_mean"][LANG], atol=1e-7)
+    assert trained["mlflow"] and not base["mlflow"]
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert metrics[f"acc_{LANG}"] == pytest.approx(trained["accuracy"][LANG])
+    assert metrics[f"div_{LANG}_L0"] == pytest.approx(trained["divergence"][LANG][0])
+    with pytest.raises(ConfigError, match="not a folder"):
+        evaluate(cfg, adapter=tmp_path / "missing")
+
+
+def test_cli_train_and_evaluate(shared_cache, tmp_path, capsys):
+    import yaml
+
+    from ramoe_ray.cli import main
+
+    cfg = cfg_for(shared_cache, tmp_path, max_steps=1)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", str(path), "--method", "ramoe", "--lam", "1", "--band", "0.95-1.0"]) == 2
+    assert "holds no MoE layer" in capsys.readouterr().err
+    run_dir = tmp_path / "cli-train"
+    assert main(["train", str(path), "--method", "sft", "--top-k", "1", "--workers", "0", "--run-dir", str(run_dir),
+                 "training.max_steps=1"]) == 0
+    text = capsys.readouterr().out  # DeepSpeed may log to stdout before the JSON
+    out = json.loads(text[text.index("\n{\n") + 1 if not text.startswith("{") else 0:])
+    assert out["method"] == "sft" and out["steps"] == 1 and out["adapter"] == str(run_dir / "adapter")
+    assert main(["evaluate", str(path), "--method", "steering", "--top-k", "1", "--out-dir", str(tmp_path / "ev")]) == 0
+    text = capsys.readouterr().out
+    assert "steering" in text and LANG in text and (tmp_path / "ev" / EV.EVAL).is_file()
