@@ -367,19 +367,26 @@ def _prompts(tok, prompts: list[str], device):
 
 
 @torch.no_grad()
+def _routed_batches(engine, tok, records: list[dict], field: str, batch_size: int, device):
+    """(records, Routing, mask) per batch of the prompts in ``field``, one captured forward each."""
+    from ramoe_ray import models as M
+
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        ids, mask = _prompts(tok, [r[field] for r in chunk], device)
+        with M.capture(engine.module) as rec:
+            engine(input_ids=ids, attention_mask=mask)
+        yield chunk, rec.routing(mask), mask
+
+
+@torch.no_grad()
 def english_targets(engine, tok, records: list[dict], batch_size: int, device) -> dict[str, torch.Tensor]:
     """id -> (L, E) soft_importance of the English prompt (``RULES["alignment_target"]``). A collective
     under ZeRO-3: every rank must call it with the same records."""
-    from ramoe_ray import models as M
     from ramoe_ray.losses import soft_importance
 
     out = {}
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        ids, mask = _prompts(tok, [r["prompt_en"] for r in chunk], device)
-        with M.capture(engine.module) as rec:
-            engine(input_ids=ids, attention_mask=mask)
-        routing = rec.routing(mask)
+    for chunk, routing, mask in _routed_batches(engine, tok, records, "prompt_en", batch_size, device):
         imp = soft_importance(routing.logits, mask)
         for r, row in zip(chunk, imp):
             out[r["id"]] = row.float().cpu()
@@ -389,16 +396,10 @@ def english_targets(engine, tok, records: list[dict], batch_size: int, device) -
 @torch.no_grad()
 def ci_routing_kl(engine, tok, records: list[dict], targets, band_layers, task_experts, batch_size, device) -> float:
     """The alignment KL over the target prompts of ``records`` (collective under ZeRO-3)."""
-    from ramoe_ray import models as M
     from ramoe_ray.losses import routing_kl
 
     total, n = 0.0, 0
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        ids, mask = _prompts(tok, [r["prompt"] for r in chunk], device)
-        with M.capture(engine.module) as rec:
-            engine(input_ids=ids, attention_mask=mask)
-        routing = rec.routing(mask)
+    for chunk, routing, mask in _routed_batches(engine, tok, records, "prompt", batch_size, device):
         kl = routing_kl(router_logits=routing.logits, mask=mask, ci=torch.ones(len(chunk), dtype=torch.bool),
                         layers=routing.layers, band_layers=band_layers, task_experts=task_experts,
                         target_pattern=torch.stack([targets[r["id"]] for r in chunk]))

@@ -56,3 +56,12 @@ def small_config(cache_dir, *, task="arith", languages=("syn3",), **extra):
 def make_config(cache_dir):
     """make_config(task="arith", languages=("syn3",), **fields) -> RunConfig in this test's cache."""
     return lambda **kw: small_config(cache_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory, small_world):
+    """One cache per test module, holding the small world (linked): stages 1-2 of a cell run once per module."""
+    c = tmp_path_factory.mktemp("cache") / "cache"
+    c.mkdir()
+    (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
+    return c

@@ -15,14 +15,6 @@ LANG = "syn3"
 TASK = "category"
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory, small_world):
-    c = tmp_path_factory.mktemp("eval") / "cache"
-    c.mkdir()
-    (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
-    return c
-
-
 def cfg_for(cache, tmp_path, **training):
     return small_config(cache, task=TASK, languages=(LANG,), resources=dict(inference_actors=0),
                         training=dict(lr=1e-2, batch_size=12, lora_rank=4, lora_alpha=8, **training),

@@ -23,15 +23,6 @@ TOP_K = 1
 TRAIN = dict(lr=5e-3, batch_size=12, epochs=2, lora_rank=4, lora_alpha=8, checkpoint_every=100, log_every=1)
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory, small_world):
-    """One cache for the module: stages 1-2 of the cell run once."""
-    c = tmp_path_factory.mktemp("train") / "cache"
-    c.mkdir()
-    (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
-    return c
-
-
 def cfg_for(cache, **training):
     return small_config(cache, task=TASK, languages=(LANG,), resources=dict(inference_actors=0, cpus_per_worker=0.5),
                         training={**TRAIN, **training})
