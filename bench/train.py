@@ -8,9 +8,16 @@
    + importance) with and without ``models.steer`` hooks on the band layers. Goal: <= 3 %.
 3. ``--real``: the same ratio from ``train.train_cell`` in Ray Train local mode (DeepSpeed ZeRO-3, world
    size 1) on the small synthetic world (median of the per-step times rank 0 recorded).
+4. ``--scale``: training at scale on one accelerator: an OLMoE-1B-7B-shaped model (hidden 2048, 16 layers,
+   64 experts top-8, expert intermediate 1024, vocab 50304; random init, bf16) with the expert LoRA, the
+   same ``train.batch_loss`` step (SFT and RA-MoE), gradient checkpointing; prints tokens/s, peak memory
+   and MFU (model FLOPs = 6 x active parameters x tokens, the usual convention, against ``--peak-tflops``;
+   with a frozen base the work really done is ~4 x active: both are printed). Plain torch, no DeepSpeed
+   (ZeRO-3 on one GPU partitions nothing). ``--scale --device cpu --hidden 128 ...`` runs the same path small.
 
     .venv/bin/python bench/train.py [--family olmoe] [--hidden 128] [--layers 4] [--experts 8]
         [--batch-size 8] [--seq-len 64] [--steps 12] [--ci-fraction 1.0] [--threads 2] [--clock wall|cpu] [--real]
+    python bench/train.py --scale [--device cuda] [--batch-size 8] [--seq-len 512] [--steps 10] [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -150,6 +157,61 @@ def bench_real(args):
           f"ratio {med['ramoe'] / med['sft']:.3f}")
 
 
+def bench_scale(args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = AutoConfig.for_model(
+        "olmoe", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, num_experts=args.experts, num_experts_per_tok=args.top_k,
+        intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
+        norm_topk_prob=False, output_router_logits=False, pad_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    LA.apply_expert_lora(model, rank=8, alpha=16, seed=0)
+    for p in LA.lora_parameters(model):  # factors in fp32 (optimizer state too), the base in bf16
+        p.data = p.data.float()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    n_total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    per_expert = 3 * args.hidden * args.intermediate
+    n_active = n_total - args.layers * (args.experts - args.top_k) * per_expert - args.vocab * args.hidden  # no embedding lookup
+    batch, ci = make_batch(args, args.vocab)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    ci = ci.to(device)
+    moe = sorted(M.moe_blocks(model))
+    band = moe[len(moe) // 4: 3 * len(moe) // 4]
+    experts = {l: list(range(args.top_k)) for l in band}
+    targets = [torch.full((len(moe), args.experts), 1.0 / args.experts, device=device) if ci[i] else None
+               for i in range(len(ci))]
+    tokens = args.batch_size * args.seq_len
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"{n_total / 1e9:.2f} B frozen params ({dtype}), {n_active / 1e9:.2f} B active per token, "
+          f"{sum(p.numel() for p in LA.lora_parameters(model)) / 1e6:.1f} M LoRA params; batch {args.batch_size}x{args.seq_len}")
+    for lam in (0.0, 1.0):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, _ = TR.batch_loss(model, batch, ci, targets, lam=lam, band_layers=band, task_experts=experts)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+        t = statistics.median(times[2:])
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        mfu6 = 6 * n_active * tokens / t / (args.peak_tflops * 1e12)
+        print(f"  {'SFT   ' if lam == 0 else 'RA-MoE'} {1000 * t:8.1f} ms/step  {tokens / t:9.0f} tokens/s  "
+              f"peak {mem:5.1f} GiB  MFU {100 * mfu6:5.1f} % (6N)  {100 * mfu6 * 4 / 6:5.1f} % (4N)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="olmoe", choices=list(M.FAMILIES))
@@ -164,7 +226,20 @@ def main():
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a loaded machine)")
     p.add_argument("--real", action="store_true", help="also time train_cell (DeepSpeed, local mode) on the small world")
+    p.add_argument("--scale", action="store_true", help="only the OLMoE-1B-7B-shaped training step (see 4. above)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device (H100 SXM: 989)")
     args = p.parse_args()
+    if args.scale:
+        for flag, value in (("hidden", 2048), ("layers", 16), ("experts", 64), ("seq_len", 512)):
+            if f"--{flag.replace('_', '-')}" not in sys.argv:
+                setattr(args, flag, value)
+        torch.set_num_threads(args.threads)
+        return bench_scale(args)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"clock: {args.clock}, threads {args.threads}")
