@@ -39,17 +39,35 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Stages 1-2 per cell, then Ray Tune over cells x methods x knobs, every trial an MLflow child run,
+    selection on validation, test for the selected; then the report (ramoe_ray/sweep.py, report.py)."""
+    from ramoe_ray import report, sweep
+
+    cfg = load_config(args.config, args.overrides)
+    res = sweep.run_sweep(cfg, resume=args.resume)
+    print(f"\nsweep {cfg.name!r}: {res['finished']} of {res['trials']} trials finished ({res['failed']} failed this run), "
+          f"{res['seconds']:.0f} s; stage 1 computed for {res['stage1_computed']} cells, recomputed in trials "
+          f"{res['stage12_recomputed_in_trials']} times")
+    if res.get("interrupted"):
+        print(f"interrupted: continue with `ramoe sweep {args.config} --resume`")
+        return 130
+    rep = report.build_report(cfg, sweep_run_id=res["parent_run_id"])
+    print()
+    print(rep["markdown"], end="")
+    print(f"\nreport: {rep['paths']['markdown']} (also in MLflow, run {res['parent_run_id']}, under report/)")
+    uri = res["tracking_uri"]
+    print(f"compare the runs in the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000\n"
+          f"  then open http://127.0.0.1:5000, experiment {cfg.tracking.experiment!r}, run 'sweep {cfg.name}': "
+          f"select its child runs and press Compare")
+    return 0 if not res["failed"] else 1
+
+
 def cmd_demo(args) -> int:
-    """The demo on the embedded default (sweeps/demo.yaml: the synthetic world): validates the config,
-    writes the resolved config, then runs stages 1 and 2 for every cell (building the world's models
-    on first use) and prints their tables. The sweep (training and comparison) joins it in issue 6."""
-    cfg, shapes = _load(args)
-    _print_plan(cfg, shapes)
-    out = save_resolved(cfg, cfg.run_dir)
-    print(f"resolved config: {out}")
-    args.split = getattr(args, "split", "train")
-    args.batch_size = getattr(args, "batch_size", None)
-    return cmd_experts(args, show_taxonomy=True)
+    """The demo on the embedded default (sweeps/demo.yaml: the synthetic world): the whole sweep on a
+    local Ray (building the world's models on first use), then the report."""
+    args.resume = getattr(args, "resume", False)
+    return cmd_sweep(args)
 
 
 def _plans(cfg: RunConfig, split: str, general: bool) -> list:
@@ -209,6 +227,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The sweep's comparison tables and figures, read from MLflow (no model is loaded): writes report.md
+    and the PNGs, logs them to the sweep's parent run, prints the markdown."""
+    from ramoe_ray import report
+
+    cfg = load_config(args.config, args.overrides)  # model shapes are not needed: everything comes from MLflow
+    res = report.build_report(cfg, sweep_run_id=args.sweep, out_dir=args.out)
+    print(res["markdown"], end="")
+    print(f"\nreport: {res['paths']['markdown']} (logged to run {res['sweep']['run_id']} under report/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. training.lr=1e-4")
 
     with_config(sub.add_parser("validate", help="check a config (and the models it names) without running anything"))
-    with_config(sub.add_parser("demo", help="run the demo on the embedded default"), default=DEMO_CONFIG)
+    sp = sub.add_parser("demo", help="run the demo sweep on the embedded default (sweeps/demo.yaml)")
+    with_config(sp, default=DEMO_CONFIG)
+    sp.add_argument("--resume", action="store_true", help="continue the newest demo sweep")
+    sp = sub.add_parser("sweep", help="the sweep: stages 1-2, Ray Tune over cells x methods x knobs, MLflow, report")
+    with_config(sp)
+    sp.add_argument("--resume", action="store_true", help="continue the newest sweep of this name: run only its unfinished trials")
     for name, text in (("taxonomy", "stage 1: score English and target versions, cc/ci/ic/ii, routing"),
                        ("experts", "stage 2: layer band, task experts, RISE selection (runs stage 1 if needed)")):
         sp = sub.add_parser(name, help=text)
@@ -252,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strength", type=float, default=None, help="steering strength (default steering.strengths[0])")
     sp.add_argument("--split", default="test", choices=["train", "validation", "test"])
     sp.add_argument("--out-dir", default=None)
+    sp = sub.add_parser("report", help="comparison tables and figures of a sweep, read from MLflow")
+    with_config(sp)
+    sp.add_argument("--sweep", default=None, metavar="RUN_ID", help="the sweep's parent run (default: the newest)")
+    sp.add_argument("--out", default=None, metavar="DIR", help="output folder (default OUTPUT_DIR/NAME/report)")
     return p
 
 
@@ -269,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = DEMO_CONFIG
     handler = {"validate": cmd_validate, "demo": cmd_demo, "taxonomy": cmd_taxonomy, "experts": cmd_experts,
-               "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
+               "train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
+               "sweep": cmd_sweep}[args.command]
     try:
         return handler(args)
     except ConfigError as e:

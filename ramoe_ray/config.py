@@ -209,6 +209,11 @@ class TrainingConfig(_Strict):
     log_every: int = Field(default=1, ge=1, description="report metrics every N steps")
     checkpoint_every: int = Field(default=50, ge=1, description="Ray Train checkpoint every N steps (and at the end)")
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the last checkpoint (FailureConfig)")
+    eval_batch_size: int = Field(
+        default=64, ge=1,
+        description="batch size of the no-grad passes (English targets, routing KL, train CE inside training; the "
+        "evaluator's predictor); results do not depend on it",
+    )
 
 
 class ResourcesConfig(_Strict):
@@ -219,6 +224,26 @@ class ResourcesConfig(_Strict):
         default=1, ge=0,
         description="Ray Data predictor actors on CPU (with GPUs: one per GPU); 0 runs the predictor in the driver "
         "process without Ray (debugging, small runs)",
+    )
+
+
+class SweepConfig(_Strict):
+    """Ray Tune over the grid (ramoe_ray/sweep.py)."""
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1,
+        description="trials at once; default: what the cluster's resources hold (CPUs, GPUs) for one trial's "
+        "Ray Train workers + its own process",
+    )
+    trial_cpus: float = Field(default=0.25, gt=0, description="CPUs of the Tune trial's own process (it runs stage-4 "
+                              "evaluation in process when resources.inference_actors = 0)")
+    storage_path: str | None = Field(
+        default=None,
+        description="Ray Tune/Train storage: a folder every node sees (NFS) or s3://, gs://; default: run folder/tune",
+    )
+    train_workers: int | None = Field(
+        default=None, ge=0,
+        description="Ray Train workers per trial; default resources.num_workers; 0 = Ray Train local mode inside "
+        "the trial process (small models on one machine: no worker group start-up)",
     )
 
 
@@ -239,6 +264,7 @@ class RunConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     cache_dir: str = ".ramoe_cache"
     output_dir: str = "runs"
 

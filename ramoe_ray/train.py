@@ -165,14 +165,14 @@ def prepare(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float 
     if resume_from is not None:
         check_checkpoint(resume_from, ident)
 
-    experts_json, _ = X.run_experts(cfg, model_cfg, task_cfg, language, band, top_k)
+    experts_json, experts_hit = X.run_experts(cfg, model_cfg, task_cfg, language, band, top_k)
     art = json.loads(Path(experts_json).read_text())
     band_layers = [int(l) for l in art["band"]["layers"]]
     task_experts = {int(l): [int(e) for e in v["experts"]] for l, v in art["task_experts"].items()}
     rise = {int(l): v for l, v in art["rise"]["experts"][language].items()}
     steering = {"experts": {l: task_experts[l] for l in band_layers}, "strength": float(cfg.steering.strengths[0])}
 
-    cell, _ = taxonomy.run_taxonomy(cfg, model_cfg, task_cfg, language, "train")
+    cell, taxonomy_hit = taxonomy.run_taxonomy(cfg, model_cfg, task_cfg, language, "train")
     import pandas as pd
 
     tax = pd.read_parquet(cell, columns=["id", "language", "category"])
@@ -209,6 +209,7 @@ def prepare(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float 
         "steering": {"experts": {str(l): v for l, v in steering["experts"].items()}, "strength": steering["strength"]},
         "records": records, "n_ci": n_ci, "schedule": sched, "workers": workers,
         "training": t.model_dump(), "batch_size": bs, "notes": notes, "rules": dict(RULES),
+        "stage_cache": {"experts": bool(experts_hit), "taxonomy": bool(taxonomy_hit)},  # the sweep counts recomputations
     }
 
 
@@ -260,7 +261,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
             "task_experts": plan["task_experts"], "experts_mask": plan["experts_mask"], "n_ci": plan["n_ci"],
             "n_train": len(plan["records"]), "steps": len(plan["schedule"]), "notes": plan["notes"],
             "experts_json": plan["experts_json"], "identity": plan["identity"], "rules": plan["rules"],
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), "stage_cache": plan["stage_cache"]}
     if method == "steering":
         return {**base, "adapter": None, "steering": plan["steering"], "final": {}, "history": []}
     result_file = run_dir / RESULT
@@ -502,12 +503,13 @@ def train_loop_per_worker(config: dict) -> None:
     task_experts = {int(k): v for k, v in config["task_experts"].items()}
     lam = float(config["lam_used"])
     bs = config["batch_size"]
+    ebs = int(t.get("eval_batch_size", bs))  # no-grad passes: ZeRO-3's per-forward cost is fixed, so few large batches
     ci_records = [r for r in records if r["ci"]]
     engine.eval()
     # English targets and the ci KL from the BASE model (B = 0: the adapted model is the base model)
-    targets = english_targets(engine, tok, ci_records, bs, device)
-    kl_base = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, bs, device)
-    ce_base = mean_ce(engine, tok, records, bs, device)
+    targets = english_targets(engine, tok, ci_records, ebs, device)
+    kl_base = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, ebs, device)
+    ce_base = mean_ce(engine, tok, records, ebs, device)
 
     start, history, restarts = 0, [], 0
     ckpt = ray.train.get_checkpoint()
@@ -563,8 +565,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(_jsonable(m))
 
     engine.eval()
-    kl_final = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, bs, device)
-    ce_final = mean_ce(engine, tok, records, bs, device)
+    kl_final = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, ebs, device)
+    ce_final = mean_ce(engine, tok, records, ebs, device)
     if config.get("probe"):
         ids, pmask = _prompts(tok, config["probe"], device)
         with torch.no_grad():
