@@ -417,6 +417,28 @@ def check_against_models(cfg: RunConfig) -> dict[str, "MoEShape"]:
     return shapes
 
 
+def with_absolute_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+    """The config with every local path made absolute against ``base`` (default: the current folder):
+    cache_dir, output_dir, sweep.storage_path, and model paths / task sources / general sources that
+    name an existing local file or folder. Processes that run elsewhere (Ray Tune trials run in their
+    own trial folders) then read the same files."""
+    base = Path(base or Path.cwd())
+
+    def local(p: str | None, must_exist: bool) -> str | None:
+        if p is None or "://" in p or Path(p).is_absolute():
+            return p
+        q = base / p
+        return str(q.resolve()) if (q.exists() or not must_exist) else p
+
+    update: dict[str, Any] = {"cache_dir": local(cfg.cache_dir, False), "output_dir": local(cfg.output_dir, False)}
+    update["models"] = [m.model_copy(update={"path": local(m.path, True)}) for m in cfg.models]
+    update["tasks"] = [t.model_copy(update={"source": local(t.source, True), "general_source": local(t.general_source, True)})
+                       for t in cfg.tasks]
+    if cfg.sweep.storage_path:
+        update["sweep"] = cfg.sweep.model_copy(update={"storage_path": local(cfg.sweep.storage_path, False)})
+    return cfg.model_copy(update=update)
+
+
 def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
     run_dir = Path(run_dir)

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ramoe_ray.config import Band, ConfigError, RunConfig, check_against_models, config_from_dict, save_resolved
+from ramoe_ray.config import (Band, ConfigError, RunConfig, check_against_models, config_from_dict, save_resolved,
+                              with_absolute_paths)
 
 TRIAL_JSON = "trial.json"
 CELLS_ARTIFACT = "cells"
@@ -141,16 +142,22 @@ def check_tracking(cfg: RunConfig) -> str:
         except OSError as e:
             raise ConfigError(f"tracking.mlflow_uri = {uri!r}: cannot create {path.parent} ({e})") from None
         return uri
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # this probe only
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # connection refused, DNS, auth: say which and stop
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"tracking.mlflow_uri = {uri!r}: the MLflow server cannot be reached ({first}); start it, "
                           f"fix the URI, or leave tracking.mlflow_uri unset for a sqlite file in the run folder") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return uri
 
 
@@ -326,7 +333,9 @@ def run_trial(config: dict) -> None:
                                         "cached", "stage_cache")},
         "steering": steering,
         "eval": {k: ev[k] for k in ("n", "accuracy", "divergence", "moe_layers", "path")},
-        "timing": {"total": None, "train_cell": t_train - t_start, "in_loop": in_loop, "eval": t_eval - t_train},
+        "timing": {"total": None, "train_cell": t_train - t_start, "in_loop": in_loop, "eval": t_eval - t_train,
+                   "prepare": r.get("seconds_prepare"), "fit": r.get("seconds")},
+        "phases": r.get("phases_rank0") or {},  # where the fixed cost goes (bench/sweep.py)
         "rules": r.get("rules") or {},
     }
     _trial_figure(record, run_dir / "trial.png")
@@ -458,6 +467,7 @@ def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict |
     vals = {"val_acc": ev["accuracy"][lang], "val_acc_en": ev["accuracy"]["en"],
             "ci_proportion": record["cell"]["ci_proportion"], "n_val": ev["n"][lang]}
     vals.update({f"val_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
+    vals["stage12_recomputed"] = sum(not hit for hit in (tr.get("stage_cache") or {}).values())
     for k, v in (tr.get("final") or {}).items():
         if k in ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base") and v is not None:
             vals[k] = v
@@ -477,18 +487,29 @@ def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict |
     return rid
 
 
-def _callback(client, exp_id: str, parent_id: str, total: int, done_before: int, log):
+def _callback(uri: str, exp_id: str, parent_id: str, total: int, done_before: int):
+    """Tune pickles its callbacks with the experiment state: this one holds only plain values (the MLflow
+    client is made on first use, progress goes to print looked up at call time)."""
     from ray.tune import Callback
 
     class MlflowChildren(Callback):
         """Logs each trial as an MLflow child run as it ends (driver side) and prints a progress line."""
 
         def __init__(self):
-            self.finished, self.failed = 0, 0
+            self.finished, self.failed, self._client = 0, 0, None
+
+        def __getstate__(self):
+            return {**self.__dict__, "_client": None}
+
+        @property
+        def client(self):
+            if self._client is None:
+                self._client = _client(uri)
+            return self._client
 
         def _line(self, spec, text):
             n = done_before + self.finished + self.failed
-            log(f"  [{n}/{total}] {spec['key']}: {text}")
+            print(f"  [{n}/{total}] {spec['key']}: {text}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             spec = trial.config["trial"]
@@ -497,7 +518,7 @@ def _callback(client, exp_id: str, parent_id: str, total: int, done_before: int,
             if not path or not Path(path).is_file():
                 return self.on_trial_error(iteration, trials, trial, **info)
             record = json.loads(Path(path).read_text())
-            log_child(client, exp_id, parent_id, spec, record=record, error=None, trial_id=trial.trial_id)
+            log_child(self.client, exp_id, parent_id, spec, record=record, error=None, trial_id=trial.trial_id)
             self.finished += 1
             tm = record["timing"]
             self._line(spec, f"val acc {100 * res['val_acc']:.1f}% (en {100 * res['val_acc_en']:.1f}%), "
@@ -510,7 +531,8 @@ def _callback(client, exp_id: str, parent_id: str, total: int, done_before: int,
                 err = Path(trial.error_file).read_text()
             elif trial.get_pickled_error() is not None:
                 err = repr(trial.get_pickled_error())
-            log_child(client, exp_id, parent_id, spec, record=None, error=err or "unknown error", trial_id=trial.trial_id)
+            log_child(self.client, exp_id, parent_id, spec, record=None, error=err or "unknown error",
+                      trial_id=trial.trial_id)
             self.failed += 1
             last = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["unknown error"]
             self._line(spec, f"FAILED: {last[0][:200]}")
@@ -527,9 +549,14 @@ def _ensure_ray(cfg: RunConfig) -> None:
     from ramoe_ray import train as TR
 
     if not ray.is_initialized():
+        env = TR._env()
+        job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # inside `ray job submit`: the job's runtime_env
+        if job:  # Ray refuses a key that both the job and ray.init set (even with equal values): the job's wins
+            job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+            env = {k: v for k, v in env.items() if k not in job_env}
         # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise a local instance
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 runtime_env={"env_vars": TR._env()}, log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")
+                 runtime_env={"env_vars": env}, log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")
 
 
 def trial_resources(cfg: RunConfig) -> dict:
@@ -573,8 +600,6 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, root: P
     """Module docstring, 5.: the selected child per (cell, method), evaluated on the test split."""
     from mlflow.entities import Metric
 
-    from ramoe_ray import evaluate as EV
-
     df = children(client, exp_id, parent_id)
     if df.empty:
         return []
@@ -588,27 +613,51 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, root: P
             client.set_tag(rid, "selected", "true" if rid == best.run_id else "false")
         chosen.append((best, model, task, lang, method))
     chosen.sort(key=lambda c: int(c[0]["_index"]))
-    out = []
+    out, todo = [], []
     for best, model, task, lang, method in chosen:
-        rid = best.run_id
-        if not math.isnan(best.get("metrics.test_acc", math.nan)):
-            out.append({"run_id": rid, "model": model, "task": task, "language": lang, "method": method,
-                        "val_acc": float(best[f"metrics.{SELECT_METRIC}"]), "test_acc": float(best["metrics.test_acc"])})
-            continue
-        folder = Path(best["tags.ramoe.trial_dir"])
-        record = json.loads((folder / TRIAL_JSON).read_text())
-        m, t = _cell_objects(cfg, record["spec"])
-        ev = EV.evaluate_cell(cfg, m, t, [lang], adapter=record["train"]["adapter"], steering=record["steering"],
-                              split="test", out_dir=folder / "test", num_actors=_eval_actors(cfg),
-                              batch_size=cfg.training.eval_batch_size)
+        row = {"run_id": best.run_id, "model": model, "task": task, "language": lang, "method": method,
+               "val_acc": float(best[f"metrics.{SELECT_METRIC}"])}
+        if not math.isnan(best.get("metrics.test_acc", math.nan)):  # tested before (a resumed sweep)
+            out.append({**row, "test_acc": float(best["metrics.test_acc"])})
+        else:
+            todo.append((row, best["tags.ramoe.trial_dir"]))
+    if not todo:
+        return out
+    # the test evaluations in parallel, as Ray tasks with a trial's resources
+    import ray
+
+    _ensure_ray(cfg)
+    res = trial_resources(cfg)
+    task_fn = ray.remote(_test_eval).options(num_cpus=res["cpu"], num_gpus=res["gpu"])
+    refs = [task_fn.remote(cfg.model_dump(mode="json"), folder) for _, folder in todo]
+    for (row, folder), ref in zip(todo, refs):
+        vals = ray.get(ref)
         now = int(time.time() * 1000)
-        vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
-        vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
-        client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in vals.items()])
-        out.append({"run_id": rid, "model": model, "task": task, "language": lang, "method": method,
-                    "val_acc": float(best[f"metrics.{SELECT_METRIC}"]), "test_acc": vals["test_acc"]})
-        log(f"  selected {record['spec']['key']}: val {100 * out[-1]['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
+        client.log_batch(row["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in vals.items()])
+        out.append({**row, "test_acc": vals["test_acc"]})
+        log(f"  selected {json.loads((Path(folder) / TRIAL_JSON).read_text())['spec']['key']}: "
+            f"val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
     return out
+
+
+def _test_eval(cfg_json: dict, folder: str) -> dict:
+    """Test-split evaluation of one finished trial (its adapter or steering spec) -> test metrics."""
+    import torch
+
+    from ramoe_ray import evaluate as EV
+
+    cfg = config_from_dict(cfg_json, "sweep config")
+    if _train_workers(cfg) == 0:
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    record = json.loads((Path(folder) / TRIAL_JSON).read_text())
+    m, t = _cell_objects(cfg, record["spec"])
+    lang = record["spec"]["language"]
+    ev = EV.evaluate_cell(cfg, m, t, [lang], adapter=record["train"]["adapter"], steering=record["steering"],
+                          split="test", out_dir=Path(folder) / "test", num_actors=_eval_actors(cfg),
+                          batch_size=cfg.training.eval_batch_size)
+    vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
+    vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
+    return vals
 
 
 def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str | None = None) -> dict:
@@ -617,6 +666,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
     from ray import tune
 
     t0 = time.time()
+    cfg = with_absolute_paths(cfg)  # trials run in their own folders
     p = plan_sweep(cfg)
     trials, uri = p["trials"], p["uri"]
     client = _client(uri)
@@ -664,7 +714,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
             f"+ {_train_workers(cfg)} Ray Train workers")
         space = {"trial": tune.grid_search(todo), "cfg": cfg.model_dump(mode="json"), "root": str(root),
                  "fail_key": _fail_key, "cells": {_cell_id(c): c for c in stages["cells"]}}
-        cb = _callback(client, exp_id, parent_id, len(trials), len(done), log)
+        cb = _callback(uri, exp_id, parent_id, len(trials), len(done))
         tuner = tune.Tuner(
             tune.with_resources(run_trial, res),
             param_space=space,

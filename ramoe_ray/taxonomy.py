@@ -548,7 +548,7 @@ def plan(cfg, model_cfg, task_cfg, languages: list[str], split: str = "train", *
     if general:
         src = general_source(cfg, task_cfg)
         p.general = read_general(src)
-        p.general_inputs = {"stage": "taxonomy/general", "code": code, "model": model_ident, "source": str(src),
+        p.general_inputs = {"stage": "taxonomy/general", "code": code, "model": model_ident, "source": src.name,
                             "sha256": file_digest(src, cfg.cache_dir), "limit": GENERAL_LIMIT}
         p.general_key = _sha(p.general_inputs)[:24]
     return p

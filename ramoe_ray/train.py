@@ -219,12 +219,22 @@ def _run_name(cfg, model_cfg, task_cfg, language, plan) -> str:
 
 
 def _env() -> dict:
+    """Environment the driver hands to Ray's processes: the driver's own HF_HUB_OFFLINE (only if set:
+    cluster workers must be able to download), and a persistent TORCH_EXTENSIONS_DIR (DeepSpeed's CPU
+    comm op is compiled once, ~1 min). DS_ACCELERATOR is NOT decided here: a CPU-only head would force
+    it on GPU workers; each process decides for itself (``_accelerator_env``)."""
     repo_cache = Path(__file__).resolve().parents[1] / ".ramoe_cache" / "torch_extensions"
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+    env = {"TOKENIZERS_PARALLELISM": "false",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(repo_cache))}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return env
+
+
+def _accelerator_env() -> None:
+    """In this process, before deepspeed is imported: DeepSpeed's CPU accelerator where there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float | None = None, band: Any = None,
@@ -246,8 +256,10 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
 
     from ramoe_ray.cache import write_json_atomic
 
+    t_called = time.time()
     plan = prepare(cfg, model_cfg, task_cfg, language, method=method, lam=lam, band=band, top_k=top_k,
                    resume_from=resume_from, num_workers=num_workers, batch_size=batch_size)
+    t_prepared = time.time()
     name = _run_name(cfg, model_cfg, task_cfg, language, plan)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir) / "train" / name
     run_dir = run_dir.resolve()
@@ -295,6 +307,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
         raise result.error
     out = json.loads(result_file.read_text())
     out["seconds"] = time.time() - t0
+    out["seconds_prepare"] = t_prepared - t_called
     write_json_atomic(result_file, out)
     return {**base, **out, "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
@@ -460,8 +473,17 @@ def mean_ce(engine, tok, records: list[dict], batch_size: int, device) -> float:
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker (module docstring); config = ``prepare``'s plan + run_dir, probe, fail_at_step."""
+    clock = [time.perf_counter()]
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # wall seconds since the previous mark (rank 0's go to the result: bench/sweep.py)
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     for k, v in _env().items():
         os.environ.setdefault(k, v)
+    _accelerator_env()
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -484,10 +506,12 @@ def train_loop_per_worker(config: dict) -> None:
     t = config["training"]
     torch.manual_seed(t["seed"])
     run_dir = Path(config["run_dir"])
+    phase("imports_and_process_group")
     ds_cfg = _ds_config(config, on_gpu)
     dschf = HfDeepSpeedConfig(ds_cfg)  # noqa: F841  (alive while the model is built: built partitioned)
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.config.output_router_logits = False
+    phase("model_load")
     tok = AutoTokenizer.from_pretrained(config["model_path"])
     tok.padding_side = "right"
     if tok.pad_token_id is None:
@@ -497,6 +521,7 @@ def train_loop_per_worker(config: dict) -> None:
                          experts_mask={int(k): v for k, v in mask.items()} if mask is not None else None)
     deepspeed.utils.set_z3_leaf_modules(model, [type(next(iter(M.moe_blocks(model).values())))])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=LA.lora_parameters(model), config=ds_cfg)
+    phase("lora_and_deepspeed_initialize")
 
     records = config["records"]
     band_layers = config["band_layers"]
@@ -510,6 +535,7 @@ def train_loop_per_worker(config: dict) -> None:
     targets = english_targets(engine, tok, ci_records, ebs, device)
     kl_base = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, ebs, device)
     ce_base = mean_ce(engine, tok, records, ebs, device)
+    phase("base_passes")
 
     start, history, restarts = 0, [], 0
     ckpt = ray.train.get_checkpoint()
@@ -523,6 +549,7 @@ def train_loop_per_worker(config: dict) -> None:
     every, ck_every = t["log_every"], t["checkpoint_every"]
     marker = run_dir / ".fault_injected"
     step_times: list[float] = []
+    phase("checkpoint_load")
     for step in range(start, len(sched)):
         if config.get("fail_at_step") == step and not marker.exists():
             if rank == 0:
@@ -554,6 +581,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             m = None
         last = step == len(sched) - 1
+        phase("loop")
         if (step + 1) % ck_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="state")
@@ -563,10 +591,12 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(_jsonable(m or {"step": step + 1}), checkpoint=ray.train.Checkpoint.from_directory(d))
         elif m is not None:
             ray.train.report(_jsonable(m))
+        phase("checkpoint_and_report")
 
     engine.eval()
     kl_final = ci_routing_kl(engine, tok, ci_records, targets, band_layers, task_experts, ebs, device)
     ce_final = mean_ce(engine, tok, records, ebs, device)
+    phase("final_passes")
     if config.get("probe"):
         ids, pmask = _prompts(tok, config["probe"], device)
         with torch.no_grad():
@@ -581,12 +611,13 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         dist.barrier()
     LA.save_adapter(engine.module, adapter, config["model_path"])
+    phase("save_adapter")
     if rank == 0:
         final = dict(history[-1]) if history else {}
         final.update(routing_kl_ci=kl_final, routing_kl_ci_base=kl_base, ce_train=ce_final, ce_train_base=ce_base)
         write_json_atomic(run_dir / RESULT, _jsonable({"adapter": str(adapter), "final": final, "history": history,
                                                        "restarts": restarts, "world_size": world,
-                                                       "step_seconds_rank0": step_times}))
+                                                       "step_seconds_rank0": step_times, "phases_rank0": phases}))
     if world > 1:
         dist.barrier()
 

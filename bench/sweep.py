@@ -1,0 +1,125 @@
+"""Benchmark of the sweep (sweep.py): the fixed cost per trial and the sweep overhead.
+
+- **fixed cost per trial** = the trial's wall time minus the time inside the training loop (steps,
+  from rank 0's step times), broken down by phase: ``prepare`` (checks + stages 1-2 from the cache,
+  in the trial), the worker's phases (imports and process group, model load, LoRA + DeepSpeed
+  initialize, the base-model passes (English targets, routing KL, train CE), checkpoint + report,
+  the final passes, saving the adapter), the validation evaluation, and the rest (Ray Train's
+  controller and worker group, Tune's bookkeeping inside the trial). Goal: <= 10 s on 2 CPU cores.
+- **sweep overhead** = the sweep's wall time / (sum of in-loop trial times / concurrency): how much
+  longer the sweep takes than its training loops alone would at the same concurrency.
+
+    .venv/bin/python bench/sweep.py [CONFIG] [--run] [--sweep RUN_ID] [key=value ...]
+        CONFIG default sweeps/demo.yaml; --run runs the sweep first (else: the newest sweep of CONFIG in
+        its MLflow database).
+    .venv/bin/python bench/sweep.py --compare-workers [--cell-trials 4]
+        the same small sweep (1 cell of the demo world, SFT + RA-MoE) with Ray Train's local mode in the
+        trial (sweep.train_workers = 0) and with one Ray Train worker per trial (= 1): fixed cost of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from ramoe_ray import sweep as SW  # noqa: E402
+from ramoe_ray.config import load_config, with_absolute_paths  # noqa: E402
+
+PHASES = ("imports_and_process_group", "model_load", "lora_and_deepspeed_initialize", "base_passes",
+          "checkpoint_load", "checkpoint_and_report", "final_passes", "save_adapter")
+
+
+def analyse(cfg, parent_id: str | None = None) -> dict:
+    cfg = with_absolute_paths(cfg)
+    client = SW._client(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        sys.exit(f"no experiment {cfg.tracking.experiment!r} in {cfg.mlflow_uri}: run with --run")
+    parent_id = parent_id or SW.find_parent(client, exp.experiment_id, cfg)
+    if parent_id is None:
+        sys.exit(f"no sweep {cfg.name!r} in {cfg.mlflow_uri}: run with --run")
+    parent = client.get_run(parent_id)
+    kids = SW.children(client, exp.experiment_id, parent_id)
+    kids = kids[kids.status == "FINISHED"]
+    records = [json.loads((Path(d) / SW.TRIAL_JSON).read_text()) for d in kids["tags.ramoe.trial_dir"]]
+    trained = [r for r in records if r["spec"]["method"] != "steering"]
+    steer = [r for r in records if r["spec"]["method"] == "steering"]
+    fixed = [r["timing"]["total"] - r["timing"]["in_loop"] for r in trained]
+    in_loop = sum(r["timing"]["in_loop"] for r in records)
+    conc = SW.max_concurrent(cfg, {"CPU": os.cpu_count() or 1})
+    wall = parent.data.metrics.get("sweep_seconds")
+    print(f"sweep {cfg.name!r} (run {parent_id}): {len(records)} finished trials ({len(trained)} trained, "
+          f"{len(steer)} steering), concurrency {conc}")
+    if trained:
+        print(f"fixed cost per trained trial (total - in-loop): median {statistics.median(fixed):.1f} s, "
+              f"mean {statistics.mean(fixed):.1f} s, max {max(fixed):.1f} s   (goal <= 10 s)")
+        print(f"  in-loop per trained trial: median {statistics.median(r['timing']['in_loop'] for r in trained):.1f} s "
+              f"({statistics.median(r['train']['steps'] for r in trained):.0f} steps)")
+        rows = {"prepare (trial: checks, stages 1-2 from cache)": [r["timing"]["prepare"] or 0 for r in trained]}
+        for p in PHASES:
+            rows[f"worker: {p}"] = [r["phases"].get(p, 0.0) for r in trained]
+        rows["validation evaluation"] = [r["timing"]["eval"] for r in trained]
+        known = [sum(v[i] for v in rows.values()) for i in range(len(trained))]
+        rows["rest (Ray Train start/stop, Tune, figure)"] = [f - k for f, k in zip(fixed, known)]
+        print("  where it goes (median s):")
+        for name, v in rows.items():
+            print(f"    {name:<52} {statistics.median(v):6.2f}")
+    if steer:
+        print(f"steering trial (no training): median {statistics.median(r['timing']['total'] for r in steer):.1f} s")
+    if wall:
+        print(f"sweep wall time {wall:.0f} s (stages 1-2, trials, selection and test); sum of in-loop times "
+              f"{in_loop:.0f} s; overhead = wall / (in-loop / {conc}) = {wall / max(in_loop / conc, 1e-9):.1f}")
+        print(f"  sum of trial times {sum(r['timing']['total'] for r in records):.0f} s: wall / (trial time / {conc}) = "
+              f"{wall / max(sum(r['timing']['total'] for r in records) / conc, 1e-9):.2f}")
+    return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
+
+
+def compare_workers(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    base = Path(__file__).resolve().parents[1]
+    res = {}
+    for workers in (0, 1):
+        # the same CPUs per trial: local mode 1 CPU (the trial process trains); with a worker group the
+        # trial process holds 0.25 CPU and its Ray Train worker 0.75
+        over = [f"output_dir={tmp}/w{workers}", "languages=[syn4]", "methods=[sft,ramoe]",
+                "knobs.bands=[[0.375,0.625]]", f"sweep.train_workers={workers}",
+                f"resources.cpus_per_worker={0.75 if workers else 1}", f"sweep.max_concurrent_trials={args.concurrency}"]
+        cfg = load_config(base / "sweeps/demo.yaml", over)
+        cfg = cfg.model_copy(update={"tasks": cfg.tasks[:1], "models": cfg.models[:1]})
+        t0 = time.time()
+        SW.run_sweep(cfg)
+        print(f"\n== sweep.train_workers = {workers}: {time.time() - t0:.0f} s")
+        res[workers] = analyse(cfg)
+    a, b = statistics.median(res[0]["fixed"]), statistics.median(res[1]["fixed"])
+    print(f"\nfixed cost per trial: local mode {a:.1f} s, 1 Ray Train worker {b:.1f} s (ratio {b / a:.1f})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default="sweeps/demo.yaml")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--run", action="store_true", help="run the sweep first")
+    p.add_argument("--sweep", default=None, help="parent run id (default: the newest sweep of the config)")
+    p.add_argument("--compare-workers", action="store_true")
+    p.add_argument("--concurrency", type=int, default=2)
+    args = p.parse_args()
+    if args.compare_workers:
+        return compare_workers(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.run:
+        SW.run_sweep(cfg)
+    analyse(cfg, args.sweep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The sweep (sweep.py) on the small synthetic world, with real Ray Tune, Ray Train (local mode in the
+trials), DeepSpeed and MLflow (sqlite): bad inputs stop before any trial; one sweep of 3 cells x 4 methods
+logs a parent and one child per trial (a failing trial included), runs stages 1-2 once per cell, selects
+on validation and tests only the selected; the report's numbers are MLflow's; an interrupted sweep
+resumed with --resume runs only the unfinished trials and ends like an uninterrupted one."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import small_config
+from ramoe_ray import sweep as SW
+from ramoe_ray.config import ConfigError, config_from_dict
+
+LANGS = ("syn2", "syn4", "syn6")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_dict(cache, out, **extra) -> dict:
+    d = dict(
+        name="t", models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+        tasks=[dict(name="passage", format="passage_multiple_choice", source="synthetic-small:passage")],
+        languages=list(LANGS), methods=["sft", "steering", "rise", "ramoe"],
+        knobs=dict(lambdas=[10.0], bands=[[0.25, 1.0]], top_k=[1]), steering=dict(strengths=[4.0]),
+        training=dict(lr=5e-3, batch_size=12, epochs=1, max_steps=3, lora_rank=4, lora_alpha=8, checkpoint_every=1000),
+        resources=dict(num_workers=1, cpus_per_worker=1, inference_actors=0), sweep=dict(train_workers=0),
+        cache_dir=str(cache), output_dir=str(out))
+    d.update(extra)
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_fail_before_any_trial(cache_dir, tmp_path):
+    import ray
+
+    ray_before = ray.is_initialized()
+    base = sweep_dict(cache_dir, tmp_path / "runs")
+    # an empty grid: named field, before anything
+    for field, value in (("knobs", dict(lambdas=[], bands=[[0.25, 1.0]], top_k=[1])), ("methods", [])):
+        with pytest.raises(ConfigError, match=field):
+            config_from_dict({**base, field: value})
+    # an unreachable tracking server: fails in seconds, names the URI
+    uri = f"http://127.0.0.1:{_free_port()}"
+    cfg = config_from_dict({**base, "tracking": dict(mlflow_uri=uri)})
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=f"{uri}.*cannot be reached"):
+        SW.run_sweep(cfg)
+    assert time.time() - t0 < 60
+    cfg = config_from_dict({**base, "tracking": dict(mlflow_uri=f"file://{tmp_path}/mlruns")})
+    with pytest.raises(ConfigError, match="file store"):
+        SW.run_sweep(cfg)
+    # a cell whose task lacks the language
+    rows = [dict(id=f"q{i}", question=f"What is {i} plus 1?", answer=str(i + 1)) for i in range(10)]
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    for lang in ("en", "syn2"):
+        (task_dir / f"{lang}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"Some text {i}."}) + "\n" for i in range(5)))
+    cfg = config_from_dict({**base, "languages": ["syn2", "syn5"],
+                            "tasks": [dict(name="tiny", format="generative_numeric", source=str(task_dir),
+                                           general_source=str(general))]})
+    with pytest.raises(ConfigError, match="no file for language 'syn5'"):
+        SW.run_sweep(cfg)
+    assert not list((tmp_path / "runs").glob("*/tune")), "a trial folder was made"
+    assert ray.is_initialized() == ray_before, "Ray was started for a sweep that could not run"
+
+
+# ------------------------------------------------------------------------------------ one sweep
+
+
+@pytest.fixture(scope="module")
+def swept(shared_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    cfg = config_from_dict(sweep_dict(shared_cache, out))
+    fail = next(t["key"] for t in SW.grid(cfg) if t["method"] == "rise" and t["language"] == "syn4")
+    summary = SW.run_sweep(cfg, _fail_key=fail)
+    client = SW._client(summary["tracking_uri"])
+    kids = SW.children(client, summary["experiment_id"], summary["parent_run_id"])
+    return cfg, summary, client, kids, fail
+
+
+def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
+    cfg, summary, client, kids, fail = swept
+    grid = SW.grid(cfg)
+    assert len(grid) == 3 * 4 == summary["trials"]
+    assert sorted(kids["tags.trial_key"]) == sorted(t["key"] for t in grid)
+    failed = kids[kids.status == "FAILED"]
+    assert list(failed["tags.trial_key"]) == [fail] and "injected failure" in failed["tags.error"].iloc[0]
+    ok = kids[kids.status == "FINISHED"]
+    assert len(ok) == len(grid) - 1 and summary["failed"] == 1
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
+    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(len(grid))
+    # every rule of the method's definitions is a param of the parent
+    from ramoe_ray import losses
+    from ramoe_ray import train as TR
+
+    for k in TR.RULES:
+        assert parent.data.params[f"rule.train.{k}"] == TR.RULES[k]
+    for k in losses.RULES:
+        assert f"rule.loss.{k}" in parent.data.params
+    # each child: its cell and method as tags, knobs as params, metrics in range
+    for _, row in ok.iterrows():
+        run = client.get_run(row.run_id)
+        spec = next(t for t in grid if t["key"] == row["tags.trial_key"])
+        assert (run.data.tags["model"], run.data.tags["task"], run.data.tags["language"], run.data.tags["method"]) == \
+            (spec["model"], spec["task"], spec["language"], spec["method"])
+        assert run.data.params["top_k"] == str(spec["top_k"]) and float(run.data.params["lam"]) == spec["lam"]
+        m = run.data.metrics
+        assert 0 <= m["val_acc"] <= 1 and 0 <= m["val_acc_en"] <= 1 and 0 < m["ci_proportion"] < 1
+        if spec["method"] != "steering":
+            assert m["routing_kl_ci"] >= 0 and m["routing_kl_ci_base"] >= 0
+            assert len(client.get_metric_history(row.run_id, "train_loss")) == 3  # max_steps, log_every 1
+        assert {a.path for a in client.list_artifacts(row.run_id)} >= {"trial.png", "trial.json"}
+    # RA-MoE (λ = 10) pulls ci routing to the English pattern more than SFT in every cell
+    for lang in LANGS:
+        kl = {r["tags.method"]: r["metrics.routing_kl_ci"] for _, r in ok[ok["tags.language"] == lang].iterrows()
+              if r["tags.method"] in ("sft", "ramoe")}
+        assert kl["ramoe"] < kl["sft"], (lang, kl)
+
+
+def test_stages_1_2_run_once_per_cell(swept):
+    cfg, summary, client, kids, _ = swept
+    # the driver computed stage 1 for each of the 3 cells (fresh module cache), and 4 trials per cell all
+    # found stages 1-2 in the cache
+    assert summary["stage1_computed"] == 3
+    assert summary["stage2_computed"] == 3  # one (band, top-k) per cell
+    ok = kids[kids.status == "FINISHED"]
+    assert (ok["metrics.stage12_recomputed"] == 0).all() and summary["stage12_recomputed_in_trials"] == 0
+    assert ok.groupby("tags.language").size().min() >= 3
+
+
+def test_selection_on_validation_and_test_only_for_the_selected(swept):
+    cfg, summary, client, kids, _ = swept
+    kids = SW.children(client, summary["experiment_id"], summary["parent_run_id"])
+    ok = kids[kids.status == "FINISHED"]
+    for (lang, method), g in ok.groupby(["tags.language", "tags.method"]):
+        chosen = g[g["tags.selected"] == "true"]
+        assert len(chosen) == 1, (lang, method)
+        assert chosen["metrics.val_acc"].iloc[0] == g["metrics.val_acc"].max()
+        assert 0 <= chosen["metrics.test_acc"].iloc[0] <= 1
+        others = g[g["tags.selected"] != "true"]
+        assert others.get("metrics.test_acc", others["metrics.val_acc"] * math.nan).isna().all()
+    # the failed cell x method has no selection; every other one has
+    assert len(summary["selected"]) == 3 * 4 - 1
+
+
+def test_report_numbers_are_mlflows(swept):
+    from scipy import stats
+
+    from ramoe_ray import report
+
+    cfg, summary, client, kids, _ = swept
+    rep = report.build_report(cfg, sweep_run_id=summary["parent_run_id"])
+    runs = client.search_runs([summary["experiment_id"]],
+                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and tags.selected = 'true'")
+    acc = {(r.data.tags["language"], r.data.tags["method"]): r.data.metrics["test_acc"] for r in runs}
+    ci = {r.data.tags["language"]: r.data.metrics["ci_proportion"] for r in runs}
+    xs, ys = [], []
+    for lang in LANGS:
+        cell = rep["cells"][("m", "passage", lang)]
+        assert cell["sft"] == pytest.approx(acc[(lang, "sft")]) and cell["ramoe"] == pytest.approx(acc[(lang, "ramoe")])
+        delta = 100 * (acc[(lang, "ramoe")] - acc[(lang, "sft")])
+        assert cell["delta"] == pytest.approx(delta)
+        assert cell["ci_proportion"] == pytest.approx(ci[lang])
+        xs.append(ci[lang])
+        ys.append(delta)
+    assert rep["cells"][("m", "passage", "syn4")]["rise"] is None  # the failed trial: "—" in the table
+    if len(set(ys)) > 1:
+        assert rep["pearson"]["r"] == pytest.approx(stats.pearsonr(xs, ys)[0])
+        assert rep["spearman"]["r"] == pytest.approx(stats.spearmanr(xs, ys)[0])
+    else:  # every Δ equal: no correlation to compute, and the report says so
+        assert rep["pearson"]["r"] is None and "n/a" in rep["markdown"]
+    assert "| syn4 |" in rep["markdown"]
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+def _finished(db: Path) -> int:
+    """Finished trial runs in the sweep's database, read with sqlite3 read-only (an MlflowClient here would
+    race the sweep's own creation of the tables)."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "WHERE r.status = 'FINISHED' AND r.lifecycle_stage = 'active' "
+                               "AND t.key = 'ramoe.kind' AND t.value = 'trial'").fetchone()[0]
+    except sqlite3.Error:  # the database is being created
+        return 0
+
+
+def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, tmp_path):
+    cfg0, summary0, client0, kids0, fail = swept
+    out = tmp_path / "runs"
+    d = sweep_dict(shared_cache, out)
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(d))
+    db = out / "t" / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ramoe_ray.cli", "sweep", str(cfg_file)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while _finished(db) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.3)
+        assert proc.poll() is None, "the sweep ended before the test could interrupt it:\n" + proc.stdout.read()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, output[-3000:]
+    cfg = config_from_dict(d)
+    total = len(SW.grid(cfg))
+    before = _finished(db)
+    assert 3 <= before < total, output[-3000:]
+    c = SW._client(f"sqlite:///{db}")
+    parent = SW.find_parent(c, c.get_experiment_by_name("ramoe").experiment_id, cfg)
+    assert c.get_run(parent).info.status == "KILLED"
+
+    res = SW.run_sweep(cfg, resume=True)
+    assert res["parent_run_id"] == parent
+    assert res["ran"] == total - before  # only the unfinished trials
+    client = SW._client(res["tracking_uri"])
+    kids = SW.children(client, res["experiment_id"], parent)
+    assert sorted(kids["tags.trial_key"]) == sorted(t["key"] for t in SW.grid(cfg))  # no duplicates, none missing
+    assert (kids.status == "FINISHED").all()
+    assert client.get_run(parent).info.status == "FINISHED"
+    # the same results as the uninterrupted sweep (same seed, same schedule, deterministic on CPU)
+    ref = kids0[kids0.status == "FINISHED"].set_index("tags.trial_key")["metrics.val_acc"]
+    got = kids.set_index("tags.trial_key")["metrics.val_acc"]
+    common = ref.index.intersection(got.index)
+    assert len(common) == total - 1
+    assert (got[common] == ref[common]).all()
+    # a resume of a finished sweep runs nothing; a changed config is refused
+    assert SW.run_sweep(cfg, resume=True)["ran"] == 0
+    changed = config_from_dict({**d, "training": {**d["training"], "lr": 1e-3}})
+    with pytest.raises(ConfigError, match="config changed"):
+        SW.run_sweep(changed, resume=True)
