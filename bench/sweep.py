@@ -76,11 +76,18 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
             print(f"    {name:<52} {statistics.median(v):6.2f}")
     if steer:
         print(f"steering trial (no training): median {statistics.median(r['timing']['total'] for r in steer):.1f} s")
+    m = parent.data.metrics
     if wall:
-        print(f"sweep wall time {wall:.0f} s (stages 1-2, trials, selection and test); sum of in-loop times "
-              f"{in_loop:.0f} s; overhead = wall / (in-loop / {conc}) = {wall / max(in_loop / conc, 1e-9):.1f}")
-        print(f"  sum of trial times {sum(r['timing']['total'] for r in records):.0f} s: wall / (trial time / {conc}) = "
-              f"{wall / max(sum(r['timing']['total'] for r in records) / conc, 1e-9):.2f}")
+        ph = {k: m.get(f"seconds_{k}") for k in ("checks", "stages", "trials", "selection_and_test")}
+        print(f"sweep wall time {wall:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in ph.items() if v is not None)
+              + " (checks include building the synthetic world on first use)")
+        work = sum(v for k, v in ph.items() if v is not None and k != "checks") or wall
+        trial_sum = sum(r["timing"]["total"] for r in records)
+        print(f"  sum of in-loop times {in_loop:.0f} s; sum of trial times {trial_sum:.0f} s")
+        print(f"  sweep overhead = (stages + trials + selection) / (in-loop / {conc}) = {work / max(in_loop / conc, 1e-9):.1f}")
+        if ph["trials"]:
+            print(f"  Tune phase / (trial time / {conc}) = {ph['trials'] / max(trial_sum / conc, 1e-9):.2f} "
+                  f"(1.0 = no scheduling gaps)")
     return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
 
 

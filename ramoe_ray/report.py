@@ -543,6 +543,53 @@ def _jsonable(report: dict) -> dict:
     return out
 
 
+def render_html(markdown: str, folder: Path) -> str:
+    """report.md as one self-contained HTML page (figures embedded as data URIs): MLflow's artifact
+    viewer shows it with its figures, which it does not do for a markdown file's relative images.
+    Handles what render_markdown writes: headings, bullets, pipe tables, images, **bold**, `code`."""
+    import base64
+    import html
+
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+    out, table, bullets = [], [], False
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *rows = table
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            table = []
+        if bullets and not line.startswith("- "):
+            out.append("</ul>")
+            bullets = False
+        if m := re.fullmatch(r"(#+) (.*)", line):
+            n = len(m.group(1))
+            out.append(f"<h{n}>{inline(m.group(2))}</h{n}>")
+        elif m := re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip()):
+            f = folder / m.group(2)
+            if f.is_file():
+                data = base64.b64encode(f.read_bytes()).decode()
+                out.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}" style="max-width:100%"></p>')
+        elif line.startswith("- "):
+            if not bullets:
+                out.append("<ul>")
+                bullets = True
+            out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(out)}</body></html>"
+
+
 def build_report(cfg: RunConfig, sweep_run_id: str | None = None, out_dir: Any = None) -> dict:
     """Reads the sweep (``sweep_run_id`` or the config's newest sweep) from MLflow, writes report.md,
     report.json, scatter.png and divergence_<model>.png into ``out_dir`` (default
@@ -562,8 +609,9 @@ def build_report(cfg: RunConfig, sweep_run_id: str | None = None, out_dir: Any =
     report["paths"] = paths
     report["markdown"] = render_markdown(report)
     _write_text(out / "report.md", report["markdown"])
+    paths["html"] = str(_write_text(out / "report.html", render_html(report["markdown"], out)))
     _write_text(out / "report.json", json.dumps(_jsonable(report), indent=2, default=str))
     client, pid = data["client"], report["sweep"]["run_id"]
-    for p in [paths["markdown"], paths["json"], paths["scatter"], *paths["divergence"].values()]:
+    for p in [paths["markdown"], paths["html"], paths["json"], paths["scatter"], *paths["divergence"].values()]:
         client.log_artifact(pid, p, "report")
     return report

@@ -327,7 +327,7 @@ def run_trial(config: dict) -> None:
     in_loop = float(sum(r.get("step_seconds_rank0") or []))
     final = r.get("final") or {}
     record = {
-        "spec": spec, "cell": config["cells"][_cell_id(spec)],
+        "spec": spec, "cell": config["cells"][_cell_id(spec)], "started": t_start,
         "train": {k: r.get(k) for k in ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask",
                                         "n_ci", "n_train", "steps", "notes", "adapter", "history", "final",
                                         "cached", "stage_cache")},
@@ -437,6 +437,16 @@ def children(client, exp_id: str, parent_id: str):
     return pd.DataFrame(rows)
 
 
+def run_name(spec: dict) -> str:
+    """What varies first (MLflow cuts long names): 'arith/syn4 ramoe λ=1 band=0.375-0.625 top_k=2 [olmoe-world]'."""
+    knobs = ""
+    if spec["method"] == "ramoe":
+        knobs = f" λ={spec['lam']:g} band={_band_label(spec['band'])} top_k={spec['top_k']}"
+    elif spec["method"] == "steering":
+        knobs = f" s={spec['strength']:g} band={_band_label(spec['band'])} top_k={spec['top_k']}"
+    return f"{spec['task']}/{spec['language']} {spec['method']}{knobs} [{spec['model']}]"
+
+
 def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict | None, error: str | None,
               trial_id: str) -> str:
     """One trial as a child run: FINISHED with its record, or FAILED with its error."""
@@ -446,9 +456,12 @@ def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict |
             "language": spec["language"], "method": spec["method"], "trial_key": spec["key"],
             "trial_index": str(spec["index"]), "tune_trial_id": trial_id, "selected": "false",
             "ramoe.trial_dir": str(Path(record["eval"]["path"]).parents[1]) if record else ""}
-    run = client.create_run(exp_id, run_name=f"{trial_id} {spec['key']}", tags=tags)
+    started = int(1000 * record["started"]) if record and record.get("started") else None
+    run = client.create_run(exp_id, run_name=run_name(spec), tags=tags, start_time=started)
     rid = run.info.run_id
-    params = {"method": spec["method"], "lam": spec["lam"], "band": _band_label(spec["band"]), "top_k": spec["top_k"],
+    # model/task/language also as params: MLflow's comparison plots take params and metrics, not tags
+    params = {"model": spec["model"], "task": spec["task"], "language": spec["language"], "method": spec["method"],
+              "lam": spec["lam"], "band": _band_label(spec["band"]), "top_k": spec["top_k"],
               "strength": spec["strength"] if spec["strength"] is not None else "none"}
     if record is None:
         client.set_tag(rid, "error", (error or "")[:5000])
@@ -456,10 +469,10 @@ def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict |
         client.set_terminated(rid, "FAILED")
         return rid
     tr = record["train"]
+    # the rules are the parent's params (rule.*), the RISE mask is in trial.json: the comparison stays readable
     params.update({"lam_used": tr.get("lam_used"), "band_layers": tr.get("band_layers"),
                    "task_experts": json.dumps(tr.get("task_experts")), "n_ci": tr.get("n_ci"), "n_train": tr.get("n_train"),
-                   "steps": tr.get("steps"), "experts_mask": json.dumps(tr.get("experts_mask"))})
-    params.update({f"rule.{k}": v for k, v in (record.get("rules") or {}).items()})
+                   "steps": tr.get("steps")})
     _log_params(client, rid, {k: str(v)[:6000] for k, v in params.items()})
     now = int(time.time() * 1000)
     lang = spec["language"]
@@ -483,7 +496,8 @@ def log_child(client, exp_id: str, parent_id: str, spec: dict, *, record: dict |
     for f in ("trial.png", TRIAL_JSON):
         if (folder / f).is_file():
             client.log_artifact(rid, str(folder / f))
-    client.set_terminated(rid, "FINISHED")
+    end = started + int(1000 * record["timing"]["total"]) if started else None
+    client.set_terminated(rid, "FINISHED", end_time=end)
     return rid
 
 
@@ -663,11 +677,13 @@ def _test_eval(cfg_json: dict, folder: str) -> dict:
 def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str | None = None) -> dict:
     """The whole sweep (module docstring). Returns a summary dict (parent run id, counts, timings)."""
     import ray
+    from mlflow.entities import Metric
     from ray import tune
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)  # trials run in their own folders
     p = plan_sweep(cfg)
+    phases = {"seconds_checks": time.time() - t0}  # includes building the synthetic world on first use
     trials, uri = p["trials"], p["uri"]
     client = _client(uri)
     artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
@@ -687,6 +703,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
         f"{len(cfg.languages)} languages; MLflow {uri}")
     log("stages 1-2 (once per cell, cached):")
     stages = run_stages(cfg, log=log)
+    phases["seconds_stages"] = stages["seconds"]
     log(f"  computed stage 1 for {stages['stage1_computed']} cells, stage 2 for {stages['stage2_computed']} "
         f"(cell, band, top-k) in {stages['seconds']:.1f} s")
     if parent_id is None:
@@ -724,10 +741,12 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
             run_config=tune.RunConfig(name=f"sweep-{parent_id}", storage_path=str(storage / "tune"), callbacks=[cb],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )
+        t_tune = time.time()
         try:
             tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
+        phases["seconds_trials"] = time.time() - t_tune
         summary["ran"] = cb.finished + cb.failed
         summary["failed"] = cb.failed
         summary["finished"] += cb.finished
@@ -742,9 +761,13 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
         summary["seconds"] = time.time() - t0
         return summary
     log("selection on the validation split, test split for the selected trials:")
+    t_sel = time.time()
     summary["selected"] = select_and_test(cfg, client, exp_id, parent_id, root, log=log)
+    phases["seconds_selection_and_test"] = time.time() - t_sel
     summary["seconds"] = time.time() - t0
-    client.log_metric(parent_id, "sweep_seconds", summary["seconds"])
+    summary["phases"] = phases
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                         for k, v in {"sweep_seconds": summary["seconds"], **phases}.items()])
     client.set_terminated(parent_id, "FINISHED" if not summary["failed"] else "FAILED")
     summary["interrupted"] = False
     return summary
