@@ -236,14 +236,17 @@ def moe_shape(model_cfg) -> MoEShape:
 
 
 def resolve_model_path(model_cfg, cache_dir: str | os.PathLike = ".ramoe_cache") -> str:
-    """What from_pretrained should read: the hub id or folder as given, or the cached folder of a
-    tiny preset / synthetic-world model (built on first use)."""
+    """What from_pretrained should read: the hub id, or an absolute folder (the folder given, or the
+    cached folder of a tiny preset / synthetic-world model, built on first use). Absolute, because Ray's
+    workers and actors do not run in the driver's folder."""
     from ramoe_ray import synthetic
 
     if (family := preset_family(model_cfg.path)) is not None:
-        return str(materialize_preset(family, cache_dir))
+        return str(Path(materialize_preset(family, cache_dir)).resolve())
     if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
-        return str(synthetic.build_model(world[0], world[1], cache_dir))
+        return str(Path(synthetic.build_model(world[0], world[1], cache_dir)).resolve())
+    if Path(model_cfg.path).expanduser().is_dir():
+        return str(Path(model_cfg.path).expanduser().resolve())
     return model_cfg.path
 
 

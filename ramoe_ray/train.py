@@ -585,6 +585,7 @@ def train_loop_per_worker(config: dict) -> None:
         if (step + 1) % ck_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 engine.save_checkpoint(d, tag="state")
+                phase("checkpoint_save")
                 if rank == 0:
                     write_json_atomic(Path(d) / META, {"identity": config["identity"], "step": step + 1,
                                                        "history": _jsonable(history), "restarts": restarts})

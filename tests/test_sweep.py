@@ -31,7 +31,8 @@ def sweep_dict(cache, out, **extra) -> dict:
         tasks=[dict(name="passage", format="passage_multiple_choice", source="synthetic-small:passage")],
         languages=list(LANGS), methods=["sft", "steering", "rise", "ramoe"],
         knobs=dict(lambdas=[10.0], bands=[[0.25, 1.0]], top_k=[1]), steering=dict(strengths=[4.0]),
-        training=dict(lr=5e-3, batch_size=12, epochs=1, max_steps=3, lora_rank=4, lora_alpha=8, checkpoint_every=1000),
+        training=dict(lr=5e-3, batch_size=12, epochs=1, max_steps=3, lora_rank=4, lora_alpha=8, checkpoint_every=1000,
+                      log_every=1),
         resources=dict(num_workers=1, cpus_per_worker=1, inference_actors=0), sweep=dict(train_workers=0),
         cache_dir=str(cache), output_dir=str(out))
     d.update(extra)
