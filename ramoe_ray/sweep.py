@@ -137,10 +137,10 @@ def check_tracking(cfg: RunConfig) -> str:
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if path is None or not str(path):
             raise ConfigError(f"tracking.mlflow_uri = {uri!r}: write sqlite:///ABSOLUTE/PATH.db")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"tracking.mlflow_uri = {uri!r}: cannot create {path.parent} ({e})") from None
+        existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())  # nothing is created here
+        if not (existing.is_dir() and os.access(existing, os.W_OK)):
+            raise ConfigError(f"tracking.mlflow_uri = {uri!r}: cannot create the database under {existing} "
+                              f"(not a writable folder)")
         return uri
     from mlflow.tracking import MlflowClient
 
@@ -165,10 +165,10 @@ def plan_sweep(cfg: RunConfig) -> dict:
     """Every check before anything runs (module docstring, 1.); returns {"trials", "shapes", "uri"}."""
     from ramoe_ray import taxonomy
 
-    uri = check_tracking(cfg)
     trials = grid(cfg)
     if not trials:
         raise ConfigError("the sweep's grid is empty: methods x knobs give no trial")
+    uri = check_tracking(cfg)
     shapes = check_against_models(cfg)
     for m in cfg.models:
         for t in cfg.tasks:
@@ -685,6 +685,8 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
     p = plan_sweep(cfg)
     phases = {"seconds_checks": time.time() - t0}  # includes building the synthetic world on first use
     trials, uri = p["trials"], p["uri"]
+    if uri.startswith("sqlite:///"):  # every check passed: now the run folder may be created
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     client = _client(uri)
     artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
     exp_id = _experiment_id(client, cfg.tracking.experiment, artifacts)  # database + experiment created here, once
