@@ -243,13 +243,23 @@ class SweepConfig(_Strict):
                               "evaluation in process when resources.inference_actors = 0)")
     storage_path: str | None = Field(
         default=None,
-        description="Ray Tune/Train storage: a folder every node sees (NFS) or s3://, gs://; default: run folder/tune",
+        description="Ray Tune/Train storage and the trial folders (adapters, trial.json): a folder every node sees "
+        "(NFS, EFS, a ReadWriteMany volume); default: run folder/tune",
     )
     train_workers: int | None = Field(
         default=None, ge=0,
         description="Ray Train workers per trial; default resources.num_workers; 0 = Ray Train local mode inside "
         "the trial process (small models on one machine: no worker group start-up)",
     )
+
+
+    @field_validator("storage_path")
+    @classmethod
+    def _filesystem_path(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(f"{v!r}: trial folders (adapters, trial.json) are written with file I/O; give a path "
+                             "on a file system every node mounts (NFS, EFS, a ReadWriteMany volume), not an object store")
+        return v
 
 
 class TrackingConfig(_Strict):

@@ -64,6 +64,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("models.0.path=preset:llama", "models.0.path", "'preset:llama'", "presets: preset:olmoe"),
         ("trainig.lr=1", "trainig", "", "unknown field"),
         ("training.lr=-0.1", "training.lr", "-0.1", "greater than 0"),
+        ("sweep.storage_path=s3://bucket/ramoe", "sweep.storage_path", "'s3://bucket/ramoe'", "not an object store"),
     ],
 )
 def test_invalid_config_names_field_value_and_allowed_and_writes_nothing(tmp_path, capsys, override, field, value, allowed):
