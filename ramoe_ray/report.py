@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ramoe_ray.config import ConfigError, RunConfig
+from ramoe_ray.sweep import search_all
 
 METHODS = ("sft", "steering", "rise", "ramoe")
 LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE (best)"}
@@ -66,22 +67,11 @@ def _client(cfg: RunConfig):
     return uri, MlflowClient(tracking_uri=uri)
 
 
-def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _sweeps(client, experiment_ids: list[str]) -> list:
     """Sweep parent runs of the experiments, newest first."""
     if not experiment_ids:
         return []
-    return _search_all(client, experiment_ids, "tags.`ramoe.kind` = 'sweep'", ["attributes.start_time DESC"])
+    return search_all(client, experiment_ids, "tags.`ramoe.kind` = 'sweep'", ["attributes.start_time DESC"])
 
 
 def _describe(runs: list, limit: int = 10) -> str:
@@ -165,7 +155,7 @@ def collect(cfg: RunConfig, sweep_run_id: str | None = None) -> dict:
     uri, client = _client(cfg)
     parent = _find_parent(cfg, client, uri, sweep_run_id)
     pid = parent.info.run_id
-    children = _search_all(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
+    children = search_all(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
     trials = [_trial(r) for r in children if r.data.tags.get("ramoe.kind", "trial") == "trial"]
     with tempfile.TemporaryDirectory(prefix="ramoe-report-") as tmp:
         p = _artifact(uri, pid, "cells/cells.json", tmp)

@@ -162,7 +162,7 @@ def check_tracking(cfg: RunConfig) -> str:
 
 
 def plan_sweep(cfg: RunConfig) -> dict:
-    """Every check before anything runs (module docstring, 1.); returns {"trials", "shapes", "uri"}."""
+    """Every check before anything runs (module docstring, 1.); returns {"trials", "shapes", "uri", "plans"}."""
     from ramoe_ray import taxonomy
 
     trials = grid(cfg)
@@ -170,47 +170,46 @@ def plan_sweep(cfg: RunConfig) -> dict:
         raise ConfigError("the sweep's grid is empty: methods x knobs give no trial")
     uri = check_tracking(cfg)
     shapes = check_against_models(cfg)
-    for m in cfg.models:
-        for t in cfg.tasks:
-            taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True)  # data of every cell, tokenizer
-    return {"trials": trials, "shapes": shapes, "uri": uri}
+    # stage 1's plan of every (model, task): checks the data of every cell and the tokenizer; run_stages runs them
+    plans = [taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True) for m in cfg.models for t in cfg.tasks]
+    return {"trials": trials, "shapes": shapes, "uri": uri, "plans": plans}
 
 
 # ---------------------------------------------------------------------------------------------- stages 1-2
 
 
-def run_stages(cfg: RunConfig, *, log=print) -> dict:
-    """Stages 1-2 of every cell (module docstring, 2.). Returns {"cells": [...], "stage1_computed",
-    "stage2_computed", "seconds"}; cells.json entries are the report's per-cell facts."""
+def run_stages(cfg: RunConfig, plans: list, *, log=print) -> dict:
+    """Stages 1-2 of every cell (module docstring, 2.), from ``plan_sweep``'s plans. Returns {"cells": [...],
+    "stage1_computed", "stage2_computed", "seconds"}; cells.json entries are the report's per-cell facts."""
     from ramoe_ray import experts as X
     from ramoe_ray import taxonomy
 
     t0 = time.time()
     cells, n1, n2 = [], 0, 0
-    for m in cfg.models:
-        for t in cfg.tasks:
-            plan = taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True)
-            done, _ = taxonomy.execute(plan)
-            n1 += sum(not hit for _, hit in done.values())
-            for lang in cfg.languages:
-                facts = None
-                for band in cfg.knobs.bands:
-                    for k in cfg.knobs.top_k:
-                        path, hit = X.run_experts(cfg, m, t, lang, band, k)
-                        n2 += not hit
-                        if facts is None:
-                            art = json.loads(Path(path).read_text())
-                            s = taxonomy.summary(done[lang][0])
-                            facts = {
-                                "model": m.name, "task": t.name, "language": lang, "family": m.family,
-                                "n_train": s["n"], "ci_proportion": s["ci"],
-                                "categories": {c: int(round(s[c] * s["n"])) for c in taxonomy.CATEGORIES},
-                                "moe_layers": art["moe_layers"], "band_layers": art["band"]["layers"],
-                                "divergence_base": [art["divergence"][lang][str(l)] for l in art["moe_layers"]],
-                            }
-                cells.append(facts)
-            log(f"  stages 1-2 {m.name}/{t.name}: " + ", ".join(
-                f"{c['language']} ci {100 * c['ci_proportion']:.0f}%" for c in cells[-len(cfg.languages):]))
+    for plan in plans:
+        m, t = plan.model_cfg, plan.task_cfg
+        done, general = taxonomy.execute(plan)
+        n1 += sum(not hit for _, hit in done.values())
+        paths = {lang: path for lang, (path, _) in done.items()}
+        for lang in cfg.languages:
+            facts = None
+            for band in cfg.knobs.bands:
+                for k in cfg.knobs.top_k:  # the same artefact (key) run_experts gives the trials
+                    path, hit = X.build_experts(plan, paths, general[0], lang, band, k)
+                    n2 += not hit
+                    if facts is None:
+                        art = json.loads(Path(path).read_text())
+                        s = taxonomy.summary(paths[lang])
+                        facts = {
+                            "model": m.name, "task": t.name, "language": lang, "family": m.family,
+                            "n_train": s["n"], "ci_proportion": s["ci"],
+                            "categories": {c: int(round(s[c] * s["n"])) for c in taxonomy.CATEGORIES},
+                            "moe_layers": art["moe_layers"], "band_layers": art["band"]["layers"],
+                            "divergence_base": [art["divergence"][lang][str(l)] for l in art["moe_layers"]],
+                        }
+            cells.append(facts)
+        log(f"  stages 1-2 {m.name}/{t.name}: " + ", ".join(
+            f"{c['language']} ci {100 * c['ci_proportion']:.0f}%" for c in cells[-len(cfg.languages):]))
     return {"cells": cells, "stage1_computed": n1, "stage2_computed": n2, "seconds": time.time() - t0}
 
 
@@ -418,23 +417,27 @@ def start_parent(client, exp_id: str, cfg: RunConfig, trials: list[dict], stages
     return rid
 
 
-def children(client, exp_id: str, parent_id: str):
-    """The parent's child runs (not deleted) as a DataFrame with mlflow.search_runs' column names
-    (run_id, status, tags.*, metrics.*), read through ``client`` (never the global tracking URI)."""
-    import pandas as pd
-
-    rows, token = [], None
+def search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    """Every run matching ``filter_string`` (all pages), read through ``client`` (never the global URI)."""
+    runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  max_results=1000, page_token=token)
-        for r in page:
-            rows.append({"run_id": r.info.run_id, "status": r.info.status,
-                         **{f"tags.{k}": v for k, v in r.data.tags.items()},
-                         **{f"metrics.{k}": v for k, v in r.data.metrics.items()}})
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
         token = page.token
         if not token:
-            break
-    return pd.DataFrame(rows)
+            return runs
+
+
+def children(client, exp_id: str, parent_id: str):
+    """The parent's child runs (not deleted) as a DataFrame with mlflow.search_runs' column names
+    (run_id, status, tags.*, metrics.*)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status,
+                          **{f"tags.{k}": v for k, v in r.data.tags.items()},
+                          **{f"metrics.{k}": v for k, v in r.data.metrics.items()}}
+                         for r in search_all(client, [exp_id], f"tags.mlflow.parentRunId = '{parent_id}'")])
 
 
 def run_name(spec: dict) -> str:
@@ -634,7 +637,7 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, root: P
         if not math.isnan(best.get("metrics.test_acc", math.nan)):  # tested before (a resumed sweep)
             out.append({**row, "test_acc": float(best["metrics.test_acc"])})
         else:
-            todo.append((row, best["tags.ramoe.trial_dir"]))
+            todo.append(({**row, "key": best["tags.trial_key"]}, best["tags.ramoe.trial_dir"]))
     if not todo:
         return out
     # the test evaluations in parallel, as Ray tasks with a trial's resources
@@ -648,9 +651,9 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, root: P
         vals = ray.get(ref)
         now = int(time.time() * 1000)
         client.log_batch(row["run_id"], metrics=[Metric(k, float(v), now, 0) for k, v in vals.items()])
+        key = row.pop("key")
         out.append({**row, "test_acc": vals["test_acc"]})
-        log(f"  selected {json.loads((Path(folder) / TRIAL_JSON).read_text())['spec']['key']}: "
-            f"val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
+        log(f"  selected {key}: val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
     return out
 
 
@@ -704,7 +707,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
     log(f"sweep {cfg.name!r}: {len(trials)} trials over {len(cfg.models)} models x {len(cfg.tasks)} tasks x "
         f"{len(cfg.languages)} languages; MLflow {uri}")
     log("stages 1-2 (once per cell, cached):")
-    stages = run_stages(cfg, log=log)
+    stages = run_stages(cfg, p["plans"], log=log)
     phases["seconds_stages"] = stages["seconds"]
     log(f"  computed stage 1 for {stages['stage1_computed']} cells, stage 2 for {stages['stage2_computed']} "
         f"(cell, band, top-k) in {stages['seconds']:.1f} s")
@@ -717,9 +720,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, _fail_key: str
         client.delete_run(rid)
     todo = [t for t in trials if t["key"] not in done]
     log(f"parent run {parent_id}: {len(done)} trials already finished, {len(todo)} to run")
-    storage = Path(cfg.sweep.storage_path or run_dir / "tune")
-    if "://" not in str(storage):
-        storage = storage.resolve()
+    storage = Path(cfg.sweep.storage_path or run_dir / "tune").resolve()
     root = storage / "trials" / parent_id
     summary = {"parent_run_id": parent_id, "experiment_id": exp_id, "tracking_uri": uri, "trials": len(trials),
                "ran": 0, "finished": len(done), "failed": 0, "stage1_computed": stages["stage1_computed"],
