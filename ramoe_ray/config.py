@@ -3,10 +3,10 @@
 A config is checked in two passes, both before anything is computed or written:
 
 1. ``load_config`` parses the YAML, applies ``key.sub=value`` overrides and validates every field on
-   its own (types, ranges, known families / methods / languages);
-2. ``check_against_models`` reads each model's size (layers, experts, experts per token) from its HF
-   config and checks what depends on it (top-k not larger than the expert count, every band
-   resolving to at least one MoE layer).
+   its own (types, ranges, methods, bands);
+2. ``sources.check`` checks what needs the world outside the file: known families and languages, the
+   model and task references, each model's size from its HF config and what depends on it (top-k not
+   larger than the expert count, every band holding at least one MoE layer, the RISE budget).
 
 Every error is a ``ConfigError`` whose message names the field, the bad value and what is allowed.
 """
@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ramoe_ray.models import FAMILIES, PRESET, preset_family
+from ramoe_ray.cache import write_text_atomic
 
-METHODS = ("sft", "steering", "rise", "ramoe")
+METHODS = ("sft", "steering", "rise", "ramoe")  # the one list of methods: RA-MoE and its baselines
 
-# Languages a config may name, ISO 639-1 (MGSM, Global-MMLU and Belebele languages); the synthetic
-# world's own languages (syn1..syn6) are added by known_languages().
+# Languages a config may name, ISO 639-1 (MGSM, Global-MMLU and Belebele languages); sources.py adds
+# the languages of the synthetic world.
 LANGUAGES: dict[str, str] = {
     "en": "English", "ar": "Arabic", "bn": "Bengali", "cs": "Czech", "de": "German", "el": "Greek",
     "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fr": "French", "ha": "Hausa", "he": "Hebrew",
@@ -49,7 +50,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str = Field(description="short label used in run names and tables")
-    family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES")
+    family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES (checked by sources.check)")
     path: str = Field(
         description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125), a local folder, preset:FAMILY (tiny "
         "random model) or synthetic:FAMILY (the synthetic world's pretrained model)"
@@ -57,27 +58,6 @@ class ModelConfig(_Strict):
     revision: str | None = Field(default=None, description="hub revision (commit, branch or tag)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, v: str) -> str:
-        if v not in FAMILIES:
-            raise ValueError(f"unknown model family {v!r}; supported families: {', '.join(FAMILIES)}")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _preset_matches_family(cls, v: str, info: ValidationInfo) -> str:
-        from ramoe_ray import synthetic
-
-        fam = preset_family(v)
-        if fam is None and (world := synthetic.parse_scheme(v)) is not None:
-            fam = world[1]
-        if fam is not None and fam not in FAMILIES:
-            raise ValueError(f"{v!r} names no preset; presets: {', '.join(PRESET + f for f in FAMILIES)}")
-        if fam is not None and fam != info.data.get("family", fam):
-            raise ValueError(f"{v!r} is a {fam} model but family is {info.data['family']!r}")
-        return v
 
     @field_validator("name")
     @classmethod
@@ -94,7 +74,7 @@ class TaskConfig(_Strict):
     choices: Literal["letters", "texts"] = Field(
         default="letters",
         description="multiple choice: score the letters (lm-eval's global_mmlu/belebele) or the option texts "
-        "(ARC-style); synthetic-world tasks default to texts (see tasks.choice_continuations)",
+        "(ARC-style); synthetic-world tasks default to texts (sources.resolve; see tasks.choice_continuations)",
     )
     general_source: str | None = Field(
         default=None,
@@ -109,31 +89,10 @@ class TaskConfig(_Strict):
             raise ValueError(f"{v!r}: general text is a .jsonl or .txt file")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _synthetic_choices(cls, data: Any) -> Any:
-        from ramoe_ray import synthetic
-
-        if isinstance(data, dict) and "choices" not in data and synthetic.parse_scheme(str(data.get("source", ""))):
-            data = {**data, "choices": synthetic.CHOICES}
-        return data
-
-    @model_validator(mode="after")
-    def _synthetic_format(self) -> "TaskConfig":
-        from ramoe_ray import synthetic
-
-        world = synthetic.parse_scheme(self.source)
-        if world is not None:
-            task = world[1]
-            if task not in synthetic.TASKS:
-                raise ValueError(f"source {self.source!r}: no synthetic task {task!r}; allowed: {', '.join(synthetic.TASKS)}")
-            if synthetic.TASKS[task] != self.format:
-                raise ValueError(f"source {self.source!r} is a {synthetic.TASKS[task]} task, but format is {self.format!r}")
-        return self
-
 
 class Band(_Strict):
-    """A layer band as a fraction range [start, end) of the model's depth (checked by _parse_band)."""
+    """A layer band: the fraction range [start, end) of the model's depth. THE band type: parsed here,
+    labelled here and resolved against a model's shape here, by every stage, the sweep and the CLI."""
 
     start: float
     end: float
@@ -141,24 +100,73 @@ class Band(_Strict):
     def label(self) -> str:
         return f"{self.start:g}-{self.end:g}"
 
+    def as_json(self) -> list[float]:
+        return [float(self.start), float(self.end)]
 
-BandSpec = Union[Literal["auto"], Band]
+    def layers(self, moe_layers: Sequence[int], num_layers: int) -> list[int]:
+        """The MoE layers inside the band. Rule: decoder layer l of the model's ``num_layers`` decoder
+        layers (dense ones included) is inside when its centre (l + 0.5) / num_layers lies in [start, end)
+        (a band ending at 1.0 includes the last layer); dense layers are never returned."""
+        return band_layers_of(self.start, self.end, moe_layers, num_layers)
 
 
-def _parse_band(i: int, v: Any) -> Any:
-    """A band item as written in YAML: [start, end] or 'auto'."""
-    if v == "auto" or isinstance(v, Band):
-        return v
-    if isinstance(v, dict):
-        v = [v.get("start"), v.get("end")]
-    if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(x, (int, float)) for x in v):
-        raise ValueError(f"band {i} = {v!r} is not allowed; a band is [start, end] (fractions of depth) or 'auto'")
-    start, end = float(v[0]), float(v[1])
+BandSpec = Literal["auto"] | Band
+
+
+def band_layers_of(start: float, end: float, moe_layers: Sequence[int], num_layers: int) -> list[int]:
+    """``Band.layers`` for a raw (start, end) pair (RISE's depth zones use the same rule)."""
+    n = int(num_layers)
+    return [l for l in moe_layers if start <= (l + 0.5) / n < end or (end >= 1.0 and (l + 0.5) / n >= start)]
+
+
+def parse_band(value: Any, what: str = "band") -> BandSpec:
+    """A band as written anywhere: 'auto', a Band, [start, end] / (start, end), {start:, end:} or the
+    label text 'START-END' (the CLI's --band). ValueError naming ``what``, the value and what is allowed."""
+    if value == "auto" or isinstance(value, Band):
+        return value
+    if isinstance(value, str):
+        parts = value.split("-")
+        try:
+            value = [float(parts[0]), float(parts[1])] if len(parts) == 2 else value
+        except ValueError:
+            pass
+    if isinstance(value, dict):
+        value = [value.get("start"), value.get("end")]
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+        raise ValueError(f"{what} = {value!r} is not allowed; a band is [start, end] (fractions of depth) or 'auto' "
+                         "(on the command line: START-END)")
+    start, end = float(value[0]), float(value[1])
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-        raise ValueError(f"band {i} = [{start:g}, {end:g}] is outside 0-1; bands are fractions of depth")
+        raise ValueError(f"{what} = [{start:g}, {end:g}] is outside 0-1; bands are fractions of depth")
     if start >= end:
-        raise ValueError(f"band {i} = [{start:g}, {end:g}] is empty; start must be smaller than end")
+        raise ValueError(f"{what} = [{start:g}, {end:g}] is empty; start must be smaller than end")
     return Band(start=start, end=end)
+
+
+def band_label(spec: Any) -> str:
+    """'auto' or 'START-END' of anything ``parse_band`` reads."""
+    spec = parse_band(spec)
+    return "auto" if spec == "auto" else spec.label()
+
+
+def band_json(spec: Any) -> str | list[float]:
+    """'auto' or [start, end] of anything ``parse_band`` reads: how a band is stored in JSON (trial specs,
+    artefact keys)."""
+    spec = parse_band(spec)
+    return "auto" if spec == "auto" else spec.as_json()
+
+
+def resolve_band(spec: BandSpec, shape: Any, what: str = "band") -> list[int] | None:
+    """The MoE layers of a band on a model (``shape``: anything with ``moe_layers`` and ``num_layers``,
+    i.e. a models.MoEShape); None for 'auto' (stage 2 decides). ConfigError when the band holds no MoE layer."""
+    if spec == "auto":
+        return None
+    layers = spec.layers(shape.moe_layers, shape.num_layers)
+    if not layers:
+        raise ConfigError(f"{what} = [{spec.start:g}, {spec.end:g}]: holds no MoE layer of the model "
+                          f"({shape.num_layers} layers, MoE layers {list(shape.moe_layers)}); widen it")
+    return layers
 
 
 class Knobs(_Strict):
@@ -179,7 +187,7 @@ class Knobs(_Strict):
     @field_validator("bands", mode="before")
     @classmethod
     def _bands(cls, v: Any) -> Any:
-        return [_parse_band(i, b) for i, b in enumerate(v)] if isinstance(v, list) else v
+        return [parse_band(b, f"band {i}") for i, b in enumerate(v)] if isinstance(v, list) else v
 
     @field_validator("top_k")
     @classmethod
@@ -272,7 +280,7 @@ class RunConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     tasks: list[TaskConfig] = Field(min_length=1)
     languages: list[str] = Field(min_length=1, description="target languages (English is the source)")
-    methods: list[Literal["sft", "steering", "rise", "ramoe"]] = Field(default=list(METHODS), min_length=1)
+    methods: list[Literal[METHODS]] = Field(default=list(METHODS), min_length=1)
     knobs: Knobs = Field(default_factory=Knobs)
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
     rise: RiseConfig = Field(default_factory=RiseConfig)
@@ -286,18 +294,15 @@ class RunConfig(_Strict):
     @field_validator("languages")
     @classmethod
     def _known_languages(cls, v: list[str]) -> list[str]:
-        known = known_languages()
         for code in v:
             if code == "en":
                 raise ValueError("'en' is the source language; list only target languages")
-            if code not in known:
-                raise ValueError(f"unknown language code {code!r}; allowed: {', '.join(sorted(known))}")
         if len(set(v)) != len(v):
             raise ValueError(f"languages {v} has duplicates")
         return v
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "RunConfig":
+    def _unique_names(self) -> RunConfig:
         for what, names in (("models", [m.name for m in self.models]), ("tasks", [t.name for t in self.tasks])):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
@@ -313,12 +318,6 @@ class RunConfig(_Strict):
         if self.tracking.mlflow_uri:
             return self.tracking.mlflow_uri
         return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
-
-
-def known_languages() -> set[str]:
-    from ramoe_ray.synthetic import TARGET_LANGUAGES
-
-    return set(LANGUAGES) | set(TARGET_LANGUAGES)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -402,64 +401,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     return config_from_dict(data, repr(str(p)))
 
 
-def check_against_models(cfg: RunConfig) -> dict[str, "MoEShape"]:
-    """Checks what depends on each model's size; returns the shapes read from the HF configs."""
-    from ramoe_ray.experts import resolve_band
-    from ramoe_ray.models import MoEShape, moe_shape
-
-    shapes: dict[str, MoEShape] = {}
-    for i, m in enumerate(cfg.models):
-        try:
-            shapes[m.name] = moe_shape(m)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"models.{i} ({m.name}): {e}") from None
-        shape = shapes[m.name]
-        for j, k in enumerate(cfg.knobs.top_k):
-            if k > shape.num_experts:
-                raise ConfigError(
-                    f"knobs.top_k.{j} = {k}: larger than the {shape.num_experts} experts of model "
-                    f"{m.name!r}; allowed: 1..{shape.num_experts}"
-                )
-        for j, band in enumerate(cfg.knobs.bands):
-            if band == "auto":
-                continue
-            layers = resolve_band(band.start, band.end, shape.moe_layers)
-            if not layers:
-                raise ConfigError(
-                    f"knobs.bands.{j} = [{band.start}, {band.end}]: holds no MoE layer of model {m.name!r} "
-                    f"({shape.num_layers} layers, MoE layers {shape.moe_layers}); widen it"
-                )
-    return shapes
-
-
-def with_absolute_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
-    """The config with every local path made absolute against ``base`` (default: the current folder):
-    cache_dir, output_dir, sweep.storage_path, and model paths / task sources / general sources that
-    name an existing local file or folder. Processes that run elsewhere (Ray Tune trials run in their
-    own trial folders) then read the same files."""
-    base = Path(base or Path.cwd())
-
-    def local(p: str | None, must_exist: bool) -> str | None:
-        if p is None or "://" in p or Path(p).is_absolute():
-            return p
-        q = base / p
-        return str(q.resolve()) if (q.exists() or not must_exist) else p
-
-    update: dict[str, Any] = {"cache_dir": local(cfg.cache_dir, False), "output_dir": local(cfg.output_dir, False)}
-    update["models"] = [m.model_copy(update={"path": local(m.path, True)}) for m in cfg.models]
-    update["tasks"] = [t.model_copy(update={"source": local(t.source, True), "general_source": local(t.general_source, True)})
-                       for t in cfg.tasks]
-    if cfg.sweep.storage_path:
-        update["sweep"] = cfg.sweep.model_copy(update={"storage_path": local(cfg.sweep.storage_path, False)})
-    return cfg.model_copy(update=update)
-
-
 def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config next to a run's outputs (atomically)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.resolved.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(Path(run_dir) / "config.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

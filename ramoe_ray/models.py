@@ -19,18 +19,12 @@ raw (pre-softmax) logits first; ``route`` functions below mirror each router's o
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ramoe_ray.cache import atomic_dir
 
 # ------------------------------------------------------------------------------------- routing rules
 # How each family's router turns logits (tokens, E) into (top-k weights, top-k indices).
@@ -188,44 +182,14 @@ def shape_of_config(hf_config) -> MoEShape:
     return MoEShape(fam.name, n, hf_config.num_experts, hf_config.num_experts_per_tok, tuple(moe))
 
 
-PRESET = "preset:"  # model path scheme for the tiny presets: "preset:olmoe"
-
-
-def preset_family(path: str) -> str | None:
-    return path[len(PRESET):] if path.startswith(PRESET) else None
-
-
-def load_hf_config(model_cfg):
-    """The model's HF config, without weights. For a synthetic-world model ("synthetic:FAMILY") it is
-    the world's architecture with a placeholder vocabulary size (the tokenizer is only known once the
-    world's data is built); everything a config check reads (layers, experts, top-k) is exact."""
+def moe_shape(model_cfg) -> MoEShape:
+    """Reads only the HF config (no weights) of a resolved model (a folder or a hub id, sources.py) and
+    checks it against the configured family."""
     from transformers import AutoConfig
 
-    from ramoe_ray import synthetic
-
-    if (family := preset_family(model_cfg.path)) is not None:
-        return tiny_config(family)
-    if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
-        spec, family = world
-        if family not in FAMILIES:
-            raise ValueError(f"{model_cfg.path!r}: unknown family {family!r}; allowed: {SUPPORTED}")
-        return synthetic._model_config(spec, family, vocab_size=len(synthetic.CONCEPTS))
-    return AutoConfig.from_pretrained(
+    hf_config = AutoConfig.from_pretrained(
         model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
-
-
-def materialize_preset(family: str, cache_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Builds a tiny preset once and saves it with save_pretrained under the cache (atomic rename);
-    later calls return the saved folder. The key hashes the preset's config and seed."""
-    config = tiny_config(family)
-    key = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return atomic_dir(Path(cache_dir) / "presets" / f"{family}-{key}", lambda tmp: build_tiny(family, seed=seed).save_pretrained(tmp))
-
-
-def moe_shape(model_cfg) -> MoEShape:
-    """Reads only the HF config (no weights) and checks it against the configured family."""
-    hf_config = load_hf_config(model_cfg)
     fam = family_for_config(hf_config)
     if fam.name != model_cfg.family:
         raise ValueError(
@@ -235,29 +199,13 @@ def moe_shape(model_cfg) -> MoEShape:
     return shape_of_config(hf_config)
 
 
-def resolve_model_path(model_cfg, cache_dir: str | os.PathLike = ".ramoe_cache") -> str:
-    """What from_pretrained should read: the hub id, or an absolute folder (the folder given, or the
-    cached folder of a tiny preset / synthetic-world model, built on first use). Absolute, because Ray's
-    workers and actors do not run in the driver's folder."""
-    from ramoe_ray import synthetic
-
-    if (family := preset_family(model_cfg.path)) is not None:
-        return str(Path(materialize_preset(family, cache_dir)).resolve())
-    if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
-        return str(Path(synthetic.build_model(world[0], world[1], cache_dir)).resolve())
-    if Path(model_cfg.path).expanduser().is_dir():
-        return str(Path(model_cfg.path).expanduser().resolve())
-    return model_cfg.path
-
-
-def load_model(model_cfg, *, cache_dir: str | os.PathLike = ".ramoe_cache", device: str | torch.device = "cpu"):
-    """Loads a causal-LM MoE from a hub id, a local folder or a tiny preset, checked against its family."""
+def load_model(model_cfg, *, device: str | torch.device = "cpu"):
+    """Loads a causal-LM MoE from a resolved model (a folder or a hub id), checked against its family."""
     from transformers import AutoModelForCausalLM
 
     moe_shape(model_cfg)  # refuses dense / unsupported / mismatched models before loading weights
-    path = resolve_model_path(model_cfg, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        path,
+        model_cfg.path,
         revision=model_cfg.revision,
         dtype=getattr(torch, model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,
@@ -377,21 +325,27 @@ def steer(model: nn.Module, experts: dict[int, list[int]], strength: float) -> I
         if any(not 0 <= e < n for e in ids):
             raise ValueError(f"steer: layer {layer} experts {list(ids)} outside 0..{n - 1}")
 
-        def hook(module, args, output, ids=list(ids)):
-            logits = output[0]
-            shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-            shift[ids] = strength
-            steered = logits + shift
-            weights, indices = fam.route(module, steered)
-            return steered, weights, indices
-
         # prepend: steering runs before any capture hook, so capture records the routing actually used
-        handles.append(router.register_forward_hook(hook, prepend=True))
+        handles.append(router.register_forward_hook(_steer_hook(fam, list(ids), strength), prepend=True))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _steer_hook(fam: Family, ids: list[int], strength: float):
+    """A router forward hook adding ``strength`` to the logits of experts ``ids`` and redoing the top-k."""
+
+    def hook(module, args, output):
+        logits = output[0]
+        shift = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        shift[ids] = strength
+        steered = logits + shift
+        weights, indices = fam.route(module, steered)
+        return steered, weights, indices
+
+    return hook
 
 
 # ------------------------------------------------------------------------------------- tiny presets

@@ -35,9 +35,10 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 LETTERS = ("A", "B", "C", "D")
 FIELDS = ("id", "language", "question", "passage", "choices", "answer")
@@ -299,7 +300,8 @@ def check_example(ex: dict, fmt: str) -> dict:
     if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
         raise TaskDataError(f"field 'choices': {choices!r} is not a list")
     out = {"id": str(ex["id"]), "language": str(ex.get("language") or ""), "question": str(ex["question"]),
-           "passage": str(ex.get("passage") or ""), "choices": ["" if c is None else str(c) for c in choices], "answer": ex.get("answer")}
+           "passage": str(ex.get("passage") or ""), "choices": ["" if c is None else str(c) for c in choices],
+           "answer": ex.get("answer")}
     if fmt == "generative_numeric":
         if out["choices"]:
             raise TaskDataError(f"field 'choices': a generative example has none, got {len(out['choices'])}")
@@ -349,28 +351,21 @@ def example_from_row(row: dict, fmt: str, language: str, index: int) -> dict:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _where(task_source: str, root: str | os.PathLike | None, cache_dir: str | os.PathLike = ".ramoe_cache") -> tuple[str, Path | str]:
-    """("local", folder) or ("hub", dataset id). A synthetic-world source ("synthetic:arith") is the
-    world's task folder, built into the cache on first use."""
-    from ramoe_ray import synthetic
-
-    try:
-        world = synthetic.parse_scheme(task_source)
-        if world is not None:
-            return "local", synthetic.task_folder(world[0], world[1], cache_dir)
-    except ValueError as e:
-        raise TaskDataError(f"source {task_source!r}: {e}") from None
+def locate(task_source: str, root: str | os.PathLike | None = None) -> tuple[str, Path | str]:
+    """("local", folder) or ("hub", dataset id). A source that exists under ``root`` (default: the
+    current folder), starts with '.', '/' or '~', or is not of the form owner/name is a local folder."""
     p = Path(task_source).expanduser()
     if not p.is_absolute():
         p = Path(root or ".") / p
     if p.exists() or task_source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(task_source):
         if not p.is_dir():
-            raise TaskDataError(f"source {task_source!r}: no folder {str(p)!r} (a local source is a folder of per-language files)")
+            raise TaskDataError(f"source {task_source!r}: no folder {str(p)!r} "
+                                "(a local source is a folder of per-language files)")
         return "local", p
     return "hub", task_source
 
 
-def _language_file(folder: Path, language: str) -> Path:
+def language_file(folder: Path, language: str) -> Path:
     names = [f"mgsm_{language}.tsv", f"{language}.jsonl", f"{language}.parquet", f"{language}.tsv"]
     found = [folder / n for n in names if (folder / n).is_file()]
     if not found:
@@ -423,22 +418,22 @@ def _read_datasets(kind: str, data_files: str | None = None, hub_id: str | None 
         raise TaskDataError(f"{label}: cannot read ({type(e).__name__}: {e})") from None
 
 
-def _rows(task_source: str, language: str, root, cache_dir) -> tuple[str, list[tuple[int, dict]]]:
-    kind, where = _where(task_source, root, cache_dir)
+def _rows(task_source: str, language: str, root) -> tuple[str, list[tuple[int, dict]]]:
+    kind, where = locate(task_source, root)
     if kind == "hub":
         config = BELEBELE_FLORES.get(language) if "belebele" in str(where).lower() else language
         if config is None:
             raise TaskDataError(f"{where}: language {language!r} has no FLORES-200 code in BELEBELE_FLORES")
         label = f"{where}[{config}]"
         return label, _read_datasets("hub", hub_id=str(where), config=config, label=label)
-    path = _language_file(where, language)
+    path = language_file(where, language)
     if path.suffix == ".tsv":
         return str(path), _read_tsv(path)
     return str(path), _read_datasets("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path), label=str(path))
 
 
-def _load(task_cfg, language: str, root, cache_dir=".ramoe_cache") -> tuple[str, list[dict]]:
-    label, rows = _rows(task_cfg.source, language, root, cache_dir)
+def _load(task_cfg, language: str, root) -> tuple[str, list[dict]]:
+    label, rows = _rows(task_cfg.source, language, root)
     out, seen = [], {}
     for index, (n, row) in enumerate(rows):
         try:
@@ -454,15 +449,12 @@ def _load(task_cfg, language: str, root, cache_dir=".ramoe_cache") -> tuple[str,
     return label, out
 
 
-def load_examples(task_cfg, language: str, *, root: str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike = ".ramoe_cache") -> list[dict]:
-    """The checked records of one language, in file order (see the layout above). Writes nothing
-    (except a synthetic world's data, built into the cache on first use)."""
-    return _load(task_cfg, language, root, cache_dir)[1]
+def load_examples(task_cfg, language: str, *, root: str | os.PathLike | None = None) -> list[dict]:
+    """The checked records of one language, in file order (see the layout above). Writes nothing."""
+    return _load(task_cfg, language, root)[1]
 
 
-def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike | None = None,
-                  cache_dir: str | os.PathLike = ".ramoe_cache") -> dict[str, list[dict]]:
+def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike | None = None) -> dict[str, list[dict]]:
     """English plus every language of ``languages``, checked to be parallel, before any model loads.
 
     Checks (each failure is a TaskDataError naming file, row/id and field): every record is valid
@@ -473,7 +465,7 @@ def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike
     in every language. Writes nothing.
     """
     langs = ["en"] + [l for l in dict.fromkeys(languages) if l != "en"]
-    loaded = {l: _load(task_cfg, l, root, cache_dir) for l in langs}
+    loaded = {l: _load(task_cfg, l, root) for l in langs}
     en_label, en = loaded["en"]
     en_ids = [ex["id"] for ex in en]
     en_answer = {ex["id"]: ex["answer"] for ex in en}
@@ -510,7 +502,8 @@ def _few(ids: list[str], k: int = 10) -> str:
 # ------------------------------------------------------------------------------------------ split
 
 
-def split_ids(ids: Iterable[str], *, seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[str]]:
+def split_ids(ids: Iterable[str], *, seed: int,
+              fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[str]]:
     """{"train", "validation", "test"} -> ids, decided by a hash of (seed, id), never by position.
 
     Rule: each id gets the key sha256(f"{seed}\\x00{id}"); ids are ranked by that key and the first

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ramoe_ray import sources, synthetic
+from ramoe_ray.config import config_from_dict
+
 # The reduced synthetic world is built once into a persistent, content-addressed cache (its key
 # hashes the world's parameters and synthetic.py), and linked into each test's fresh cache folder.
 WORLD_CACHE = Path(os.environ.get("RAMOE_TEST_CACHE", Path(__file__).parents[1] / ".ramoe_cache"))
@@ -15,9 +18,7 @@ WORLD_CACHE = Path(os.environ.get("RAMOE_TEST_CACHE", Path(__file__).parents[1] 
 
 @pytest.fixture(scope="session")
 def small_world() -> Path:
-    from ramoe_ray import synthetic as S
-
-    S.build_model(S.SMALL, "olmoe", WORLD_CACHE, log_every=0)
+    synthetic.build_model(synthetic.SMALL, "olmoe", WORLD_CACHE, log_every=0)
     return WORLD_CACHE / "world"
 
 
@@ -41,15 +42,12 @@ def ray_local():
 
 
 def small_config(cache_dir, *, task="arith", languages=("syn3",), **extra):
-    """A RunConfig on the small world: olmoe model, one synthetic task."""
-    from ramoe_ray import synthetic as S
-    from ramoe_ray.config import config_from_dict
-
+    """A resolved RunConfig on the small world: olmoe model, one synthetic task."""
     d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
-             tasks=[dict(name=task, format=S.TASKS[task], source=f"synthetic-small:{task}")],
+             tasks=[dict(name=task, format=synthetic.TASKS[task], source=f"synthetic-small:{task}")],
              languages=list(languages), cache_dir=str(cache_dir))
     d.update(extra)
-    return config_from_dict(d)
+    return sources.resolve(config_from_dict(d))
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ramoe_ray import sources
 from ramoe_ray.cli import main
-from ramoe_ray.config import ConfigError, check_against_models, load_config, save_resolved
-from ramoe_ray.experts import resolve_band
+from ramoe_ray.config import ConfigError, TaskConfig, band_layers_of, load_config, resolve_band, save_resolved
+from ramoe_ray.models import build_tiny, shape_of_config, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_valid_config_with_overrides(tmp_path):
     assert cfg.knobs.bands[0].start == 0.5 and cfg.knobs.bands[0].end == 1.0
     assert cfg.models[0].trust_remote_code is False
     assert cfg.mlflow_uri.startswith("sqlite:///") and cfg.mlflow_uri.endswith("runs/t/mlflow.db")
-    shapes = check_against_models(cfg)
+    shapes = sources.check(cfg)
     assert shapes["tiny"].num_experts == 8 and shapes["tiny"].moe_layers == (0, 1, 2, 3)
 
 
@@ -89,24 +90,49 @@ def test_malformed_yaml_and_missing_file(tmp_path, capsys):
 
 
 def test_top_k_checked_against_a_local_model_folder(tmp_path):
-    from ramoe_ray.models import build_tiny
-
     build_tiny("mixtral", num_local_experts=4).save_pretrained(tmp_path / "mix4")
     data = dict(BASE, models=[{"name": "m", "path": str(tmp_path / "mix4"), "family": "mixtral"}])
     cfg = load_config(write(tmp_path, data), ["knobs.top_k=[4]"])
-    assert check_against_models(cfg)["m"].num_experts == 4
+    assert sources.check(cfg)["m"].num_experts == 4
     cfg = load_config(write(tmp_path, data), ["knobs.top_k=[5]"])
     with pytest.raises(ConfigError, match=r"knobs.top_k.0 = 5: larger than the 4 experts of model 'm'; allowed: 1..4"):
-        check_against_models(cfg)
+        sources.check(cfg)
 
 
-def test_resolve_band_rule():
+def test_band_rule():
     # centre (l + 0.5) / L in [start, end): 16 layers, middle quarter -> layers 6..9
-    assert resolve_band(0.375, 0.625, range(16)) == [6, 7, 8, 9]
-    assert resolve_band(0.375, 0.625, range(4)) == [1]
-    assert resolve_band(0.5, 1.0, range(4)) == [2, 3]
-    assert resolve_band(0.0, 1.0, [1, 2, 3], num_layers=4) == [1, 2, 3]  # dense layer 0 never returned
-    assert resolve_band(0.9, 0.95, range(4)) == []
+    assert band_layers_of(0.375, 0.625, range(16), 16) == [6, 7, 8, 9]
+    assert band_layers_of(0.375, 0.625, range(4), 4) == [1]
+    assert band_layers_of(0.5, 1.0, range(4), 4) == [2, 3]
+    assert band_layers_of(0.0, 1.0, [1, 2, 3], 4) == [1, 2, 3]  # dense layer 0 never returned
+    assert band_layers_of(0.9, 0.95, range(4), 4) == []
+
+
+@pytest.mark.parametrize("family, dense", [("qwen3_moe", dict(mlp_only_layers=[3])),
+                                           ("deepseek_v2", dict(first_k_dense_replace=1))])
+def test_validation_and_training_agree_on_a_band_of_a_model_with_dense_layers(tmp_path, family, dense):
+    """One band type: ``ramoe validate`` (sources.check) refuses exactly the bands training refuses, counting
+    the model's own layers, dense ones included (validation used to count last MoE layer + 1)."""
+    build_tiny(family, **dense).save_pretrained(tmp_path / "m")
+    shape = shape_of_config(tiny_config(family, **dense))
+    data = dict(BASE, models=[{"name": "m", "path": str(tmp_path / "m"), "family": family}])
+    for start, end in [(0.75, 1.0), (0.0, 0.25), (0.5, 1.0), (0.25, 0.75)]:
+        cfg = load_config(write(tmp_path, data), [f"knobs.bands=[[{start}, {end}]]", "knobs.top_k=[1]"])
+        band = cfg.knobs.bands[0]
+        try:
+            trained = resolve_band(band, shape)  # what training and stage 2 use
+        except ConfigError:
+            trained = None
+        if trained is None:
+            with pytest.raises(ConfigError, match="holds no MoE layer"):
+                sources.check(cfg)
+        else:
+            assert sources.check(cfg)["m"] == shape
+            assert band.layers(shape.moe_layers, shape.num_layers) == trained
+    # the case that used to disagree: qwen3 with its last layer dense, band [0.75, 1.0]
+    if family == "qwen3_moe":
+        assert band_layers_of(0.75, 1.0, shape.moe_layers, max(shape.moe_layers) + 1) == [2]  # the old count
+        assert band_layers_of(0.75, 1.0, shape.moe_layers, shape.num_layers) == []
 
 
 def test_shipped_sweep_configs_are_valid():
@@ -115,12 +141,30 @@ def test_shipped_sweep_configs_are_valid():
     for path in configs:
         cfg = load_config(path)
         if all(m.path.startswith("preset:") for m in cfg.models):
-            check_against_models(cfg)
+            sources.check(cfg)
 
 
-def test_choices_mode_defaults_to_letters_and_to_texts_for_the_synthetic_world():
-    from ramoe_ray.config import TaskConfig
-
+def test_choices_mode_defaults_to_letters_and_to_texts_for_the_synthetic_world(cache_dir):
     assert TaskConfig(name="m", format="multiple_choice", source="x/y").choices == "letters"
-    assert TaskConfig(name="c", format="multiple_choice", source="synthetic:category").choices == "texts"
-    assert TaskConfig(name="c", format="multiple_choice", source="synthetic:category", choices="letters").choices == "letters"
+    world = TaskConfig(name="c", format="multiple_choice", source="synthetic-small:category")
+    assert world.choices == "letters"  # the config knows no world; resolving the reference sets the world's mode
+    assert sources.resolve_task(0, world, Path.cwd(), str(cache_dir)).choices == "texts"
+    explicit = TaskConfig(name="c", format="multiple_choice", source="synthetic-small:category", choices="letters")
+    assert sources.resolve_task(0, explicit, Path.cwd(), str(cache_dir)).choices == "letters"
+
+
+@pytest.mark.parametrize("command", ["sweep", "validate", "taxonomy", "experts", "train", "evaluate", "report"])
+def test_overrides_without_a_config_name_the_command(command, capsys):
+    """Only `ramoe demo` has a config of its own; elsewhere an override in the config's place is an error
+    (it used to run the demo config silently)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "training.lr=1e-4", *(["--method", "sft"] if command == "train" else [])])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{command}: 'training.lr=1e-4' is an override, not a config file" in err and f"ramoe {command} CONFIG" in err
+
+
+def test_demo_takes_overrides_without_a_config(tmp_path, capsys):
+    """`ramoe demo key=value` applies the override to sweeps/demo.yaml (here one that fails validation)."""
+    assert main(["demo", "knobs.lambdas=[-1]"]) == 2
+    assert "knobs.lambdas" in capsys.readouterr().err

@@ -5,17 +5,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from ramoe_ray import taxonomy
 from ramoe_ray.cache import write_json_atomic
-from ramoe_ray.experts import (
+from ramoe_ray.experts import experts_artifact, run_experts
+from ramoe_ray.routing_stats import (
     RULES,
     auto_band,
     budget_split,
     depth_zones,
     divergence_curve,
-    experts_artifact,
     normalized_jsd,
     rise_scores,
     rise_select,
@@ -292,28 +294,23 @@ def _run_cfg(make_config):
 def test_run_experts_agrees_with_its_taxonomy_artefacts(make_config):
     """experts.json, divergence.parquet and the figures, checked against the math applied by hand to
     the taxonomy artefacts the stage names in its provenance; a second call is a cache hit."""
-    import pandas as pd
-
-    from ramoe_ray import taxonomy as T
-    from ramoe_ray.experts import run_experts
-
     cfg = _run_cfg(make_config)
     m, t = cfg.models[0], cfg.tasks[0]
     path, hit = run_experts(cfg, m, t, "syn3", cfg.knobs.bands[0], 2, split="test", num_actors=0)
     assert not hit
     art = json.loads(path.read_text())
-    plan = T.plan(cfg, m, t, ["syn3", "syn5"], "test", general=True)
+    plan = taxonomy.plan(cfg, m, t, ["syn3", "syn5"], "test", general=True)
     assert art["provenance"]["taxonomy"] == plan.keys and art["provenance"]["general"] == plan.general_key
 
     root = Path(cfg.cache_dir) / "taxonomy"
     tax = pd.read_parquet(root / plan.cell_keys["syn3"] / "taxonomy.parquet")
     en = tax[tax.language == "en"].sort_values("id")
     tg = tax[tax.language == "syn3"].sort_values("id")
-    gen = T.routing_array(pd.read_parquet(root / plan.general_key / "rows.parquet"))
-    imp_en = T.routing_array(en)
+    gen = taxonomy.routing_array(pd.read_parquet(root / plan.general_key / "rows.parquet"))
+    imp_en = taxonomy.routing_array(en)
     layers = list(plan.shape.moe_layers)
 
-    curve = divergence_curve(imp_en, T.routing_array(tg))
+    curve = divergence_curve(imp_en, taxonomy.routing_array(tg))
     div = pd.read_parquet(path.parent / "divergence.parquet")
     assert set(div.language) == {"syn3", "syn5"} and len(div) == 2 * len(layers)
     np.testing.assert_allclose(div[div.language == "syn3"].sort_values("layer").divergence, curve)
@@ -341,8 +338,6 @@ def test_run_experts_agrees_with_its_taxonomy_artefacts(make_config):
 def test_run_experts_logs_to_the_active_mlflow_run_only(make_config, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from ramoe_ray.experts import run_experts
 
     cfg = _run_cfg(make_config)
     m, t = cfg.models[0], cfg.tasks[0]

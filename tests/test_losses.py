@@ -6,7 +6,7 @@ import torch
 
 from ramoe_ray import losses as Lo
 from ramoe_ray import models as M
-from ramoe_ray.experts import sequence_importance
+from ramoe_ray.routing_stats import sequence_importance
 
 LAYERS = [0, 1, 2, 3]
 BAND = [1, 2]
@@ -74,7 +74,9 @@ def test_gradient_raises_under_used_task_experts():
         assert (a.sum(-1) > b.sum(-1)).all()  # ... and one step raises their share in every example
         most = (t / b).argmax(-1, keepdim=True)  # the most under-used task expert of each example
         assert (a.gather(-1, most) > b.gather(-1, most)).all()
-    per_pair = lambda z: Lo._kl(**kwargs(z, mask, ci, target))
+    def per_pair(z):
+        return Lo._kl(**kwargs(z, mask, ci, target))
+
     assert (per_pair(stepped) < per_pair(logits)).all()
     assert Lo.alignment_loss(**kwargs(stepped, mask, ci, target)) < loss
     # layers outside the band get no gradient

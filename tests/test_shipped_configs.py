@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ramoe_ray import grid, sources, sweep
 from ramoe_ray import models as M
-from ramoe_ray import sweep as SW
 from ramoe_ray import synthetic as S
 from ramoe_ray import tasks as T
-from ramoe_ray.config import TaskConfig, check_against_models, load_config, parse_override
-from ramoe_ray.experts import resolve_band
+from ramoe_ray.config import TaskConfig, load_config, parse_override, resolve_band
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -68,21 +67,21 @@ def _hf_config(path: str):
 
 @pytest.fixture
 def real_model_configs(monkeypatch):
-    """check_against_models on the paper's hub models without the hub: their published sizes."""
-    real = M.load_hf_config
+    """sources.check on the paper's hub models without the hub: their published sizes."""
+    real = sources.model_hf_config
 
     def fake(model_cfg):
         return _hf_config(model_cfg.path) if model_cfg.path in REAL_SHAPES else real(model_cfg)
 
-    monkeypatch.setattr(M, "load_hf_config", fake)
+    monkeypatch.setattr(sources, "model_hf_config", fake)
 
 
 def trials_by_cell(cfg) -> tuple[int, dict[str, int]]:
-    """(cells, trials per cell by method) of the sweep's own grid (sweep.grid): RA-MoE over lambdas x
+    """(cells, trials per cell by method) of the sweep's own grid (grid.trials): RA-MoE over lambdas x
     bands x top_k, one SFT and one RISE trial, steering over strengths x bands x top_k."""
-    trials = SW.grid(cfg)
-    cells = {(t["model"], t["task"], t["language"]) for t in trials}
-    per = Counter(t["method"] for t in trials)
+    trials = grid.trials(cfg)
+    cells = {(t.model, t.task, t.language) for t in trials}
+    per = Counter(t.method for t in trials)
     assert all(n % len(cells) == 0 for n in per.values()), "every cell has the same trials"
     return len(cells), {m: n // len(cells) for m, n in per.items()}
 
@@ -100,12 +99,12 @@ def stated_trials(path: Path) -> tuple[int, int, int] | None:
 def test_sweep_config_passes_both_validation_passes(path, real_model_configs):
     cfg = load_config(path)
     assert cfg.name == path.stem, "a config's name is its file name: runs/NAME and the MLflow runs stay apart"
-    shapes = check_against_models(cfg)  # raises ConfigError on a top_k above the experts or an empty band
+    shapes = sources.check(cfg)  # raises ConfigError on a top_k above the experts or an empty band
     assert set(shapes) == {m.name for m in cfg.models}
     for name, shape in shapes.items():
         assert max(cfg.knobs.top_k) <= shape.num_experts
         fixed = [b for b in cfg.knobs.bands if b != "auto"]
-        layer_sets = [tuple(resolve_band(b.start, b.end, shape.moe_layers, shape.num_layers)) for b in fixed]
+        layer_sets = [tuple(resolve_band(b, shape)) for b in fixed]
         assert all(layer_sets), f"{name}: a band without MoE layers"
         assert len(set(layer_sets)) == len(layer_sets), f"{name}: two bands select the same layers {layer_sets}"
 
@@ -127,10 +126,11 @@ def test_synthetic_grid_is_the_whole_world():
     assert {S.parse_scheme(t.source)[1] for t in cfg.tasks} == set(S.TASKS)
     assert cfg.languages == S.TARGET_LANGUAGES
     assert set(cfg.methods) == {"sft", "steering", "rise", "ramoe"}
-    assert all(t.choices == "texts" for t in cfg.tasks if t.format != "generative_numeric")
+    # multiple choice scored on the option texts: the world's mode, set when sources.resolve resolves the task
+    assert all("choices" not in t.model_fields_set or t.choices == "texts" for t in cfg.tasks)
     assert cfg.resources.gpus_per_worker == 0 and cfg.sweep.train_workers == 0  # runs on a CPU machine
     # the header's concurrency: 2 trials at a time on 2 cores, 16 on a 16-core node
-    assert SW.max_concurrent(cfg, {"CPU": 2.0}) == 2 and SW.max_concurrent(cfg, {"CPU": 16.0, "GPU": 1.0}) == 16
+    assert sweep.max_concurrent(cfg, {"CPU": 2.0}) == 2 and sweep.max_concurrent(cfg, {"CPU": 16.0, "GPU": 1.0}) == 16
     # one epoch of the world's training split (60 % of its examples) at the configured batch size
     assert cfg.training.max_steps == int(0.6 * S.WorldSpec().n_task_examples) // cfg.training.batch_size
 
@@ -143,9 +143,9 @@ def test_paper_models_are_real_hub_models_of_known_families(real_model_configs):
     assert {m.path: m.family for m in cfg.models} == {p: s[0] for p, s in REAL_SHAPES.items()}
     for m in cfg.models:
         assert m.family in M.FAMILIES
-        assert M.preset_family(m.path) is None and S.parse_scheme(m.path) is None
+        assert sources.preset_family(m.path) is None and S.parse_scheme(m.path) is None
         assert m.dtype == "bfloat16"
-    shapes = check_against_models(cfg)
+    shapes = sources.check(cfg)
     for m in cfg.models:
         _, layers, experts, k = REAL_SHAPES[m.path]
         assert (shapes[m.name].num_layers, shapes[m.name].num_experts, shapes[m.name].experts_per_token) == (
@@ -162,7 +162,7 @@ def test_paper_tasks_are_hub_sources_in_the_loaders_format(tmp_path):
     assert (by_source["facebook/belebele"].format, by_source["facebook/belebele"].choices) == (
         "passage_multiple_choice", "letters")
     for t in cfg.tasks:
-        assert T._where(t.source, tmp_path) == ("hub", t.source)  # not mistaken for a local folder
+        assert T.locate(t.source, tmp_path) == ("hub", t.source)  # not mistaken for a local folder
         assert t.general_source and Path(t.general_source).is_absolute() and t.general_source.endswith(".jsonl")
     # the loader picks FLORES-200 configs for a source whose name contains "belebele"
     assert "belebele" in by_source["facebook/belebele"].source.lower()
@@ -475,7 +475,7 @@ def test_parse_override_accepts_the_submit_overrides():
 
 
 def test_submit_env_vars_never_collide_with_the_sweeps_own_runtime_env(submit_env):
-    """The sweep's driver calls ray.init(runtime_env={"env_vars": train._env()}); inside a job, Ray refuses
+    """The sweep's driver calls ray.init(runtime_env={"env_vars": train.ray_env()}); inside a job, Ray refuses
     (ValueError) an env var key that the job's runtime_env sets as well."""
     from ramoe_ray import train as TR
 
@@ -483,4 +483,4 @@ def test_submit_env_vars_never_collide_with_the_sweeps_own_runtime_env(submit_en
     assert run_submit(dict(submit_env, **secrets)).returncode == 0
     env_vars = json.loads(Path(submit_env["FAKE_RAY_ARGS"] + ".env").read_text())["env_vars"]
     assert set(env_vars) == {"MLFLOW_TRACKING_URI", *secrets}
-    assert not set(env_vars) & set(TR._env())
+    assert not set(env_vars) & set(TR.ray_env())

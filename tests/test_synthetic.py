@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ramoe_ray import sources
 from ramoe_ray import synthetic as S
-from ramoe_ray.config import TaskConfig
+from ramoe_ray.config import ConfigError, TaskConfig, config_from_dict
 from ramoe_ray.tasks import load_parallel
 
 
@@ -30,7 +31,7 @@ def test_task_examples_are_exact_translations_with_correct_answers(task):
     ex, keys = S.task_examples(task, 50, seed=3)
     assert len(keys) == 50 and set(ex) == set(S.LANGUAGES)
     en = ex["en"]
-    for code, records in ex.items():
+    for records in ex.values():
         assert [r["id"] for r in records] == [r["id"] for r in en]
         assert [r["answer"] for r in records] == [r["answer"] for r in en]
     for r in en:
@@ -97,25 +98,27 @@ def test_reduced_world_build_is_seeded_and_cached(tmp_path, monkeypatch):
 
 
 def test_synthetic_schemes_resolve_to_the_cached_world(tmp_path):
-    """Config paths "synthetic-small:FAMILY" / sources "synthetic-small:TASK" read the same cached
-    world that build_model/build_data produce; mismatched formats and families are refused."""
-    from ramoe_ray.config import ConfigError, check_against_models, config_from_dict
-    from ramoe_ray.models import resolve_model_path
-    from ramoe_ray.tasks import load_parallel
-
+    """Config paths "synthetic-small:FAMILY" / sources "synthetic-small:TASK" resolve (sources.resolve) to the
+    same cached world that build_model/build_data produce; mismatched formats and families are refused by
+    sources.check, before anything is built."""
     d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
-             tasks=[dict(name="a", format="generative_numeric", source="synthetic-small:arith")], languages=["syn3"])
+             tasks=[dict(name="a", format="generative_numeric", source="synthetic-small:arith")], languages=["syn3"],
+             cache_dir=str(tmp_path))
     cfg = config_from_dict(d)
-    shape = check_against_models(cfg)["m"]
+    shape = sources.check(cfg)["m"]
     assert (shape.num_layers, shape.num_experts) == (S.SMALL.num_layers, S.SMALL.num_experts)
-    par = load_parallel(cfg.tasks[0], ["syn3"], cache_dir=tmp_path)
+    assert not (tmp_path / "world").exists()  # the shape came from the spec: nothing built
+    resolved = sources.resolve(cfg)
+    par = load_parallel(resolved.tasks[0], ["syn3"])
     want, _ = S.task_examples("arith", S.SMALL.n_task_examples, S.SMALL.seed)
     assert par["syn3"] == want["syn3"] and par["en"] == want["en"]
-    assert resolve_model_path(cfg.models[0], tmp_path) == str(S.build_model(S.SMALL, "olmoe", tmp_path))
-    with pytest.raises(ConfigError, match="generative_numeric task, but format is 'multiple_choice'"):
-        config_from_dict({**d, "tasks": [dict(name="a", format="multiple_choice", source="synthetic:arith")]})
-    with pytest.raises(ConfigError, match="is a olmoe model but family is 'mixtral'"):
-        config_from_dict({**d, "models": [dict(name="m", family="mixtral", path="synthetic:olmoe")]})
+    assert resolved.models[0].path == str(S.build_model(S.SMALL, "olmoe", tmp_path).resolve())
+    assert resolved.tasks[0].general_source == str(S.general_file(S.SMALL, "en", tmp_path).resolve())
+    assert sources.resolve(resolved) == resolved  # resolving twice changes nothing
+    with pytest.raises(ConfigError, match="a generative_numeric task, but tasks.0.format is 'multiple_choice'"):
+        sources.check(config_from_dict({**d, "tasks": [dict(name="a", format="multiple_choice", source="synthetic:arith")]}))
+    with pytest.raises(ConfigError, match="a olmoe model, but models.0.family is 'mixtral'"):
+        sources.check(config_from_dict({**d, "models": [dict(name="m", family="mixtral", path="synthetic:olmoe")]}))
 
 
 def test_pretraining_batches_weight_exactly_the_answer_tokens(tmp_path):

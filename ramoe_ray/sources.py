@@ -1,0 +1,243 @@
+"""Every reference of a config turned into a concrete local path (or a hub id), before any stage runs.
+
+A config names its models and tasks by reference:
+
+| reference | model path | task source |
+|---|---|---|
+| hub id (``owner/name``) | kept: ``from_pretrained`` downloads it | kept: ``datasets`` streams it |
+| local folder (relative to the config's folder or absolute) | made absolute | made absolute |
+| ``preset:FAMILY`` | a tiny random model with a BPE tokenizer trained on the config's task texts, built into the cache | — |
+| ``synthetic:NAME`` (``synthetic-small:``) | the world's pretrained model, built into the cache | the world's task folder (*) |
+
+(*) with the world's general text and its multiple-choice mode ``choices: texts`` unless the config sets them.
+
+This module is the only one that knows these schemes: config.py, models.py, tasks.py and the stages see
+only resolved configs. Two entries:
+
+- ``check(cfg) -> {model name: MoEShape}``: every check that needs no model built or data downloaded —
+  known family and language, the references' syntax, each model's shape from its config alone (a preset's
+  from its family's tiny config, a synthetic model's from the world's spec), and what depends on the shape
+  (top-k, bands, the RISE budget). ``ramoe validate`` runs exactly this; ``resolve`` runs it first.
+- ``resolve(cfg) -> RunConfig``: the same config with every reference concrete and every local path
+  absolute (Ray's workers do not run in the driver's folder). Builds the synthetic world and the presets
+  on first use (cached, content-addressed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ramoe_ray import synthetic
+from ramoe_ray.cache import atomic_dir, content_key
+from ramoe_ray.config import LANGUAGES, ConfigError, ModelConfig, RunConfig, TaskConfig, resolve_band
+from ramoe_ray.models import FAMILIES, MoEShape, build_tiny, family_for_config, shape_of_config, tiny_config
+from ramoe_ray.tasks import TaskDataError, build_prompt, load_parallel, locate
+from ramoe_ray.tokenizer import train_tokenizer
+
+PRESET = "preset:"  # model path scheme of the tiny presets: "preset:olmoe"
+PRESET_VOCAB = 1024  # vocabulary of a preset's BPE tokenizer (and of the preset model)
+
+
+def preset_family(path: str) -> str | None:
+    return path[len(PRESET):] if path.startswith(PRESET) else None
+
+
+def known_languages() -> set[str]:
+    """ISO codes of the real benchmarks (config.LANGUAGES) and the synthetic world's languages."""
+    return set(LANGUAGES) | set(synthetic.TARGET_LANGUAGES)
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _check_model_reference(i: int, m: ModelConfig) -> None:
+    if m.family not in FAMILIES:
+        raise ConfigError(f"models.{i}.family = {m.family!r}: unknown model family; supported families: "
+                          f"{', '.join(FAMILIES)}")
+    try:
+        world = synthetic.parse_scheme(m.path)
+    except ValueError as e:
+        raise ConfigError(f"models.{i}.path = {m.path!r}: {e}") from None
+    fam = preset_family(m.path) if world is None else world[1]
+    if fam is not None and fam not in FAMILIES:
+        raise ConfigError(f"models.{i}.path = {m.path!r}: names no preset; presets: "
+                          f"{', '.join(PRESET + f for f in FAMILIES)} (world models: synthetic:FAMILY)")
+    if fam is not None and fam != m.family:
+        raise ConfigError(f"models.{i}.path = {m.path!r}: a {fam} model, but models.{i}.family is {m.family!r}")
+
+
+def _check_task_reference(i: int, t: TaskConfig) -> None:
+    try:
+        world = synthetic.parse_scheme(t.source)
+    except ValueError as e:
+        raise ConfigError(f"tasks.{i}.source = {t.source!r}: {e}") from None
+    if world is None:
+        return
+    task = world[1]
+    if task not in synthetic.TASKS:
+        raise ConfigError(f"tasks.{i}.source = {t.source!r}: no synthetic task {task!r}; allowed: "
+                          f"{', '.join(synthetic.TASKS)}")
+    if synthetic.TASKS[task] != t.format:
+        raise ConfigError(f"tasks.{i}.source = {t.source!r}: a {synthetic.TASKS[task]} task, "
+                          f"but tasks.{i}.format is {t.format!r}")
+
+
+def check_references(cfg: RunConfig) -> None:
+    """Families, reference syntax and languages (no file read)."""
+    for i, m in enumerate(cfg.models):
+        _check_model_reference(i, m)
+    for i, t in enumerate(cfg.tasks):
+        _check_task_reference(i, t)
+    known = known_languages()
+    for i, code in enumerate(cfg.languages):
+        if code not in known:
+            raise ConfigError(f"languages.{i} = {code!r}: unknown language code; allowed: {', '.join(sorted(known))}")
+
+
+def model_hf_config(model_cfg: ModelConfig):
+    """The model's HF config, without weights (a synthetic model's from the world's spec, with a
+    placeholder vocabulary: everything a shape check reads is exact)."""
+    from transformers import AutoConfig
+
+    if (family := preset_family(model_cfg.path)) is not None:
+        return tiny_config(family, vocab_size=PRESET_VOCAB)
+    if (world := synthetic.parse_scheme(model_cfg.path)) is not None:
+        return synthetic.model_config(world[0], world[1], vocab_size=len(synthetic.CONCEPTS))
+    return AutoConfig.from_pretrained(
+        model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+
+
+def model_shape(i: int, model_cfg: ModelConfig) -> MoEShape:
+    """The shape from the config alone, checked against the configured family (dense and unsupported
+    models are refused here)."""
+    try:
+        hf_config = model_hf_config(model_cfg)
+        fam = family_for_config(hf_config)
+        if fam.name != model_cfg.family:
+            raise ValueError(f"{model_cfg.path!r} is a {fam.name} model (model_type {hf_config.model_type!r}) "
+                             f"but the config says family {model_cfg.family!r}")
+        return shape_of_config(hf_config)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"models.{i} ({model_cfg.name}): {e}") from None
+
+
+def check_knobs(cfg: RunConfig, name: str, shape: MoEShape) -> None:
+    """top-k, bands and the RISE budget against one model's shape."""
+    for j, k in enumerate(cfg.knobs.top_k):
+        if k > shape.num_experts:
+            raise ConfigError(f"knobs.top_k.{j} = {k}: larger than the {shape.num_experts} experts of model "
+                              f"{name!r}; allowed: 1..{shape.num_experts}")
+    for j, band in enumerate(cfg.knobs.bands):
+        resolve_band(band, shape, f"knobs.bands.{j} (on model {name!r})")
+    cap = len(shape.moe_layers) * shape.num_experts
+    if cfg.rise.budget > cap:
+        raise ConfigError(f"rise.budget = {cfg.rise.budget}: larger than the {cap} (layer, expert) pairs of "
+                          f"model {name!r}; allowed: 1..{cap}")
+
+
+def check(cfg: RunConfig) -> dict[str, MoEShape]:
+    """Every check that needs no build or download (module docstring); returns the models' shapes."""
+    check_references(cfg)
+    shapes = {}
+    for i, m in enumerate(cfg.models):
+        shapes[m.name] = model_shape(i, m)
+        check_knobs(cfg, m.name, shapes[m.name])
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------- resolve
+
+
+def _absolute(path: str | None, base: Path, must_exist: bool) -> str | None:
+    """A local path made absolute against ``base``; URIs, hub ids and missing paths (``must_exist``) kept."""
+    if path is None or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    q = base / p
+    return str(q.resolve()) if (q.exists() or not must_exist) else path
+
+
+def resolve_task(i: int, t: TaskConfig, base: Path, cache_dir: str) -> TaskConfig:
+    """A task with a concrete source folder (or hub id) and general text file."""
+    world = synthetic.parse_scheme(t.source)
+    if world is not None:
+        spec, name = world
+        update: dict[str, Any] = {"source": str(synthetic.task_folder(spec, name, cache_dir).resolve())}
+        if t.general_source is None:
+            update["general_source"] = str(synthetic.general_file(spec, "en", cache_dir).resolve())
+        if "choices" not in t.model_fields_set:
+            update["choices"] = synthetic.CHOICES
+        return t.model_copy(update=update)
+    try:
+        kind, where = locate(t.source, base)
+    except TaskDataError as e:
+        raise ConfigError(f"tasks.{i} ({t.name}): {e}") from None
+    source = str(Path(where).resolve()) if kind == "local" else str(where)
+    return t.model_copy(update={"source": source, "general_source": _absolute(t.general_source, base, True)})
+
+
+def preset_folder(family: str, texts: list[str], cache_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A tiny preset of ``family`` with a BPE tokenizer trained on ``texts`` (tokenizer.py), the model's
+    vocabulary sized to it. Cached under a hash of the texts, the preset's config and the seed; the
+    folder loads with AutoTokenizer / AutoModelForCausalLM."""
+    config = tiny_config(family, vocab_size=PRESET_VOCAB)
+    key = content_key([config.to_dict(), seed, PRESET_VOCAB, texts], 16)
+
+    def build(tmp: Path) -> None:
+        train_tokenizer(texts, vocab_size=PRESET_VOCAB, out_dir=tmp)
+        build_tiny(family, seed=seed, vocab_size=PRESET_VOCAB).save_pretrained(tmp)
+
+    return atomic_dir(Path(cache_dir) / "presets" / f"{family}-bpe-{key}", build)
+
+
+def preset_texts(cfg: RunConfig) -> list[str]:
+    """What a preset's tokenizer learns: every example (prompt and answer) of every task of a resolved
+    config, English and every target language, so every cell of the config uses the same preset."""
+    texts = []
+    for t in cfg.tasks:
+        try:
+            data = load_parallel(t, cfg.languages)
+        except (TaskDataError, OSError) as e:
+            raise ConfigError(f"task {t.name!r}: {e}") from None
+        for lang in sorted(data):
+            texts += [f"{build_prompt(ex, t.format)} {ex['answer']}" for ex in data[lang]]
+    return texts
+
+
+def resolve_model(i: int, m: ModelConfig, base: Path, cfg: RunConfig) -> ModelConfig:
+    """A model with a concrete path: an absolute folder, or the hub id."""
+    if (family := preset_family(m.path)) is not None:
+        path = preset_folder(family, preset_texts(cfg), cfg.cache_dir)
+    elif (world := synthetic.parse_scheme(m.path)) is not None:
+        path = synthetic.build_model(world[0], world[1], cfg.cache_dir)
+    else:
+        path = _absolute(m.path, base, True)
+    if Path(path).is_dir():
+        folder = Path(path).resolve()
+        if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+            raise ConfigError(f"models.{i} ({m.name}): folder {folder} has no tokenizer (tokenizer.json or "
+                              "tokenizer_config.json)")
+        path = str(folder)
+    return m.model_copy(update={"path": str(path)})
+
+
+def resolve(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+    """The config with every reference concrete (module docstring); ``base`` is the folder relative
+    paths are read from (default: the current one). Checks first (``check``), then builds what is missing."""
+    check(cfg)
+    base = Path(base or Path.cwd())
+    update: dict[str, Any] = {"cache_dir": _absolute(cfg.cache_dir, base, False),
+                              "output_dir": _absolute(cfg.output_dir, base, False)}
+    if cfg.sweep.storage_path:
+        update["sweep"] = cfg.sweep.model_copy(update={"storage_path": _absolute(cfg.sweep.storage_path, base, False)})
+    cfg = cfg.model_copy(update=update)
+    tasks = [resolve_task(i, t, base, cfg.cache_dir) for i, t in enumerate(cfg.tasks)]
+    cfg = cfg.model_copy(update={"tasks": tasks})
+    models = [resolve_model(i, m, base, cfg) for i, m in enumerate(cfg.models)]
+    return cfg.model_copy(update={"models": models})
+
