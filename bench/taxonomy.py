@@ -2,7 +2,9 @@
 
 CPU mode (default): the Ray Data path against the bare single-process loop, same model, same rows,
 same batch size, equal compute (1 actor with T threads vs the loop with T threads), then the cost of
-routing capture (same batches: plain forward / forward under capture / + importance and frequency).
+routing capture (same batches: plain forward / forward under capture / + importance and frequency) and,
+for a generative task, of generation (``inference.generate_texts``: ``model.generate`` with its own
+prefill of the prompts) next to the prompt forward.
 
     .venv/bin/python bench/taxonomy.py cpu [--threads 2] [--repeat 4] [--batch-size 8]
         [--model synthetic-small:olmoe --family olmoe] [--task synthetic-small:category]
@@ -11,7 +13,8 @@ GPU mode: the bare loop only (no Ray: ray is imported lazily, only by the CPU mo
 randomly initialised model built on the device from an HF config, OLMoE-1B-7B-shaped by default
 (hidden 2048, 16 layers, 64 experts top-8, expert intermediate 1024, vocab 50304, bf16), with random
 token prompts of mixed lengths (right padding, as the stage). Reports examples/s and prompt tokens/s
-of the taxonomy forward (forward + capture + importance), and the same breakdown.
+of the taxonomy forward (forward + capture + importance; with --gen-tokens N also N greedy tokens by
+``model.generate``), and the same breakdown.
 
     python bench/taxonomy.py gpu [--batch-size 32] [--seq-len 256] [--batches 20] [--gen-tokens 0]
         [--hidden 2048 --layers 16 --experts 64 --top-k 8 --intermediate 1024 --vocab 50304] [--device cuda]
@@ -32,9 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from ramoe_ray import models as M  # noqa: E402
-from ramoe_ray import taxonomy as T  # noqa: E402
-from ramoe_ray.experts import sequence_importance  # noqa: E402
+from ramoe_ray import inference, models, taxonomy  # noqa: E402
+from ramoe_ray.routing_stats import sequence_importance  # noqa: E402
 
 
 def _sync(device) -> None:
@@ -54,7 +56,7 @@ def capture_breakdown(model, batches, k: int, repeats: int = 5) -> dict:
                 if mode == "plain":
                     model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None])
                     continue
-                with M.capture(model) as rec:
+                with models.capture(model) as rec:
                     model(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None])
                 r = rec.routing(mask)
                 if mode == "importance":
@@ -83,6 +85,7 @@ def _print_breakdown(b: dict, n_examples: int, n_tokens: int) -> None:
 
 
 def cpu(args) -> None:
+    from ramoe_ray import sources
     from ramoe_ray.config import config_from_dict
     from ramoe_ray.synthetic import TARGET_LANGUAGES, TASKS
 
@@ -90,10 +93,11 @@ def cpu(args) -> None:
     task = args.task.split(":", 1)[1] if args.task.startswith("synthetic") else "task"
     fmt = TASKS.get(task, args.format)
     langs = args.languages or TARGET_LANGUAGES
-    cfg = config_from_dict(dict(models=[dict(name="m", family=args.family, path=args.model)],
-                                tasks=[dict(name=task, format=fmt, source=args.task)], languages=langs, cache_dir=cache))
-    plan = T.plan(cfg, cfg.models[0], cfg.tasks[0], langs, "train", max_new_tokens=args.max_new_tokens)
-    rows = T._rows_frame(plan, ["en"] + langs, False)
+    cfg = sources.resolve(config_from_dict(dict(
+        models=[dict(name="m", family=args.family, path=args.model)],
+        tasks=[dict(name=task, format=fmt, source=args.task)], languages=langs, cache_dir=cache)))
+    plan = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], langs, "train", max_new_tokens=args.max_new_tokens)
+    rows = taxonomy.rows_frame(plan, ["en"] + langs, False)
     import pandas as pd
 
     rows = pd.concat([rows.assign(id=rows.id + f"#{r}") for r in range(args.repeat)], ignore_index=True)
@@ -105,13 +109,13 @@ def cpu(args) -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = T.load_model_and_tokenizer(plan.model_path, plan.model_cfg)
+    model, tok = inference.load_model_and_tokenizer(plan.model_path, plan.model_cfg)
     load = time.perf_counter() - t0
     recs = rows.to_dict("records")
     t0 = time.perf_counter()
     for i in range(0, n, args.batch_size):
-        T.predict_rows(model, tok, recs[i : i + args.batch_size], k=plan.shape.experts_per_token,
-                       max_new_tokens=plan.max_new_tokens)
+        inference.predict_rows(model, tok, recs[i : i + args.batch_size], k=plan.shape.experts_per_token,
+                               max_new_tokens=plan.max_new_tokens)
     bare = time.perf_counter() - t0
     print(f"\nbare loop: load {load:.2f} s, run {bare:.2f} s -> {n / bare:.1f} ex/s ({n / (bare + load):.1f} ex/s with load)")
 
@@ -123,13 +127,15 @@ def cpu(args) -> None:
     # every map_batches call starts its own actor pool (process start, imports, model load): a
     # one-batch run measures that fixed cost; the full runs give end-to-end and marginal rates
     t0 = time.perf_counter()
-    T._predict_rows(plan, rows.iloc[: args.batch_size], num_actors=1, batch_size=args.batch_size,
-                    cpus_per_actor=args.threads)
+    kwargs = taxonomy.predictor_kwargs(plan)
+    inference.map_rows(rows.iloc[: args.batch_size], inference.Predictor, kwargs, num_actors=1,
+                       batch_size=args.batch_size, cpus_per_actor=args.threads)
     fixed = time.perf_counter() - t0
     ray_runs = []
     for _ in range(2):
         t0 = time.perf_counter()
-        out = T._predict_rows(plan, rows, num_actors=1, batch_size=args.batch_size, cpus_per_actor=args.threads)
+        out = inference.map_rows(rows, inference.Predictor, kwargs, num_actors=1, batch_size=args.batch_size,
+                                 cpus_per_actor=args.threads)
         ray_runs.append(time.perf_counter() - t0)
         assert len(out) == n
     ray.shutdown()
@@ -147,7 +153,25 @@ def cpu(args) -> None:
         batches.append((enc["input_ids"], enc["attention_mask"]))
     n_tokens = sum(int(m.sum()) for _, m in batches)
     print(f"\nrouting capture, same {len(batches)} batches ({n_tokens} prompt tokens), prompt forward only:")
-    _print_breakdown(capture_breakdown(model, batches, plan.shape.experts_per_token), n, n_tokens)
+    breakdown = capture_breakdown(model, batches, plan.shape.experts_per_token)
+    _print_breakdown(breakdown, n, n_tokens)
+    if plan.task_cfg.format == "generative_numeric":
+        gen = generation_seconds(model, tok, batches, plan.max_new_tokens)
+        print(f"  generation (model.generate, up to {plan.max_new_tokens} tokens, its own prompt prefill) "
+              f"{gen:8.3f} s  ratio to the taxonomy forward {gen / breakdown['importance']:.3f}")
+
+
+def generation_seconds(model, tok, batches, max_new_tokens: int, repeats: int = 3) -> float:
+    """Seconds of ``inference.generate_texts`` over the batches, best of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        for ids, mask in batches:
+            inference.generate_texts(model, tok, ids, mask, max_new_tokens)
+        _sync(model.device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -187,13 +211,13 @@ def gpu(args) -> None:
           f"(right padding): {n_tokens} prompt tokens")
 
     # the taxonomy's prompt pass as the stage runs it (routing_forward), then the breakdown
-    T.routing_forward(model, *batches[0], k=args.top_k)
+    inference.routing_forward(model, *batches[0], k=args.top_k)
     _sync(device)
     t0 = time.perf_counter()
     for ids, mask in batches:
-        _, _, logp, cache = T.routing_forward(model, ids, mask, k=args.top_k, use_cache=args.gen_tokens > 0)
+        inference.routing_forward(model, ids, mask, k=args.top_k)
         if args.gen_tokens:
-            T.greedy_continue(model, _NoText(), cache, logp.argmax(-1), mask, args.gen_tokens)
+            inference.generate_texts(model, _NoText(), ids, mask, args.gen_tokens)
     _sync(device)
     total = time.perf_counter() - t0
     what = "prompt forward + capture + importance" + (f" + {args.gen_tokens} greedy tokens" if args.gen_tokens else "")
@@ -208,9 +232,13 @@ class _NoText:
     """Tokenizer stand-in for random-token generation: decodes to nothing, so only eos/length stop."""
 
     eos_token_id = None
+    pad_token_id = 1  # the config's
 
     def decode(self, ids, skip_special_tokens=True):
         return ""
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [""] * len(ids)
 
 
 def main() -> None:
@@ -225,7 +253,7 @@ def main() -> None:
     c.add_argument("--task", default="synthetic-small:category")
     c.add_argument("--format", default="generative_numeric", help="format of a non-synthetic task")
     c.add_argument("--languages", nargs="*", default=None)
-    c.add_argument("--max-new-tokens", type=int, default=T.MAX_NEW_TOKENS)
+    c.add_argument("--max-new-tokens", type=int, default=inference.MAX_NEW_TOKENS)
     c.add_argument("--cache", default=None)
     g = sub.add_parser("gpu")
     g.add_argument("--device", default="cuda")

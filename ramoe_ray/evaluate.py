@@ -1,9 +1,9 @@
-"""Stage 4: evaluation (DESIGN.md, "The method" 4) — one evaluator for the base model, a trained adapter
+"""Stage 4: evaluation (docs/architecture.md, "The method") — one evaluator for the base model, a trained adapter
 (SFT, RA-MoE, RISE) and Routing Steering.
 
 Entry: ``evaluate_cell(cfg, model_cfg, task_cfg, languages, adapter=None, steering=None, split="test")``.
 
-It is stage 1's predictor (``taxonomy.predict_rows`` in ``taxonomy.Predictor``, as a Ray Data actor pool
+It is stage 1's predictor (``inference.Predictor``, run by ``inference.map_rows`` as a Ray Data actor pool
 or in process with ``resources.inference_actors = 0``) on the split's English and target examples:
 
 - base model: exactly the taxonomy of that split (its cached artefacts are reused, or computed);
@@ -28,15 +28,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ramoe_ray import models as M
-from ramoe_ray import taxonomy as TX
+from ramoe_ray import inference, lora, models, taxonomy
+from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.config import ConfigError
+from ramoe_ray.routing_stats import divergence_curve
 
 EVAL = "eval.json"
 
@@ -52,27 +51,25 @@ def load_adapter(model, adapter: str | os.PathLike):
     """Our expert LoRA on ``model`` with the saved factors of ``adapter`` (in place; returns the model)."""
     from safetensors.torch import load_file
 
-    from ramoe_ray import lora as LA
-
     folder = Path(adapter)
-    meta_file = folder / LA.RAMOE_LORA
-    if not meta_file.is_file() or not (folder / LA.ADAPTER_WEIGHTS).is_file():
-        raise ConfigError(f"adapter {str(folder)!r}: no {LA.RAMOE_LORA} / {LA.ADAPTER_WEIGHTS} (train.train_cell writes both)")
+    meta_file = folder / lora.RAMOE_LORA
+    if not meta_file.is_file() or not (folder / lora.ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"adapter {str(folder)!r}: no {lora.RAMOE_LORA} / {lora.ADAPTER_WEIGHTS} (train.train_cell writes both)")
     meta = json.loads(meta_file.read_text())
-    fam = M.family_of(model)
+    fam = models.family_of(model)
     if meta["family"] != fam.name:
         raise ConfigError(f"adapter {str(folder)!r} was trained on a {meta['family']} model, this is {fam.name}")
-    LA.apply_expert_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), seed=0)
-    state = load_file(str(folder / LA.ADAPTER_WEIGHTS))
+    lora.apply_expert_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), seed=0)
+    state = load_file(str(folder / lora.ADAPTER_WEIGHTS))
     try:
-        LA.load_lora_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
+        lora.load_lora_state_dict(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()})
     except (KeyError, ValueError) as e:
         raise ConfigError(f"adapter {str(folder)!r} does not fit the model: {e}") from None
     return model.eval()
 
 
-class EvalPredictor(TX.Predictor):
-    """``taxonomy.Predictor`` with an adapter loaded and/or steering applied to every forward."""
+class EvalPredictor(inference.Predictor):
+    """``inference.Predictor`` with an adapter loaded and/or steering applied to every forward."""
 
     def __init__(self, model_path: str, model_cfg: dict, k: int, max_new_tokens: int, device: str = "cpu",
                  threads: int | None = None, adapter: str | None = None, steering: dict | None = None):
@@ -83,34 +80,8 @@ class EvalPredictor(TX.Predictor):
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         s = self.steering
-        with M.steer(self.model, s["experts"], s["strength"]) if s else contextlib.nullcontext():
+        with models.steer(self.model, s["experts"], s["strength"]) if s else contextlib.nullcontext():
             return super().__call__(batch)
-
-
-def _predict(plan, rows: pd.DataFrame, *, adapter, steering, num_actors: int, batch_size: int) -> pd.DataFrame:
-    """As ``taxonomy._predict_rows`` with ``EvalPredictor``."""
-    kwargs = dict(model_path=plan.model_path, model_cfg=plan.model_cfg.model_dump(), k=plan.shape.experts_per_token,
-                  max_new_tokens=plan.max_new_tokens, adapter=str(adapter) if adapter else None, steering=steering)
-    if num_actors == 0:
-        pred = EvalPredictor(device="cuda" if torch.cuda.is_available() else "cpu", **kwargs)
-        return pd.concat([pred(rows.iloc[i : i + batch_size]) for i in range(0, len(rows), batch_size)],
-                         ignore_index=True)
-    import ray
-
-    TX._ensure_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_blocks = max(1, min(len(rows), 4 * num_actors))
-    blocks = [b for b in np.array_split(np.arange(len(rows)), n_blocks) if len(b)]
-    ds = ray.data.from_pandas([rows.iloc[b] for b in blocks])
-    if gpus:
-        num_actors, res = gpus, dict(num_gpus=1)
-        kwargs["device"] = "cuda"
-    else:
-        res = dict(num_cpus=plan.cfg.resources.cpus_per_worker)
-        kwargs["threads"] = max(1, int(plan.cfg.resources.cpus_per_worker))
-    out = ds.map_batches(EvalPredictor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
-                         batch_size=batch_size, batch_format="pandas", **res)
-    return out.to_pandas()
 
 
 def _label(adapter, steering) -> str:
@@ -126,14 +97,12 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
     """Accuracy per language (English included) and the divergence to English per MoE layer, for the base
     model, base + ``adapter`` or base under ``steering`` (module docstring). Returns the eval.json content
     plus "path"."""
-    from ramoe_ray.experts import divergence_curve
-
     if isinstance(languages, str):
         languages = [languages]
     languages = [l for l in dict.fromkeys(languages) if l != "en"]
     if adapter is not None and not Path(adapter).is_dir():
         raise ConfigError(f"adapter {str(adapter)!r} is not a folder")
-    plan = TX.plan(cfg, model_cfg, task_cfg, languages, split)
+    plan = taxonomy.plan(cfg, model_cfg, task_cfg, languages, split)
     if steering is not None:
         steering = {"experts": {str(l): list(v) for l, v in _steering_spec(steering)["experts"].items()},
                     "strength": float(steering["strength"])}
@@ -141,21 +110,23 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
         if bad:
             raise ConfigError(f"steering layers {bad} are not MoE layers of {model_cfg.name!r} ({list(plan.shape.moe_layers)})")
     num_actors = cfg.resources.inference_actors if num_actors is None else num_actors
-    batch_size = batch_size or TX.BATCH_SIZE
+    batch_size = batch_size or inference.BATCH_SIZE
     langs = ["en"] + languages
     if adapter is None and steering is None:  # the base model: the taxonomy of this split
-        TX.execute(plan, num_actors=num_actors, batch_size=batch_size)
+        taxonomy.execute(plan, num_actors=num_actors, batch_size=batch_size)
         frames = [pd.read_parquet(plan.root / plan.keys[l] / "rows.parquet") for l in langs]
         out = pd.concat(frames, ignore_index=True)
     else:
-        rows = TX._rows_frame(plan, langs, False)
-        out = _predict(plan, rows, adapter=adapter, steering=steering, num_actors=num_actors, batch_size=batch_size)
+        rows = taxonomy.rows_frame(plan, langs, False)
+        kwargs = {**taxonomy.predictor_kwargs(plan), "adapter": str(adapter) if adapter else None, "steering": steering}
+        out = inference.map_rows(rows, EvalPredictor, kwargs, num_actors=num_actors, batch_size=batch_size,
+                                 cpus_per_actor=cfg.resources.cpus_per_worker)
         if len(out) != len(rows):
             raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
     out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
     layers = list(plan.shape.moe_layers)
     by_lang = {l: out[out.language == l].sort_values("id") for l in langs}
-    imp = {l: TX.routing_array(df, "importance") for l, df in by_lang.items()}
+    imp = {l: taxonomy.routing_array(df, "importance") for l, df in by_lang.items()}
     result = {
         "model": model_cfg.name, "task": task_cfg.name, "split": split, "languages": langs,
         "adapter": str(adapter) if adapter else None, "steering": steering, "moe_layers": layers,
@@ -169,9 +140,7 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
     table = out.drop(columns=[c for c in ("continuations",) if c in out]).copy()
     for c in ("importance", "frequency"):  # (L, E) per row, whether from the predictor or read back from parquet
         table[c] = [np.stack([np.asarray(r, dtype=np.float32) for r in x]) for x in table[c]]
-    TX._write_parquet(table, out_dir / "rows.parquet")
-    from ramoe_ray.cache import write_json_atomic
-
+    taxonomy.write_parquet(table, out_dir / "rows.parquet")
     write_json_atomic(out_dir / EVAL, result)
     result["path"] = str(out_dir / EVAL)
     result["mlflow"] = _log_mlflow(result, out_dir)

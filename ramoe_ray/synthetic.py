@@ -1,4 +1,4 @@
-"""The embedded default: a synthetic multilingual world (DESIGN.md, "The embedded default").
+"""The embedded default: a synthetic multilingual world (docs/architecture.md).
 
 English plus six target languages render the same concepts, so every example has an exact
 translation. Languages differ from English in graded ways, as real ones do:
@@ -23,13 +23,18 @@ parameters and this module's code version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ramoe_ray.cache import atomic_dir
+import pandas as pd
+
+from ramoe_ray import inference
+from ramoe_ray.cache import atomic_dir, code_digest, content_key
+from ramoe_ray.models import shape_of_config, tiny_config
+from ramoe_ray.tasks import build_prompt, choice_continuations
 
 # ------------------------------------------------------------------------------------------ concepts
 
@@ -132,7 +137,7 @@ def _arith_problem(rng: random.Random) -> dict:
     a = rng.randint(0, ARITH_MAX)
     if rng.random() < 0.5:
         b = rng.randint(0, ARITH_MAX)
-        story = [_s(f"S:{who}", f"V:has", f"O:{a}", f"O:{obj}", "."), _s(f"S:{who}", "V:gets", f"O:{b}", "O:more", f"O:{obj}", ".")]
+        story = [_s(f"S:{who}", "V:has", f"O:{a}", f"O:{obj}", "."), _s(f"S:{who}", "V:gets", f"O:{b}", "O:more", f"O:{obj}", ".")]
         answer = a + b
         other = None  # not in the text: not in the key either
     else:
@@ -258,8 +263,6 @@ def general_text(code: str, n: int, seed: int) -> list[str]:
 
 def prompt(record: dict) -> str:
     """The task format's own prompt (ramoe_ray.tasks), as for real data."""
-    from ramoe_ray.tasks import build_prompt
-
     return build_prompt(record, TASKS[record["id"].split("-", 1)[0]])
 
 
@@ -294,8 +297,7 @@ class WorldSpec:
     languages: tuple[str, ...] = tuple(LANGUAGES)
 
     def key(self) -> str:
-        code = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:16]
-        return hashlib.sha256(json.dumps([asdict(self), code], sort_keys=True).encode()).hexdigest()[:16]
+        return content_key([asdict(self), code_digest(sys.modules[__name__])], 16)
 
 
 SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=4, hidden_size=32, intermediate_size=32,
@@ -355,9 +357,8 @@ def _word_tokenizer(texts: list[str], out_dir: Path):
     return fast
 
 
-def _model_config(spec: WorldSpec, family: str, vocab_size: int):
-    from ramoe_ray.models import tiny_config
-
+def model_config(spec: WorldSpec, family: str, vocab_size: int):
+    """The HF config of the world's model of ``family`` (its shape is known from the spec alone)."""
     fields = dict(
         vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_experts_per_tok=spec.experts_per_token,
@@ -405,7 +406,7 @@ def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(_model_config(spec, family, len(tokenizer)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config(spec, family, len(tokenizer)), dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, spec.steps // 20)
@@ -436,36 +437,23 @@ def pretrain(spec: WorldSpec, family: str, tokenizer, exclude: set, *, log_every
     return model.eval()
 
 
-def evaluate_world(model, tokenizer, examples: dict[str, dict[str, list[dict]]], *, batch_size: int = 128) -> "pd.DataFrame":
+def evaluate_world(model, tokenizer, examples: dict[str, dict[str, list[dict]]], *, batch_size: int = 128) -> pd.DataFrame:
     """Accuracy of a world model on task examples: one row per (task, language, id) with the
-    prediction and correctness. Every answer and option of the world is one token, so greedy
-    decoding's first token is the generation (numeric task) and the options' log-likelihoods are
-    the last position's (multiple choice, scored on the option texts: CHOICES)."""
-    import pandas as pd
-    import torch
-
-    from ramoe_ray.tasks import extract_number, score_choices, score_generative
-
-    rows = []
+    prediction and correctness, scored by stage 1's predictor (``inference.predict_rows``). Every
+    answer and option of the world is one token, so one generated token is the answer (numeric
+    task) and the options' log-likelihoods are the last prompt position's (multiple choice, scored
+    on the option texts: CHOICES)."""
+    k = shape_of_config(model.config).experts_per_token
+    out = []
     for task, by_lang in examples.items():
         for code, records in by_lang.items():
-            for i in range(0, len(records), batch_size):
-                chunk = records[i : i + batch_size]
-                enc = tokenizer([prompt(r) for r in chunk], return_tensors="pt", padding=True)
-                with torch.no_grad():
-                    logits = model(**enc).logits
-                last = enc["attention_mask"].sum(1) - 1
-                final = logits[torch.arange(len(chunk)), last].log_softmax(-1)
-                answers = [r["answer"] for r in chunk]
-                if TASKS[task] == "generative_numeric":
-                    preds = [extract_number(tokenizer.decode([t])) or "" for t in final.argmax(-1).tolist()]
-                    correct = score_generative(preds, answers)
-                else:
-                    options = torch.tensor([tokenizer.convert_tokens_to_ids(r["choices"]) for r in chunk])
-                    preds, correct = score_choices(final.gather(1, options).tolist(), answers)
-                rows += [dict(task=task, language=code, id=r["id"], prediction=p, correct=bool(c))
-                         for r, p, c in zip(chunk, preds, correct)]
-    return pd.DataFrame(rows)
+            rows = [dict(id=r["id"], language=code, kind="task", fmt=TASKS[task], prompt=prompt(r), answer=r["answer"],
+                         continuations=choice_continuations(r, CHOICES) if r["choices"] else []) for r in records]
+            for i in range(0, len(rows), batch_size):
+                res = inference.predict_rows(model, tokenizer, rows[i : i + batch_size], k=k, max_new_tokens=1)
+                out += [dict(task=task, language=code, id=r["id"], prediction=r["prediction"], correct=r["correct"])
+                        for r in res]
+    return pd.DataFrame(out)
 
 
 # ----------------------------------------------------------------------------------- build and cache

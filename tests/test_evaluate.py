@@ -1,14 +1,16 @@
 """Stage 4 (evaluate.py): one evaluator for base, adapter and steering; accuracy per language, divergence
-per layer; steering raises the band's task experts' share and leaves the layers below the band alone."""
+per layer; steering raises the band's task experts' share and leaves the layers below the band alone; a
+saved adapter is evaluated as the model it was saved from."""
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
-
+import torch
 from conftest import small_config
-from ramoe_ray import evaluate as EV
-from ramoe_ray import train as TR
+
+from ramoe_ray import evaluate, inference, lora, taxonomy, train
 from ramoe_ray.config import ConfigError
 
 LANG = "syn3"
@@ -21,17 +23,17 @@ def cfg_for(cache, tmp_path, **training):
                         steering=dict(strengths=[3.0]), output_dir=str(tmp_path / "runs"))
 
 
-def evaluate(cfg, **kw):
-    return EV.evaluate_cell(cfg, cfg.models[0], cfg.tasks[0], [LANG], **kw)
+def evaluate_cell(cfg, **kw):
+    return evaluate.evaluate_cell(cfg, cfg.models[0], cfg.tasks[0], [LANG], **kw)
 
 
 def test_steering_raises_band_task_experts_share_only_there(shared_cache, tmp_path):
     cfg = cfg_for(shared_cache, tmp_path)
-    spec = TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="steering", top_k=1, num_workers=0)["steering"]
+    spec = train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="steering", top_k=1, num_workers=0)["steering"]
     band = sorted(int(l) for l in spec["experts"])
     assert band == [1]  # default band 0.375-0.625 of the 4-layer world model
-    base = evaluate(cfg)
-    steered = evaluate(cfg, steering=spec)
+    base = evaluate_cell(cfg)
+    steered = evaluate_cell(cfg, steering=spec)
     layers = base["moe_layers"]
     for lang in ("en", LANG):
         b, s = np.array(base["importance_mean"][lang]), np.array(steered["importance_mean"][lang])
@@ -46,25 +48,51 @@ def test_steering_raises_band_task_experts_share_only_there(shared_cache, tmp_pa
     assert set(steered["accuracy"]) == {"en", LANG} and steered["n"] == base["n"]
     assert json.loads(open(steered["path"]).read())["steering"]["strength"] == 3.0
     # strength 0: the steered model is the base model
-    zero = evaluate(cfg, steering={**spec, "strength": 0.0})
+    zero = evaluate_cell(cfg, steering={**spec, "strength": 0.0})
     assert zero["accuracy"] == base["accuracy"]
     for lang in ("en", LANG):
         assert np.allclose(zero["importance_mean"][lang], base["importance_mean"][lang], atol=1e-6)
     with pytest.raises(ConfigError, match="not MoE layers"):
-        evaluate(cfg, steering={"experts": {"9": [0]}, "strength": 1.0})
+        evaluate_cell(cfg, steering={"experts": {"9": [0]}, "strength": 1.0})
 
 
+def test_a_saved_adapter_is_evaluated_as_the_model_it_was_saved_from(shared_cache, tmp_path):
+    """An adapter written by ``lora.save_adapter`` (random LoRA factors, no training), loaded by the
+    evaluator's predictor: its predictions and routing equal the in-memory model's."""
+    cfg = cfg_for(shared_cache, tmp_path)
+    plan = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], [LANG], "test")
+    model, tok = inference.load_model_and_tokenizer(plan.model_path, cfg.models[0])
+    lora.apply_expert_lora(model, rank=4, alpha=8, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0.0, 0.5)
+    adapter = lora.save_adapter(model, tmp_path / "adapter", plan.model_path)
+    rows = taxonomy.rows_frame(plan, ["en", LANG], False)
+    want = pd.DataFrame(inference.predict_rows(model.eval(), tok, rows.to_dict("records"), k=plan.shape.experts_per_token,
+                                               max_new_tokens=plan.max_new_tokens))
+    res = evaluate_cell(cfg, adapter=adapter)
+    got = pd.read_parquet(res["path"].replace(evaluate.EVAL, "rows.parquet")).sort_values(["language", "id"])
+    want = want.sort_values(["language", "id"])
+    assert got[["language", "id", "prediction", "correct"]].values.tolist() == \
+        want[["language", "id", "prediction", "correct"]].values.tolist()
+    np.testing.assert_allclose(taxonomy.routing_array(got), taxonomy.routing_array(want), atol=1e-6)
+    base = evaluate_cell(cfg)
+    assert not np.allclose(res["importance_mean"][LANG], base["importance_mean"][LANG], atol=1e-4)  # the adapter acts
+
+
+@pytest.mark.slow  # trains with DeepSpeed (in process)
 def test_adapter_evaluation_with_divergence_and_mlflow(shared_cache, tmp_path):
     import mlflow
 
     cfg = cfg_for(shared_cache, tmp_path, max_steps=2)
-    res = TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="sft", top_k=1, num_workers=0,
+    res = train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="sft", top_k=1, num_workers=0,
                         run_dir=tmp_path / "sft")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("eval-test")
     with mlflow.start_run() as run:
-        trained = evaluate(cfg, adapter=res["adapter"])
-    base = evaluate(cfg)
+        trained = evaluate_cell(cfg, adapter=res["adapter"])
+    base = evaluate_cell(cfg)
     n_layers = len(base["moe_layers"])
     for r in (base, trained):
         assert set(r["accuracy"]) == {"en", LANG} and all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
@@ -78,9 +106,10 @@ def test_adapter_evaluation_with_divergence_and_mlflow(shared_cache, tmp_path):
     assert metrics[f"acc_{LANG}"] == pytest.approx(trained["accuracy"][LANG])
     assert metrics[f"div_{LANG}_L0"] == pytest.approx(trained["divergence"][LANG][0])
     with pytest.raises(ConfigError, match="not a folder"):
-        evaluate(cfg, adapter=tmp_path / "missing")
+        evaluate_cell(cfg, adapter=tmp_path / "missing")
 
 
+@pytest.mark.slow  # trains with DeepSpeed (in process)
 def test_cli_train_and_evaluate(shared_cache, tmp_path, capsys):
     import yaml
 
@@ -99,4 +128,4 @@ def test_cli_train_and_evaluate(shared_cache, tmp_path, capsys):
     assert out["method"] == "sft" and out["steps"] == 1 and out["adapter"] == str(run_dir / "adapter")
     assert main(["evaluate", str(path), "--method", "steering", "--top-k", "1", "--out-dir", str(tmp_path / "ev")]) == 0
     text = capsys.readouterr().out
-    assert "steering" in text and LANG in text and (tmp_path / "ev" / EV.EVAL).is_file()
+    assert "steering" in text and LANG in text and (tmp_path / "ev" / evaluate.EVAL).is_file()

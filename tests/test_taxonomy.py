@@ -1,5 +1,6 @@
-"""Stage 1 (taxonomy): Ray Data == a plain loop written here, padding invariance, the content-addressed
-cache, input checks before any actor, the real MGSM path with a tiny preset, and the CLI."""
+"""Stage 1 (taxonomy.py, running inference.py): Ray Data == a plain loop written here, padding invariance
+(batched ``model.generate`` == each row decoded alone, every family), the content-addressed cache, input
+checks before any actor, the real MGSM path with a tiny preset, and the CLI."""
 
 import json
 import shutil
@@ -10,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import small_config
-from ramoe_ray import taxonomy as T
+from ramoe_ray import inference, sources, taxonomy
 from ramoe_ray.cli import main
 from ramoe_ray.config import ConfigError, config_from_dict
-from ramoe_ray.experts import sequence_importance
 from ramoe_ray.models import FAMILIES, capture
+from ramoe_ray.routing_stats import sequence_importance
 from ramoe_ray.tasks import build_prompt, extract_number, score_choices, score_generative
 
 MGSM = Path(__file__).parents[2] / "shared/data/mgsm"
@@ -34,7 +35,7 @@ def reference_loop(model_path, examples, fmt, *, k, max_new_tokens, general=()):
     items += [("en", f"general-{i:05d}", text, None) for i, text in enumerate(general)]
     out = {}
     for lang, ident, prompt, ex in items:
-        enc = tok(prompt, return_tensors="pt", truncation=ex is None, max_length=T.GENERAL_MAX_TOKENS)
+        enc = tok(prompt, return_tensors="pt", truncation=ex is None, max_length=inference.GENERAL_MAX_TOKENS)
         with torch.no_grad(), capture(model) as rec:
             logits = model(**enc).logits
         r = rec.routing(enc["attention_mask"])
@@ -80,40 +81,40 @@ def expected_categories(ref: dict, target: str) -> dict:
 def test_categories_english_first_letter_target_second():
     en = pd.Series({"a": True, "b": True, "c": False, "d": False})
     tg = pd.Series({"d": False, "c": True, "b": False, "a": True})  # order differs: joined by id
-    assert T.categories(en, tg).to_dict() == {"a": "cc", "b": "ci", "c": "ic", "d": "ii"}
+    assert taxonomy.categories(en, tg).to_dict() == {"a": "cc", "b": "ci", "c": "ic", "d": "ii"}
 
 
 def test_multi_token_continuation_scoring_agrees_with_token_by_token(make_config):
     """full_logliks (used when a continuation is several tokens) == the last prompt position's
     log-probabilities for one token, and == the chain rule by separate forwards for two."""
     cfg = make_config(task="category")
-    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test")
-    model, tok = T.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    p = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test")
+    model, tok = inference.load_model_and_tokenizer(p.model_path, cfg.models[0])
     prompt = build_prompt(p.examples["syn3"][0], "multiple_choice")
     ids = tok(prompt)["input_ids"]
-    conts = [T.continuation_ids(tok, ids, prompt, " " + letter) for letter in "ABCD"]
+    conts = [inference.continuation_ids(tok, ids, prompt, " " + letter) for letter in "ABCD"]
     assert all(len(c) == 1 for c in conts)
     with torch.no_grad():
         logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
         two = model(input_ids=torch.tensor([ids + conts[0]])).logits[0, -1].log_softmax(-1)
-    np.testing.assert_allclose(T.full_logliks(model, ids, conts), [float(logp[c[0]]) for c in conts], atol=1e-5)
+    np.testing.assert_allclose(inference.full_logliks(model, ids, conts), [float(logp[c[0]]) for c in conts], atol=1e-5)
     chain = float(logp[conts[0][0]] + two[conts[1][0]])
-    np.testing.assert_allclose(T.full_logliks(model, ids, [conts[0] + conts[1]]), [chain], atol=1e-5)
+    np.testing.assert_allclose(inference.full_logliks(model, ids, [conts[0] + conts[1]]), [chain], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- Ray == plain loop
 
 
 @pytest.mark.parametrize("task,actors", [
-    pytest.param("arith", 2, marks=pytest.mark.integration, id="arith-ray-2-actors"),
+    pytest.param("arith", 2, marks=[pytest.mark.integration, pytest.mark.slow], id="arith-ray-2-actors"),
     pytest.param("category", 0, id="category-in-process"),  # the same predictor; keeps the default run fast
 ])
 def test_taxonomy_equals_a_plain_loop(task, actors, make_config, request):
     if actors:
         request.getfixturevalue("ray_local")
     cfg = make_config(task=task)
-    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test", general=(task == "arith"), max_new_tokens=3)
-    cells, general = T.execute(p, num_actors=actors, batch_size=4)
+    p = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test", general=(task == "arith"), max_new_tokens=3)
+    cells, general = taxonomy.execute(p, num_actors=actors, batch_size=4)
     path, hit = cells["syn3"]
     assert not hit
     df = pd.read_parquet(path)
@@ -128,7 +129,7 @@ def test_taxonomy_equals_a_plain_loop(task, actors, make_config, request):
         assert len(g) == len(p.general) and (g.kind == "general").all()
         assert_matches_reference(g, {k: v for k, v in ref.items() if "general" in k[1]})
     meta = json.loads((path.parent / "meta.json").read_text())
-    assert meta["counts"] == {c: list(expected_categories(ref, "syn3").values()).count(c) for c in T.CATEGORIES}
+    assert meta["counts"] == {c: list(expected_categories(ref, "syn3").values()).count(c) for c in taxonomy.CATEGORIES}
 
 
 # ------------------------------------------------------------------------------ padding invariance
@@ -142,7 +143,7 @@ def test_batch_size_one_and_eight_give_the_same_results(task, tmp_path, small_wo
         cache.mkdir()
         (cache / "world").symlink_to(small_world.resolve(), target_is_directory=True)
         cfg = small_config(cache, task=task)
-        path, hit = T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", "test", num_actors=0, batch_size=bs,
+        path, hit = taxonomy.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", "test", num_actors=0, batch_size=bs,
                                    max_new_tokens=3)
         frames.append(pd.read_parquet(path))
     a, b = frames
@@ -150,8 +151,8 @@ def test_batch_size_one_and_eight_give_the_same_results(task, tmp_path, small_wo
         b[["id", "language", "prediction", "correct", "category", "n_tokens"]])
     if task == "arith":
         assert a.output.tolist() == b.output.tolist()  # the generated texts, token for token
-    np.testing.assert_allclose(T.routing_array(a), T.routing_array(b), atol=2e-6)
-    np.testing.assert_array_equal(T.routing_array(a, "frequency"), T.routing_array(b, "frequency"))
+    np.testing.assert_allclose(taxonomy.routing_array(a), taxonomy.routing_array(b), atol=2e-6)
+    np.testing.assert_array_equal(taxonomy.routing_array(a, "frequency"), taxonomy.routing_array(b, "frequency"))
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -161,12 +162,25 @@ def _boom(*args, **kwargs):
     raise AssertionError("a model ran although the artefact was cached")
 
 
+def count_prompt_forwards(monkeypatch) -> list[int]:
+    """A spy on ``inference.routing_forward`` (in this process): the batch size of every prompt forward."""
+    seen = []
+    real = inference.routing_forward
+
+    def spy(model, ids, mask, **kw):
+        seen.append(ids.shape[0])
+        return real(model, ids, mask, **kw)
+
+    monkeypatch.setattr(inference, "routing_forward", spy)
+    return seen
+
+
 def test_second_run_loads_the_artefact_and_runs_no_model(make_config, monkeypatch):
     cfg = make_config(task="category", languages=("syn3", "syn5"))
     m, t = cfg.models[0], cfg.tasks[0]
-    start = T.FORWARDS
-    path, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
-    assert not hit and T.FORWARDS - start == 2 * N_TEST
+    forwards = count_prompt_forwards(monkeypatch)
+    path, hit = taxonomy.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    assert not hit and sum(forwards) == 2 * N_TEST
     meta = json.loads((path.parent / "meta.json").read_text())
     assert meta["computed"] == {"en": True, "syn3": True} and meta["n"] == N_TEST
     en_meta = json.loads((Path(cfg.cache_dir) / "taxonomy" / meta["inputs"]["en"] / "meta.json").read_text())
@@ -174,20 +188,20 @@ def test_second_run_loads_the_artefact_and_runs_no_model(make_config, monkeypatc
     written = path.stat().st_mtime_ns
 
     with monkeypatch.context() as mp:  # the hit path must not build a dataset, load a model or run one
-        mp.setattr(T, "_predict_rows", _boom)
-        mp.setattr(T, "load_model_and_tokenizer", _boom)
-        mp.setattr(T, "predict_batch", _boom)
-        again, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=2)
-    assert hit and again == path and path.stat().st_mtime_ns == written and T.FORWARDS - start == 2 * N_TEST
+        mp.setattr(inference, "map_rows", _boom)
+        mp.setattr(inference, "load_model_and_tokenizer", _boom)
+        mp.setattr(inference, "predict_batch", _boom)
+        again, hit = taxonomy.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=2)
+    assert hit and again == path and path.stat().st_mtime_ns == written and sum(forwards) == 2 * N_TEST
 
     # another language: English is reused, only the new language runs
-    other, hit = T.run_taxonomy(cfg, m, t, "syn5", "test", num_actors=0)
-    assert not hit and other != path and T.FORWARDS - start == 3 * N_TEST
+    other, hit = taxonomy.run_taxonomy(cfg, m, t, "syn5", "test", num_actors=0)
+    assert not hit and other != path and sum(forwards) == 3 * N_TEST
     assert json.loads((other.parent / "meta.json").read_text())["computed"] == {"en": False, "syn5": True}
 
     # another split: both languages run again
-    val, hit = T.run_taxonomy(cfg, m, t, "syn3", "validation", num_actors=0)
-    assert not hit and val != path and T.FORWARDS - start == 5 * N_TEST
+    val, hit = taxonomy.run_taxonomy(cfg, m, t, "syn3", "validation", num_actors=0)
+    assert not hit and val != path and sum(forwards) == 5 * N_TEST
 
 
 def test_changed_model_file_misses_the_cache(make_config, tmp_path):
@@ -195,21 +209,21 @@ def test_changed_model_file_misses_the_cache(make_config, tmp_path):
 
     cfg0 = make_config(task="category")
     folder = tmp_path / "model"
-    shutil.copytree(T.plan(cfg0, cfg0.models[0], cfg0.tasks[0], ["syn3"], "test").model_path, folder)
+    shutil.copytree(taxonomy.plan(cfg0, cfg0.models[0], cfg0.tasks[0], ["syn3"], "test").model_path, folder)
     cfg = make_config(task="category", models=[dict(name="m", family="olmoe", path=str(folder))])
     m, t = cfg.models[0], cfg.tasks[0]
-    first, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    first, hit = taxonomy.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
     assert not hit
-    assert T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0) == (first, True)
+    assert taxonomy.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0) == (first, True)
 
     weights = load_file(folder / "model.safetensors")
     name = next(n for n in weights if n.endswith("mlp.gate.weight"))
     weights[name][0] += 1.0  # expert 0's router row (a shift of every row would cancel in the softmax)
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    second, hit = T.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
+    second, hit = taxonomy.run_taxonomy(cfg, m, t, "syn3", "test", num_actors=0)
     assert not hit and second != first
     a, b = pd.read_parquet(first), pd.read_parquet(second)
-    assert not np.allclose(T.routing_array(a), T.routing_array(b))  # the new weights really ran
+    assert not np.allclose(taxonomy.routing_array(a), taxonomy.routing_array(b))  # the new weights really ran
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -225,21 +239,19 @@ def test_bad_inputs_are_refused_before_any_actor_starts(make_config, tmp_path, m
 
     from ramoe_ray.models import build_tiny
 
-    monkeypatch.setattr(T, "_predict_rows", _boom)  # reaching the actors would fail the test differently
-    monkeypatch.setattr(T, "load_model_and_tokenizer", _boom)
+    monkeypatch.setattr(inference, "map_rows", _boom)  # reaching the actors would fail the test differently
+    monkeypatch.setattr(inference, "load_model_and_tokenizer", _boom)
 
-    dense = tmp_path / "dense"
+    dense = tmp_path / "dense"  # models are refused when the config is resolved (sources.resolve)
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=2)).save_pretrained(dense)
-    cfg = make_config(models=[dict(name="d", family="olmoe", path=str(dense))])
     with pytest.raises(ConfigError, match="not a supported MoE family"):
-        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", num_actors=2)
+        make_config(models=[dict(name="d", family="olmoe", path=str(dense))])
 
     no_tok = tmp_path / "no-tokenizer"
     build_tiny("olmoe").save_pretrained(no_tok)
-    cfg = make_config(models=[dict(name="n", family="olmoe", path=str(no_tok))])
     with pytest.raises(ConfigError, match="has no tokenizer"):
-        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "syn3", num_actors=2)
+        make_config(models=[dict(name="n", family="olmoe", path=str(no_tok))])
 
     rows = [dict(id=f"q{i}", question=f"What is {i} plus 1?", answer=str(i + 1)) for i in range(2)]
     _jsonl(tmp_path / "task" / "en.jsonl", rows)
@@ -247,10 +259,10 @@ def test_bad_inputs_are_refused_before_any_actor_starts(make_config, tmp_path, m
     task = [dict(name="tiny", format="generative_numeric", source=str(tmp_path / "task"))]
     cfg = make_config(tasks=task, languages=["fr"])
     with pytest.raises(ConfigError, match="no file for language 'fr'"):
-        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "fr", num_actors=2)
+        taxonomy.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "fr", num_actors=2)
     cfg = make_config(tasks=task, languages=["de"])
     with pytest.raises(ConfigError, match="split 'validation' is empty"):
-        T.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "de", "validation", num_actors=2)
+        taxonomy.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "de", "validation", num_actors=2)
 
     # the same through the CLI: exit code 2 and one "error:" line
     bad = tmp_path / "bad.yaml"
@@ -264,62 +276,100 @@ def test_bad_inputs_are_refused_before_any_actor_starts(make_config, tmp_path, m
 # ----------------------------------------------------------------------- real MGSM, tiny preset
 
 
-def test_real_mgsm_on_a_tiny_preset_with_a_trained_tokenizer(tmp_path):
-    cfg = config_from_dict(dict(
-        models=[dict(name="tiny", family="olmoe", path="preset:olmoe")],
+def mgsm_preset_config(family: str, cache_dir):
+    """The real MGSM (English, German) on the tiny preset of ``family``, resolved."""
+    return sources.resolve(config_from_dict(dict(
+        models=[dict(name="tiny", family=family, path=f"preset:{family}")],
         tasks=[dict(name="mgsm", format="generative_numeric", source=str(MGSM))],
-        languages=["de"], cache_dir=str(tmp_path / "cache")))
+        languages=["de"], cache_dir=str(cache_dir))))
+
+
+def test_real_mgsm_on_a_tiny_preset_with_a_trained_tokenizer(tmp_path):
+    cfg = mgsm_preset_config("olmoe", tmp_path / "cache")
     m, t = cfg.models[0], cfg.tasks[0]
-    path, hit = T.run_taxonomy(cfg, m, t, "de", "test", num_actors=0, max_new_tokens=2)
+    path, hit = taxonomy.run_taxonomy(cfg, m, t, "de", "test", num_actors=0, max_new_tokens=2)
     df = pd.read_parquet(path)
     assert not hit and len(df) == 2 * 50 and df.groupby("language").size().to_dict() == {"de": 50, "en": 50}
-    assert set(df.category) <= set(T.CATEGORIES)
+    assert set(df.category) <= set(taxonomy.CATEGORIES)
     assert all(p == "" or extract_number(p) == p for p in df.prediction)
 
-    p = T.plan(cfg, m, t, ["de"], "test")
+    p = taxonomy.plan(cfg, m, t, ["de"], "test")
     folder = Path(p.model_path)
     assert folder.parent.name == "presets" and (folder / "tokenizer.json").is_file()
     tok = AutoTokenizer.from_pretrained(folder)
-    assert len(tok) <= T.PRESET_VOCAB and json.loads((folder / "config.json").read_text())["vocab_size"] == T.PRESET_VOCAB
+    assert len(tok) <= sources.PRESET_VOCAB and json.loads((folder / "config.json").read_text())["vocab_size"] == sources.PRESET_VOCAB
     question = p.examples["de"][0]["question"]
     ids = tok(question)["input_ids"]
     assert tok.decode(ids) == question and len(ids) < len(question.encode()) / 2  # a trained BPE, not bytes
     assert (df.n_tokens > 5).all()
-    imp, freq = T.routing_array(df), T.routing_array(df, "frequency")
+    imp, freq = taxonomy.routing_array(df), taxonomy.routing_array(df, "frequency")
     assert imp.shape == (100, 4, 8)
     np.testing.assert_allclose(imp.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(freq.sum(-1), 2.0, rtol=1e-5)
-    assert T.plan(cfg, m, t, ["de"], "test").model_path == p.model_path  # tokenizer and preset are cached
+    assert taxonomy.plan(cfg, m, t, ["de"], "test").model_path == p.model_path  # tokenizer and preset are cached
+
+
+def greedy_alone(model, tok, prompt: str, max_new_tokens: int) -> str:
+    """The plainest greedy decoding of ONE prompt: no batch, no padding, no KV cache, no ``generate``
+    (a full forward per new token); stops at eos or once the text holds a stop string."""
+    ids = tok(prompt)["input_ids"]
+    eos = set(inference.eos_ids(model, tok))
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            t = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+        if t in eos:
+            break
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if any(stop in text for stop in inference.STOP_STRINGS):
+            break
+    return inference.cut_at_stop(tok.decode(new, skip_special_tokens=True))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_batched_generation_equals_hf_generate_for_every_family(family, tmp_path):
-    """Right padding + the KV cache of the one prompt pass: each row's generated text and routing equal
-    HF ``generate`` on the row alone, for every family, with prompts longer than GPT-OSS's sliding
-    window (64 in the preset) batched with short ones."""
-    cfg = config_from_dict(dict(
-        models=[dict(name="tiny", family=family, path=f"preset:{family}")],
-        tasks=[dict(name="mgsm", format="generative_numeric", source=str(MGSM))],
-        languages=["de"], cache_dir=str(tmp_path)))
-    p = T.plan(cfg, cfg.models[0], cfg.tasks[0], ["de"], "test", max_new_tokens=4)
-    rows = T._rows_frame(p, ["en", "de"], False)
-    rows = rows.iloc[[0, 1, 2, len(rows) - 3, len(rows) - 2, len(rows) - 1]]  # shortest and longest prompts
-    out = T._predict_rows(p, rows, num_actors=0, batch_size=6)
+def test_batched_generation_equals_each_row_decoded_alone_for_every_family(family, tmp_path):
+    """``model.generate`` on the left-padded batch (``inference.generate_texts``): each row's text equals
+    that row decoded alone by a plain greedy loop, and its routing HF's forward of the row alone, for
+    every family, with prompts longer than GPT-OSS's sliding window (64 in the preset) batched with
+    short ones."""
+    cfg = mgsm_preset_config(family, tmp_path)
+    p = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["de"], "test")
+    rows = taxonomy.rows_frame(p, ["en", "de"], False)
+    rows = rows.iloc[[0, 1, 2, 3, len(rows) - 4, len(rows) - 3, len(rows) - 2, len(rows) - 1]]  # shortest, longest
+    model, tok = inference.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    out = pd.DataFrame(inference.predict_rows(model, tok, rows.to_dict("records"), k=p.shape.experts_per_token,
+                                              max_new_tokens=inference.MAX_NEW_TOKENS))
     assert out.n_tokens.max() > 100 > out.n_tokens.min()
+    texts = [greedy_alone(model, tok, prompt, inference.MAX_NEW_TOKENS) for prompt in rows.prompt]
+    assert any(texts) and out.output.tolist() == texts  # the texts themselves, not only the numbers in them
     by_lang = {l: [ex for ex in p.examples[l] if ex["id"] in set(rows[rows.language == l].id)] for l in ("en", "de")}
-    ref = reference_loop(p.model_path, by_lang, "generative_numeric", k=p.shape.experts_per_token, max_new_tokens=4)
+    ref = reference_loop(p.model_path, by_lang, "generative_numeric", k=p.shape.experts_per_token, max_new_tokens=1)
     for r in out.itertuples():
-        want = ref[(r.language, r.id)]
-        assert r.prediction == want["prediction"]
-        np.testing.assert_allclose(np.stack(r.importance), want["importance"], atol=2e-5)
-    model, tok = T.load_model_and_tokenizer(p.model_path, cfg.models[0])
-    texts = []
-    for prompt in rows.prompt:  # the texts themselves, not only the numbers extracted from them
-        enc = tok(prompt, return_tensors="pt")
-        g = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, enc["input_ids"].shape[1]:].tolist()
-        g = g[: g.index(tok.eos_token_id)] if tok.eos_token_id in g else g
-        texts.append(T.cut_at_stop(tok.decode(g, skip_special_tokens=True)))
-    assert any(texts) and out.set_index(["language", "id"]).loc[list(zip(rows.language, rows.id)), "output"].tolist() == texts
+        np.testing.assert_allclose(np.stack(r.importance), ref[(r.language, r.id)]["importance"], atol=2e-5)
+
+
+def test_generation_stops_at_a_stop_string_and_at_eos(tmp_path):
+    """A row's text ends at eos, and is cut at the first stop string: forcing either as the first new
+    token of every row leaves every text empty."""
+    cfg = mgsm_preset_config("olmoe", tmp_path)
+    p = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["de"], "test")
+    model, tok = inference.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    prompts = [build_prompt(ex, "generative_numeric") for ex in p.examples["en"][:6]]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    free = inference.generate_texts(model, tok, enc["input_ids"], enc["attention_mask"], 12)
+    assert all(free)
+    # make the first new token of every row a stop string / eos: the rows end there, with empty texts
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for forced in (newline[-1], tok.eos_token_id):
+        bias = torch.zeros(model.config.vocab_size)
+        bias[forced] = 1e4
+        handle = model.lm_head.register_forward_hook(lambda m, a, o, bias=bias: o + bias)
+        try:
+            texts = inference.generate_texts(model, tok, enc["input_ids"], enc["attention_mask"], 12)
+        finally:
+            handle.remove()
+        assert texts == [""] * len(prompts), forced
 
 
 # ------------------------------------------------------------------------------------------------ CLI
