@@ -1,16 +1,16 @@
 """Benchmark of stage 3 (train.py) and of steering at inference.
 
-1. RA-MoE step time / SFT step time, same model, same batch, same optimizer: ``train.batch_loss`` (the
+1. RA-MoE step time / SFT step time, same model, same batch, same optimizer: ``train_worker.batch_loss`` (the
    worker's loss) + backward + AdamW step, λ = 0 (SFT: no capture, no alignment) vs λ > 0 (capture with
    graph + alignment loss on the ci rows). Goal: <= 1.05. Plain torch (no DeepSpeed), so only the
    method's own cost is measured; ``--ci-fraction`` sets the share of ci rows (1.0 = worst case).
-2. Steering overhead at inference: the taxonomy forward (``taxonomy.routing_forward``: forward + capture
+2. Steering overhead at inference: the taxonomy forward (``inference.routing_forward``: forward + capture
    + importance) with and without ``models.steer`` hooks on the band layers. Goal: <= 3 %.
-3. ``--real``: the same ratio from ``train.train_cell`` in Ray Train local mode (DeepSpeed ZeRO-3, world
+3. ``--real``: the same ratio from ``train.train_cell`` with num_workers=0 (DeepSpeed ZeRO-3, world
    size 1) on the small synthetic world (median of the per-step times rank 0 recorded).
 4. ``--scale``: training at scale on one accelerator: an OLMoE-1B-7B-shaped model (hidden 2048, 16 layers,
    64 experts top-8, expert intermediate 1024, vocab 50304; random init, bf16) with the expert LoRA, the
-   same ``train.batch_loss`` step (SFT and RA-MoE), gradient checkpointing; prints tokens/s, peak memory
+   same ``train_worker.batch_loss`` step (SFT and RA-MoE), gradient checkpointing; prints tokens/s, peak memory
    and MFU (model FLOPs = 6 x active parameters x tokens, the usual convention, against ``--peak-tflops``;
    with a frozen base the work really done is ~4 x active: both are printed). Plain torch, no DeepSpeed
    (ZeRO-3 on one GPU partitions nothing). ``--scale --device cpu --hidden 128 ...`` runs the same path small.
@@ -37,10 +37,13 @@ import torch  # noqa: E402
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; robust on a shared machine)
 
+from ramoe_ray import (  # noqa: E402
+    inference,  # noqa: E402
+    train,
+    train_worker,
+)
 from ramoe_ray import lora as LA  # noqa: E402
 from ramoe_ray import models as M  # noqa: E402
-from ramoe_ray import taxonomy as TX  # noqa: E402
-from ramoe_ray import train as TR  # noqa: E402
 from ramoe_ray.losses import soft_importance  # noqa: E402
 
 
@@ -66,7 +69,7 @@ def step_times(model, batch, ci, targets, lam, band, experts, steps):
     out = []
     for _ in range(steps):
         t0 = CLOCK()
-        loss, _ = TR.batch_loss(model, batch, ci, targets, lam=lam, band_layers=band, task_experts=experts)
+        loss, _ = train_worker.batch_loss(model, batch, ci, targets, lam=lam, band_layers=band, task_experts=experts)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -87,7 +90,7 @@ def bench_step(args):
     t = soft_importance(rec.routing(batch["attention_mask"]).logits, batch["prompt_mask"])
     targets = [t[i] if ci[i] else None for i in range(len(ci))]
     res = {}
-    for rep in range(2):  # interleaved, twice: load drift on a shared machine hits both
+    for _ in range(2):  # interleaved, twice: load drift on a shared machine hits both
         for lam in (0.0, 1.0):
             times = step_times(model, batch, ci, targets, lam, band, experts, args.steps)[2:]
             res.setdefault(lam, []).extend(times)
@@ -114,7 +117,7 @@ def bench_steering(args, model, batch, band, experts):
             ctx = M.steer(model, experts, 2.0) if name == "steered" else _Null()
             t0 = CLOCK()
             with ctx:
-                TX.routing_forward(model, ids, mask, k=k)
+                inference.routing_forward(model, ids, mask, k=k)
             res[name].append(CLOCK() - t0)
     plain, steered = statistics.median(res["plain"][2:]), statistics.median(res["steered"][2:])
     print(f"steering at inference (taxonomy forward, batch {tuple(ids.shape)}, hooks on layers {band}):")
@@ -148,10 +151,10 @@ def bench_real(args):
                        training=dict(lr=5e-3, batch_size=12, epochs=4, log_every=1000, checkpoint_every=1000))
     med = {}
     for method, lam in (("sft", 0.0), ("ramoe", 10.0)):
-        r = TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], "syn3", method=method, lam=lam, num_workers=0,
+        r = train.train_cell(cfg, cfg.models[0], cfg.tasks[0], "syn3", method=method, lam=lam, num_workers=0,
                           band=Band(start=0.25, end=1.0), top_k=1, run_dir=tmp / method)
         med[method] = statistics.median(r["step_seconds_rank0"][1:-1])
-    print(f"train_cell, Ray Train local mode + DeepSpeed ZeRO-3 (CPU), small world, {r['steps']} steps, "
+    print(f"train_cell, num_workers=0 + DeepSpeed ZeRO-3 (CPU), small world, {r['steps']} steps, "
           f"{r['n_ci']} ci of {r['n_train']}:")
     print(f"  SFT {1000 * med['sft']:.1f} ms/step, RA-MoE {1000 * med['ramoe']:.1f} ms/step, "
           f"ratio {med['ramoe'] / med['sft']:.3f}")
@@ -199,7 +202,7 @@ def bench_scale(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss, _ = TR.batch_loss(model, batch, ci, targets, lam=lam, band_layers=band, task_experts=experts)
+            loss, _ = train_worker.batch_loss(model, batch, ci, targets, lam=lam, band_layers=band, task_experts=experts)
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -225,7 +228,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a loaded machine)")
-    p.add_argument("--real", action="store_true", help="also time train_cell (DeepSpeed, local mode) on the small world")
+    p.add_argument("--real", action="store_true", help="also time train_cell (DeepSpeed, num_workers=0) on the small world")
     p.add_argument("--scale", action="store_true", help="only the OLMoE-1B-7B-shaped training step (see 4. above)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--heads", type=int, default=16)

@@ -69,9 +69,9 @@ import json
 import math
 import os
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,12 +125,12 @@ def _in_out(shape: tuple[int, ...], transposed: bool) -> tuple[int, int, int]:
 
 
 def _lora_forward(self: nn.Module, *args, **kwargs):
-    st: _LoraState = self._ramoe_lora
-    mask = self._buffers[MASK_BUFFER]
+    st: _LoraState = self.ramoe_lora_state
+    mask = self.get_buffer(MASK_BUFFER)
     for name in st.targets:
-        w = self._parameters[name]
-        a = self._parameters[f"lora_A_{name}"]
-        b = self._parameters[f"lora_B_{name}"] * mask.to(w.dtype)[:, None, None]
+        w = self.get_parameter(name)
+        a = self.get_parameter(f"lora_A_{name}")
+        b = self.get_parameter(f"lora_B_{name}") * mask.to(w.dtype)[:, None, None]
         lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if st.transposed else (b, a)
         # as peft's _LoraFactorsProxy: the fold happens in W's dtype, autocast off
         with torch.autocast(device_type=w.device.type, enabled=False):
@@ -180,10 +180,10 @@ def apply_expert_lora(
             raise ValueError(f"experts_mask: layers {unknown} are not MoE layers (MoE layers: {sorted(modules)})")
     plan = {}  # everything is checked before the model is touched
     for layer, ex in sorted(modules.items()):
-        if hasattr(ex, "_ramoe_lora"):
+        if hasattr(ex, "ramoe_lora_state"):
             raise ValueError(f"layer {layer}: expert LoRA is already applied")
         names = _param_names(fam, ex)
-        plan[layer] = (names, _mask_rows(experts_mask, layer, _shape(ex._parameters[names[0]])[0]))
+        plan[layer] = (names, _mask_rows(experts_mask, layer, _shape(ex.get_parameter(names[0]))[0]))
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -191,7 +191,7 @@ def apply_expert_lora(
     for layer, (names, mask) in plan.items():
         ex = modules[layer]
         for name in names:
-            w = ex._parameters[name]
+            w = ex.get_parameter(name)
             e, n_in, n_out = _in_out(_shape(w), fam.transposed)
             bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform_(a=sqrt(5)) on a (r*E, in) weight, as peft
             a = torch.empty(e, rank, n_in).uniform_(-bound, bound, generator=gen)
@@ -199,7 +199,7 @@ def apply_expert_lora(
             ex.register_parameter(f"lora_A_{name}", nn.Parameter(a.to(w.device, w.dtype)))
             ex.register_parameter(f"lora_B_{name}", nn.Parameter(b.to(w.device, w.dtype)))
         ex.register_buffer(MASK_BUFFER, mask.to(w.device), persistent=False)
-        ex._ramoe_lora = _LoraState(names, rank, float(alpha), scale, fam.transposed, ex.forward)
+        ex.ramoe_lora_state = _LoraState(names, rank, float(alpha), scale, fam.transposed, ex.forward)
         ex.forward = types.MethodType(_lora_forward, ex)
     # With everything before the first MoE block frozen, its input would not require grad. A ZeRO-3 leaf
     # module (the MoE block) reduces its parameters' grads in a full backward hook, which then fires as
@@ -216,7 +216,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _lora_modules(model: nn.Module) -> dict[int, nn.Module]:
-    mods = {i: ex for i, ex in experts_modules(model).items() if hasattr(ex, "_ramoe_lora")}
+    mods = {i: ex for i, ex in experts_modules(model).items() if hasattr(ex, "ramoe_lora_state")}
     if not mods:
         raise ValueError("the model has no expert LoRA (apply_expert_lora first)")
     return mods
@@ -246,13 +246,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, torch.Tensor] = {}
     for _, ex in sorted(_lora_modules(model).items()):
-        st: _LoraState = ex._ramoe_lora
-        params = [ex._parameters[f"lora_{ab}_{n}"] for n in st.targets for ab in "AB"]
+        st: _LoraState = ex.ramoe_lora_state
+        params = [ex.get_parameter(f"lora_{ab}_{n}") for n in st.targets for ab in "AB"]
         with _gathered(params), torch.no_grad():
-            mask = ex._buffers[MASK_BUFFER]
+            mask = ex.get_buffer(MASK_BUFFER)
             for name, prefix in zip(st.targets, _peft_prefixes(len(st.targets))):
-                a = ex._parameters[f"lora_A_{name}"].detach()
-                b = ex._parameters[f"lora_B_{name}"].detach() * mask.to(a.dtype)[:, None, None]
+                a = ex.get_parameter(f"lora_A_{name}").detach()
+                b = ex.get_parameter(f"lora_B_{name}").detach() * mask.to(a.dtype)[:, None, None]
                 n_exp, r, n_in = a.shape
                 n_out = b.shape[1]
                 key = f"base_model.model.{names[id(ex)]}.{prefix}"
@@ -268,12 +268,12 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     names = {id(m): n for n, m in model.named_modules()}
     expected = set()
     for _, ex in sorted(_lora_modules(model).items()):
-        st: _LoraState = ex._ramoe_lora
-        params = [ex._parameters[f"lora_{ab}_{n}"] for n in st.targets for ab in "AB"]
+        st: _LoraState = ex.ramoe_lora_state
+        params = [ex.get_parameter(f"lora_{ab}_{n}") for n in st.targets for ab in "AB"]
         with _gathered(params, modifier_rank=0), torch.no_grad():
             for name, prefix in zip(st.targets, _peft_prefixes(len(st.targets))):
                 key = f"base_model.model.{names[id(ex)]}.{prefix}"
-                a, b = ex._parameters[f"lora_A_{name}"], ex._parameters[f"lora_B_{name}"]
+                a, b = ex.get_parameter(f"lora_A_{name}"), ex.get_parameter(f"lora_B_{name}")
                 n_exp, r, n_in = a.shape
                 n_out = b.shape[1]
                 ka, kb = key + "lora_A.weight", key + "lora_B.weight"
@@ -315,9 +315,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     if _rank() != 0:
         return None
     mods = _lora_modules(model)
-    st: _LoraState = next(iter(mods.values()))._ramoe_lora
+    st: _LoraState = next(iter(mods.values())).ramoe_lora_state
     mask = {
-        str(i): [int(e) for e in torch.nonzero(ex._buffers[MASK_BUFFER]).flatten().tolist()] for i, ex in sorted(mods.items())
+        str(i): [int(e) for e in torch.nonzero(ex.get_buffer(MASK_BUFFER)).flatten().tolist()] for i, ex in sorted(mods.items())
     }
     out_dir = Path(out_dir)
     if out_dir.exists():

@@ -130,7 +130,7 @@ def test_mask_trains_only_selected_experts(family, tmp_path):
     for layer, ex in M.experts_modules(model).items():
         chosen = torch.zeros(8, dtype=torch.bool)
         chosen[selection.get(layer, [])] = True
-        for name in ex._ramoe_lora.targets:
+        for name in ex.ramoe_lora_state.targets:
             a, b = ex._parameters[f"lora_A_{name}"], ex._parameters[f"lora_B_{name}"]
             delta = torch.bmm(b * ex.lora_mask[:, None, None], a)  # the effective delta per expert
             assert torch.count_nonzero(delta[~chosen]) == 0

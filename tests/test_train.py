@@ -1,18 +1,20 @@
-"""Stage 3 (train.py): RA-MoE aligns ci routing better than SFT; RISE touches only its experts; ZeRO-3 on
-two Ray Train workers survives a worker failure and matches an uninterrupted run; bad inputs are refused."""
+"""Stage 3 (train.py, train_worker.py): RA-MoE aligns ci routing better than SFT; RISE touches only its
+experts; trainings in one process run one after another and resume from a kept checkpoint; ZeRO-3 on two
+Ray Train workers survives a worker failure and matches an uninterrupted run; bad inputs are refused."""
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 from safetensors.torch import load_file
 
-from conftest import small_config
-from ramoe_ray import lora as LA
-from ramoe_ray import models as M
-from ramoe_ray import train as TR
+from ramoe_ray import lora, models, train, train_worker
 from ramoe_ray.config import Band, ConfigError
+from ramoe_ray.tasks import build_prompt, load_parallel
 
 LANG = "syn3"
 TASK = "category"  # multiple choice: no generation, so stages 1-2 take seconds; the small world has ci pairs
@@ -28,17 +30,18 @@ def cfg_for(cache, **training):
                         training={**TRAIN, **training})
 
 
-def train(cfg, method, run_dir, **kw):
+def fit(cfg, method, run_dir, **kw):
     kw.setdefault("band", BAND)
     kw.setdefault("top_k", TOP_K)
-    kw.setdefault("num_workers", 0)  # Ray Train local mode: same loop, one process
-    return TR.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method=method, run_dir=run_dir, **kw)
+    kw.setdefault("num_workers", 0)  # the worker recipe in this process, world of one
+    return train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method=method, run_dir=run_dir, **kw)
 
 
+@pytest.mark.slow
 def test_ramoe_aligns_ci_routing_better_than_sft(shared_cache, tmp_path):
     cfg = cfg_for(shared_cache)
-    sft = train(cfg, "sft", tmp_path / "sft")
-    ramoe = train(cfg, "ramoe", tmp_path / "ramoe", lam=100.0)
+    sft = fit(cfg, "sft", tmp_path / "sft")
+    ramoe = fit(cfg, "ramoe", tmp_path / "ramoe", lam=100.0)
     assert sft["n_ci"] == ramoe["n_ci"] > 0 and sft["lam_used"] == 0.0 and ramoe["lam_used"] == 100.0
     assert sft["steps"] == ramoe["steps"] == 6
     # same seed, same schedule: the first step (LoRA B = 0, so the same model) has the same LM loss
@@ -55,32 +58,33 @@ def test_ramoe_aligns_ci_routing_better_than_sft(shared_cache, tmp_path):
         assert r["final"]["ce_train"] < r["final"]["ce_train_base"] - 0.01
 
 
+@pytest.mark.slow
 def test_rise_trains_only_selected_experts(shared_cache, tmp_path):
     cfg = cfg_for(shared_cache, epochs=1)
-    res = train(cfg, "rise", tmp_path / "rise")
+    res = fit(cfg, "rise", tmp_path / "rise")
     selection = {int(l): v for l, v in res["experts_mask"].items()}
     assert 0 < sum(map(len, selection.values())) <= cfg.rise.budget
     adapter = res["adapter"]
-    meta = json.loads((tmp_path / "rise" / "adapter" / LA.RAMOE_LORA).read_text())
+    meta = json.loads((tmp_path / "rise" / "adapter" / lora.RAMOE_LORA).read_text())
     assert {int(k): v for k, v in meta["experts_mask"].items() if v} == {l: v for l, v in selection.items() if v}
 
     from transformers import AutoModelForCausalLM
 
     path = res["identity"]["model_path"]
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = LA.apply_expert_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), rank=meta["rank"],
+    model = lora.apply_expert_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), rank=meta["rank"],
                                  alpha=meta["alpha"], seed=0)
-    LA.load_lora_state_dict(model, load_file(f"{adapter}/{LA.ADAPTER_WEIGHTS}"))
-    base_ex = M.experts_modules(base)
+    lora.load_lora_state_dict(model, load_file(f"{adapter}/{lora.ADAPTER_WEIGHTS}"))
+    base_ex = models.experts_modules(base)
     changed = 0
-    for layer, ex in M.experts_modules(model).items():
-        st = ex._ramoe_lora
+    for layer, ex in models.experts_modules(model).items():
+        st = ex.ramoe_lora_state
         chosen = torch.zeros(ex.lora_mask.shape[0], dtype=torch.bool)
         chosen[selection.get(layer, [])] = True
         for name in st.targets:
-            w = ex._parameters[name]
-            eff = torch.baddbmm(w, ex._parameters[f"lora_B_{name}"], ex._parameters[f"lora_A_{name}"], alpha=st.scale)
-            ref = base_ex[layer]._parameters[name]
+            w = getattr(ex, name)
+            eff = torch.baddbmm(w, getattr(ex, f"lora_B_{name}"), getattr(ex, f"lora_A_{name}"), alpha=st.scale)
+            ref = getattr(base_ex[layer], name)
             assert torch.equal(eff[~chosen], ref[~chosen]), (layer, name)  # bit-identical
             changed += int((eff[chosen] != ref[chosen]).flatten(1).any(-1).sum())
     assert changed > 0  # the selected experts did train
@@ -89,31 +93,31 @@ def test_rise_trains_only_selected_experts(shared_cache, tmp_path):
 def test_bad_inputs_are_refused(shared_cache, tmp_path):
     cfg = cfg_for(shared_cache)
     with pytest.raises(ConfigError, match="holds no MoE layer"):
-        train(cfg, "ramoe", tmp_path / "a", band=Band(start=0.95, end=1.0), lam=1.0)
+        fit(cfg, "ramoe", tmp_path / "a", band=Band(start=0.95, end=1.0), lam=1.0)
     with pytest.raises(ConfigError, match="top_k = 5"):
-        train(cfg, "ramoe", tmp_path / "b", top_k=5, lam=1.0)
+        fit(cfg, "ramoe", tmp_path / "b", top_k=5, lam=1.0)
     with pytest.raises(ConfigError, match="method"):
-        train(cfg, "dpo", tmp_path / "c")
+        fit(cfg, "dpo", tmp_path / "c")
     with pytest.raises(ConfigError, match="lambda"):
-        train(cfg, "ramoe", tmp_path / "d", lam=-1.0)
+        fit(cfg, "ramoe", tmp_path / "d", lam=-1.0)
     # a checkpoint of another model: refused before anything runs
     ck = tmp_path / "foreign"
     ck.mkdir()
-    (ck / TR.META).write_text(json.dumps({"identity": {"model": "other", "num_experts": 64}, "step": 3}))
+    (ck / train_worker.META).write_text(json.dumps({"identity": {"model": "other", "num_experts": 64}, "step": 3}))
     with pytest.raises(ConfigError, match="another model"):
-        train(cfg, "ramoe", tmp_path / "e", lam=1.0, resume_from=ck)
+        fit(cfg, "ramoe", tmp_path / "e", lam=1.0, resume_from=ck)
     with pytest.raises(ConfigError, match="not a ramoe training checkpoint"):
-        train(cfg, "ramoe", tmp_path / "f", lam=1.0, resume_from=tmp_path)
+        fit(cfg, "ramoe", tmp_path / "f", lam=1.0, resume_from=tmp_path)
     # a run folder of another configuration
     (tmp_path / "g").mkdir()
-    (tmp_path / "g" / TR.SPEC).write_text(json.dumps({"identity": {"model": "other"}}))
+    (tmp_path / "g" / train.SPEC).write_text(json.dumps({"identity": {"model": "other"}}))
     with pytest.raises(ConfigError, match="another model"):
-        train(cfg, "ramoe", tmp_path / "g", lam=1.0)
+        fit(cfg, "ramoe", tmp_path / "g", lam=1.0)
 
 
 def test_steering_trains_nothing_and_returns_the_band_spec(shared_cache, tmp_path):
     cfg = cfg_for(shared_cache)
-    res = train(cfg, "steering", tmp_path / "s")
+    res = fit(cfg, "steering", tmp_path / "s")
     assert res["adapter"] is None and not (tmp_path / "s").exists()
     assert res["steering"]["strength"] == cfg.steering.strengths[0]
     assert {int(l) for l in res["steering"]["experts"]} == set(res["band_layers"]) == {1, 2, 3}
@@ -134,31 +138,101 @@ def test_empty_ci_trains_as_sft_with_a_warning(shared_cache, tmp_path, monkeypat
     monkeypatch.setattr(pd, "read_parquet", no_ci)
     cfg = cfg_for(shared_cache, max_steps=1)
     with pytest.warns(UserWarning, match="no ci example"):
-        plan = TR.prepare(cfg, cfg.models[0], cfg.tasks[0], LANG, method="ramoe", lam=5.0, band=BAND, top_k=TOP_K,
-                          num_workers=0)
-    assert plan["n_ci"] == 0 and plan["lam"] == 5.0 and plan["lam_used"] == 0.0
-    assert any("training as SFT" in n for n in plan["notes"])
+        plan = train.plan_training(cfg, cfg.models[0], cfg.tasks[0], LANG, method="ramoe", lam=5.0, band=BAND,
+                                   top_k=TOP_K, num_workers=0)
+    assert plan.n_ci == 0 and plan.lam == 5.0 and plan.lam_used == 0.0
+    assert any("training as SFT" in n for n in plan.notes)
+
+
+# ------------------------------------------------------------- trainings in this process (num_workers=0)
+
+
+def _failing_step(real, at: int, marker: Path):
+    """``real`` (train_worker.train_step), raising at step ``at`` as long as ``marker`` does not exist
+    (rank 0 writes it: the fault happens once)."""
+
+    def train_step(trainee, plan, targets, step, context, progress):
+        if step == at and not marker.exists():
+            if context.rank == 0:
+                marker.write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step} (test)")
+        return real(trainee, plan, targets, step, context, progress)
+
+    return train_step
+
+
+def _assert_same_training(a: dict, b: dict, tol: float) -> None:
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
+    for x, y in zip(a["history"], b["history"]):
+        assert x["ce"] == pytest.approx(y["ce"], abs=tol) and x["loss"] == pytest.approx(y["loss"], abs=tol)
+    for k in ("loss", "ce", "ce_train", "routing_kl_ci"):
+        assert a["final"][k] == pytest.approx(b["final"][k], abs=tol), k
+    wa = load_file(f"{a['adapter']}/{lora.ADAPTER_WEIGHTS}")
+    wb = load_file(f"{b['adapter']}/{lora.ADAPTER_WEIGHTS}")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=tol, rtol=0) for k in wa)
+
+
+@pytest.mark.slow
+def test_trainings_in_one_process_and_resume_from_a_kept_checkpoint(shared_cache, tmp_path, monkeypatch):
+    """Three trainings one after another in this process (an uninterrupted one, one that fails at step 3,
+    its resumption from the step-2 checkpoint kept in its run folder): one process group throughout, no
+    DeepSpeed state reset in between, and the resumed run ends where the uninterrupted one does."""
+    import torch.distributed as dist
+
+    cfg = cfg_for(shared_cache, batch_size=6, epochs=2, max_steps=4, checkpoint_every=2, lr=1e-2)
+    clean = fit(cfg, "ramoe", tmp_path / "clean", lam=10.0)
+    world = dist.group.WORLD
+    assert clean["world_size"] == 1 and clean["restarts"] == 0 and [h["step"] for h in clean["history"]] == [1, 2, 3, 4]
+    kept = sorted(p.name for p in (tmp_path / "clean" / train.CHECKPOINTS).iterdir())
+    assert kept == ["checkpoint_000002", "checkpoint_000004"] and clean["checkpoint"].endswith(kept[-1])
+    assert clean["final"]["ce_train"] < clean["final"]["ce_train_base"] - 0.01, clean["final"]
+
+    marker = tmp_path / ".fault_injected"
+    with monkeypatch.context() as m:
+        m.setattr(train_worker, "train_step", _failing_step(train_worker.train_step, 3, marker))
+        with pytest.raises(RuntimeError, match="injected fault at step 3"):
+            fit(cfg, "ramoe", tmp_path / "faulty", lam=10.0)
+    assert marker.read_text() == "3"
+    kept = sorted((tmp_path / "faulty" / train.CHECKPOINTS).iterdir())
+    assert [p.name for p in kept] == ["checkpoint_000002"]
+    resumed = fit(cfg, "ramoe", tmp_path / "faulty", lam=10.0, resume_from=kept[-1])
+    assert dist.is_initialized() and dist.group.WORLD is world and dist.get_world_size() == 1
+    assert resumed["restarts"] == 1 and resumed["history"][-1]["restarts"] == 1
+    _assert_same_training(clean, resumed, tol=1e-6)
 
 
 # ------------------------------------------------------------------ ZeRO-3 on two Ray Train workers
 
 
+def _ray_loop_failing_once_at_step_3(config: dict) -> None:
+    """Ray Train's loop, with a fault: in this worker process train_worker.train_step raises at step 3
+    unless the run folder holds the marker, which rank 0 writes. So the first attempt fails on every
+    rank, and Ray Train restarts the worker group (new processes) from the last reported checkpoint.
+    Pickled by value (the test registers this module): the workers import only ramoe_ray."""
+    marker = Path(config["run_dir"]) / ".fault_injected"
+    train_worker.train_step = _failing_step(train_worker.train_step, 3, marker)  # this worker process only
+    train_worker.ray_train_loop(config)  # the real loop: the driver's patch does not reach the workers
+
+
+@pytest.mark.slow
 @pytest.mark.integration
-def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_cache, tmp_path):
+def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_cache, tmp_path, monkeypatch):
     import ray
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = cfg_for(shared_cache, batch_size=6, epochs=2, max_steps=4, checkpoint_every=2, max_failures=1, lr=1e-2)
-    from ramoe_ray.tasks import build_prompt, load_parallel
-
-    data = load_parallel(cfg.tasks[0], [LANG], cache_dir=cfg.cache_dir)
+    data = load_parallel(cfg.tasks[0], [LANG])
     fmt = cfg.tasks[0].format
     probe = [build_prompt(data[LANG][0], fmt), build_prompt(data["en"][1], fmt)]
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
     try:
-        clean = train(cfg, "ramoe", tmp_path / "clean", lam=10.0, num_workers=2, probe=probe)
-        faulty = train(cfg, "ramoe", tmp_path / "faulty", lam=10.0, num_workers=2, probe=probe, _fail_at_step=3)
+        clean = fit(cfg, "ramoe", tmp_path / "clean", lam=10.0, num_workers=2, probe=probe)
+        # the driver hands TorchTrainer train_worker.ray_train_loop: here the faulty one, shipped by value
+        monkeypatch.setattr(train_worker, "ray_train_loop", _ray_loop_failing_once_at_step_3)
+        faulty = fit(cfg, "ramoe", tmp_path / "faulty", lam=10.0, num_workers=2, probe=probe)
     finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         ray.shutdown()
     assert clean["world_size"] == faulty["world_size"] == 2
     assert clean["restarts"] == 0 and faulty["restarts"] == 1
@@ -166,15 +240,8 @@ def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_ca
     # the loss falls (mean continuation CE over the whole train split, before vs after)
     assert clean["final"]["ce_train"] < clean["final"]["ce_train_base"] - 0.01, clean["final"]
     # restarted from the step-2 checkpoint, the run ends where the uninterrupted one does
-    tol = 1e-5
     assert [h["step"] for h in faulty["history"]] == [1, 2, 3, 4]
-    for a, b in zip(clean["history"], faulty["history"]):
-        assert a["ce"] == pytest.approx(b["ce"], abs=tol)
-    for k in ("loss", "ce", "ce_train", "routing_kl_ci"):
-        assert clean["final"][k] == pytest.approx(faulty["final"][k], abs=tol), k
-    wa = load_file(f"{clean['adapter']}/{LA.ADAPTER_WEIGHTS}")
-    wb = load_file(f"{faulty['adapter']}/{LA.ADAPTER_WEIGHTS}")
-    assert all(torch.allclose(wa[k], wb[k], atol=tol, rtol=0) for k in wa)
+    _assert_same_training(clean, faulty, tol=1e-5)
     # the adapter loads with peft onto the plain model and reproduces the trained (ZeRO-3) model
     path = clean["identity"]["model_path"]
     tok = AutoTokenizer.from_pretrained(path)
@@ -187,5 +254,5 @@ def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_ca
             got = peft(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         want = torch.load(tmp_path / run / "probe_logits.pt")
         assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())
-        assert sum(float(v.abs().sum()) for k, v in load_file(f"{res['adapter']}/{LA.ADAPTER_WEIGHTS}").items()
+        assert sum(float(v.abs().sum()) for k, v in load_file(f"{res['adapter']}/{lora.ADAPTER_WEIGHTS}").items()
                    if "lora_B" in k) > 0

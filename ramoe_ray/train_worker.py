@@ -1,0 +1,559 @@
+"""Stage 3, one worker: the recipe of one training on one rank (DeepSpeed ZeRO-3 + expert LoRA).
+
+Input: a ``TrainPlan`` (built by ``train.plan_training``: the records, THE schedule, the band, the task
+experts, the training knobs), the run folder, a ``WorkerContext`` (rank, world size, the checkpoint to
+resume from) and ``report(metrics, checkpoint_dir)``, which receives the metrics of a log step and, every
+``checkpoint_every`` steps, a folder holding this rank's part of the checkpoint (valid during the call).
+Two callers:
+
+- ``ray_train_loop``, the loop of a Ray Train ``TorchTrainer`` worker group: its context and report wrap
+  ``ray.train.get_context`` / ``get_checkpoint`` / ``report``;
+- ``train.train_cell`` with ``num_workers=0``: ``run_training`` called directly in that process (a world
+  of one, no Ray Train session: a plain process or a Ray Tune trial alike).
+
+``run_training``, step by step:
+
+1. ``setup``: the process group (Ray Train's; else a world of one, created once per process and kept
+   for every later training), DeepSpeed's config, the model built partitioned (``HfDeepSpeedConfig``;
+   bf16 on GPU, fp32 on CPU), expert LoRA on every MoE layer (mask = the RISE selection for ``rise``),
+   the MoE block a ZeRO-3 leaf, ``deepspeed.initialize``;
+2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model;
+3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
+   ``save_checkpoint`` every ``checkpoint_every`` steps and at the end;
+4. ``finish``: the final passes, the probe logits, the adapter (peft format) and the result file;
+5. ``teardown``: ``engine.destroy()`` and transformers' ZeRO-3 switch off, so the next training of the
+   process starts clean (the process group stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ramoe_ray import lora, models
+from ramoe_ray.cache import write_json_atomic
+from ramoe_ray.config import ConfigError, TrainingConfig
+from ramoe_ray.inference import continuation_ids
+from ramoe_ray.losses import alignment_loss, routing_kl, soft_importance, total_loss
+
+META = "ramoe_meta.json"  # in every checkpoint folder: identity, step, history, restarts
+RESULT = "train_result.json"  # in the run folder, written by rank 0 at the end
+CHECKPOINT_TAG = "state"  # DeepSpeed's tag (sub-folder) of the engine state in a checkpoint folder
+
+Report = Callable[[dict, "str | None"], None]  # report(metrics, checkpoint_dir or None)
+
+
+@dataclass
+class TrainPlan:
+    """The plan of one training (``train.plan_training``): every input a worker needs, checked; nothing
+    of the run folder. Layer keys are strings (the plan and the result are JSON-shaped)."""
+
+    identity: dict  # what a checkpoint must share with the run that resumes it (``check_checkpoint``)
+    method: str
+    lam: float  # λ as asked
+    lam_used: float  # λ trained with (0 when the train split holds no ci example)
+    language: str
+    model_path: str
+    experts_json: str  # stage 2's artefact
+    band_layers: list[int]
+    task_experts: dict[str, list[int]]  # band layer -> its English task experts
+    experts_mask: dict[str, list[int]] | None  # rise: layer -> the experts LoRA may train; else None (all)
+    steering: dict  # {"experts": {layer: experts}, "strength"}: the steering method's spec
+    records: list[dict]  # train examples: id, prompt, continuation, prompt_en, ci
+    n_ci: int
+    schedule: list[list[int]]  # global batches of record indices (``train.schedule``)
+    workers: int  # Ray Train workers; 0 = in the caller's process
+    training: TrainingConfig
+    batch_size: int  # per worker
+    notes: list[str]
+    rules: dict[str, str]
+    stage_cache: dict[str, bool]  # stages 1-2 reused from the cache (the sweep counts recomputations)
+
+    def band_experts(self) -> dict[int, list[int]]:
+        return {int(l): v for l, v in self.task_experts.items()}
+
+    def ci_records(self) -> list[dict]:
+        return [r for r in self.records if r["ci"]]
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    resume_dir: str | None = None  # a checkpoint folder to start from
+
+
+@dataclass
+class Trainee:
+    """What ``setup`` builds on one rank."""
+
+    engine: Any  # the DeepSpeed engine (``engine.module``: the model with its LoRA)
+    tok: Any
+    device: torch.device
+    hf_ds_config: Any  # transformers' ZeRO-3 switch: held as long as the engine lives
+
+
+@dataclass
+class Baseline:
+    """The base model's passes (LoRA B = 0): the alignment targets and the "before" metrics."""
+
+    targets: dict[str, torch.Tensor]  # ci example id -> (L, E) soft importance of its English prompt
+    routing_kl_ci: float
+    ce_train: float
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    history: list[dict] = field(default_factory=list)  # the metrics of every log step
+    restarts: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # this rank's, this attempt's
+
+
+class Phases:
+    """Wall seconds per phase, each since the previous mark (rank 0's go to the result: bench/sweep.py)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+# ------------------------------------------------------------------------------------------ process
+
+
+def ray_env() -> dict:
+    """Environment the driver hands to Ray's processes: the driver's own HF_HUB_OFFLINE (only if set:
+    cluster workers must be able to download), and a persistent TORCH_EXTENSIONS_DIR (DeepSpeed's CPU
+    comm op is compiled once, ~1 min). DS_ACCELERATOR is NOT decided here: a CPU-only head would force
+    it on GPU workers; each process decides for itself (``prepare_process``)."""
+    repo_cache = Path(__file__).resolve().parents[1] / ".ramoe_cache" / "torch_extensions"
+    env = {"TOKENIZERS_PARALLELISM": "false",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(repo_cache))}
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    return env
+
+
+def prepare_process() -> None:
+    """In this process, before deepspeed is imported: ``ray_env`` where unset, and DeepSpeed's CPU
+    accelerator where there is no GPU."""
+    for k, v in ray_env().items():
+        os.environ.setdefault(k, v)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(on_gpu: bool) -> None:
+    """DeepSpeed's process group. A Ray Train worker has Ray Train's. Anywhere else the first training
+    of the process creates a world of one (DeepSpeed's launcher variables, a free local port) and every
+    later training reuses it: it is never destroyed, so DeepSpeed's groups, built on it by the first
+    ``deepspeed.initialize``, stay valid for the life of the process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+
+
+# -------------------------------------------------------------------------------------------- setup
+
+
+def ds_config(plan: TrainPlan, on_gpu: bool) -> dict:
+    """ramoe_ray/ds_zero3.json with this training's batch size and learning rate; bf16 on GPU only."""
+    cfg = json.loads(lora.DS_ZERO3_CONFIG.read_text())
+    cfg["train_micro_batch_size_per_gpu"] = plan.batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["optimizer"]["params"]["lr"] = plan.training.lr
+    cfg["bf16"] = {"enabled": bool(on_gpu)}
+    return cfg
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, right padding (a pad token: eos where the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "right"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def setup(plan: TrainPlan, phases: Phases) -> Trainee:
+    """Step 1 (module docstring): from the process group to ``deepspeed.initialize``."""
+    prepare_process()
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    join_process_group(on_gpu)
+    t = plan.training
+    torch.manual_seed(t.seed)
+    phases.mark("imports_and_process_group")
+    config = ds_config(plan, on_gpu)
+    hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained builds the model partitioned
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model.config.output_router_logits = False
+    phases.mark("model_load")
+    tok = load_tokenizer(plan.model_path)
+    mask = plan.experts_mask
+    lora.apply_expert_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed,
+                           experts_mask={int(k): v for k, v in mask.items()} if mask is not None else None)
+    deepspeed.utils.set_z3_leaf_modules(model, [type(next(iter(models.moe_blocks(model).values())))])
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=lora.lora_parameters(model), config=config)
+    phases.mark("lora_and_deepspeed_initialize")
+    return Trainee(engine=engine, tok=tok, device=device, hf_ds_config=hf_ds_config)
+
+
+def teardown(trainee: Trainee) -> None:
+    """Step 5: DeepSpeed's own teardown of the engine (its hooks off the model, the optimizer's state
+    released) and transformers' ZeRO-3 switch off. The process group stays (``join_process_group``)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    try:
+        trainee.engine.destroy()
+    finally:
+        unset_hf_deepspeed_config()
+
+
+# ------------------------------------------------------------------------------------------- passes
+
+
+def encode(tok, records: list[dict], device) -> dict:
+    """Right-padded target prompt + continuation: input_ids, attention_mask, labels (-100 on prompt and
+    padding), prompt_mask (True on the prompt's tokens)."""
+    seqs = []
+    for r in records:
+        p_ids = tok(r["prompt"])["input_ids"]
+        seqs.append((p_ids, continuation_ids(tok, p_ids, r["prompt"], r["continuation"])))
+    width = max(len(p) + len(c) for p, c in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    pmask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(c)
+        pmask[i, : len(p)] = True
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+            "prompt_mask": pmask.to(device)}
+
+
+def _prompts(tok, prompts: list[str], device):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def _routed_batches(engine, tok, records: list[dict], key: str, batch_size: int, device):
+    """(records, Routing, mask) per batch of the prompts under ``key``, one captured forward each."""
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        ids, mask = _prompts(tok, [r[key] for r in chunk], device)
+        with models.capture(engine.module) as rec:
+            engine(input_ids=ids, attention_mask=mask)
+        yield chunk, rec.routing(mask), mask
+
+
+@torch.no_grad()
+def english_targets(engine, tok, records: list[dict], batch_size: int, device) -> dict[str, torch.Tensor]:
+    """id -> (L, E) soft_importance of the English prompt (``train.RULES["alignment_target"]``). A
+    collective under ZeRO-3: every rank must call it with the same records."""
+    out = {}
+    for chunk, routing, mask in _routed_batches(engine, tok, records, "prompt_en", batch_size, device):
+        imp = soft_importance(routing.logits, mask)
+        for r, row in zip(chunk, imp):
+            out[r["id"]] = row.float().cpu()
+    return out
+
+
+@torch.no_grad()
+def ci_routing_kl(engine, tok, records: list[dict], targets, band_layers, task_experts, batch_size, device) -> float:
+    """The alignment KL over the target prompts of ``records`` (collective under ZeRO-3)."""
+    total, n = 0.0, 0
+    for chunk, routing, mask in _routed_batches(engine, tok, records, "prompt", batch_size, device):
+        kl = routing_kl(router_logits=routing.logits, mask=mask, ci=torch.ones(len(chunk), dtype=torch.bool),
+                        layers=routing.layers, band_layers=band_layers, task_experts=task_experts,
+                        target_pattern=torch.stack([targets[r["id"]] for r in chunk]))
+        total += kl * len(chunk)
+        n += len(chunk)
+    return total / n if n else math.nan
+
+
+@torch.no_grad()
+def mean_ce(engine, tok, records: list[dict], batch_size: int, device) -> float:
+    """Token-mean continuation cross-entropy over ``records`` (collective under ZeRO-3)."""
+    total, n = 0.0, 0
+    for i in range(0, len(records), batch_size):
+        b = encode(tok, records[i : i + batch_size], device)
+        k = int((b["labels"][:, 1:] != -100).sum())
+        total += float(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss) * k
+        n += k
+    return total / n
+
+
+def base_passes(trainee: Trainee, plan: TrainPlan) -> Baseline:
+    """Step 2: the English targets and the ci KL / train CE of the BASE model (B = 0: the adapted model
+    is the base model). No-grad passes in few large batches (ZeRO-3's per-forward cost is fixed)."""
+    engine, tok, device = trainee.engine, trainee.tok, trainee.device
+    ebs = plan.training.eval_batch_size
+    engine.eval()
+    targets = english_targets(engine, tok, plan.ci_records(), ebs, device)
+    kl = ci_routing_kl(engine, tok, plan.ci_records(), targets, plan.band_layers, plan.band_experts(), ebs, device)
+    return Baseline(targets=targets, routing_kl_ci=kl, ce_train=mean_ce(engine, tok, plan.records, ebs, device))
+
+
+# ------------------------------------------------------------------------------------------- a step
+
+
+def batch_loss(model, batch: dict, ci: torch.Tensor, targets: list, *, lam: float, band_layers, task_experts,
+               metrics: bool = False) -> tuple[torch.Tensor, dict]:
+    """THE training loss of one batch: LM loss (+ λ · alignment on its ci rows). ``targets``: per row the
+    English (L, E) target or None (non-ci rows). Router logits are captured (with graph) only when λ > 0,
+    and (detached) when ``metrics`` asks for the routing KL; λ = 0 returns the LM loss itself.
+    Returns (loss, {"ce", "align" (λ > 0), "routing_kl" (metrics; nan without a ci row)})."""
+    need_capture = lam > 0 or metrics
+    module = getattr(model, "module", model)  # a DeepSpeed engine forwards; hooks go on its module
+    with models.capture(module, detach=lam == 0) if need_capture else contextlib.nullcontext() as rec:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    parts: dict = {"ce": float(out.loss.detach()), "routing_kl": math.nan}
+    target = None
+    if need_capture and bool(ci.any()):
+        routing = rec.routing(batch["attention_mask"])
+        n_layers, n_exp = routing.logits.shape[0], routing.logits.shape[-1]
+        filler = torch.full((n_layers, n_exp), 1.0 / n_exp)  # never read: non-ci rows are skipped
+        target = torch.stack([t if t is not None else filler for t in targets]).to(routing.logits.device)
+        akw = dict(router_logits=routing.logits, mask=batch["prompt_mask"], ci=ci, layers=routing.layers,
+                   band_layers=band_layers, task_experts=task_experts, target_pattern=target)
+
+    def align():
+        if target is None:
+            parts["align"] = 0.0
+            return torch.zeros((), device=out.loss.device)
+        a = alignment_loss(**akw)
+        parts["align"] = float(a.detach())
+        return a
+
+    loss = total_loss(lm_loss=out.loss, lam=lam, alignment=align)
+    if metrics and target is not None:
+        parts["routing_kl"] = routing_kl(**akw)
+    return loss, parts
+
+
+def _mean_over_ranks(step: int, loss, parts: dict, n_ci: int, seconds: float, plan: TrainPlan, world: int,
+                     restarts: int) -> dict:
+    """The log step's metrics averaged over the ranks (routing_kl: over the ci rows of the global batch)."""
+    import torch.distributed as dist
+
+    kl = parts["routing_kl"]
+    vals = torch.tensor([float(loss.detach()), parts["ce"], parts.get("align", 0.0),
+                         0.0 if math.isnan(kl) else kl * n_ci, float(n_ci), seconds], dtype=torch.float64)
+    dist.all_reduce(vals)
+    total_ci = float(vals[4])
+    return {"step": step + 1, "loss": float(vals[0]) / world, "ce": float(vals[1]) / world,
+            "align": float(vals[2]) / world if plan.lam_used > 0 else math.nan,
+            "routing_kl": float(vals[3]) / total_ci if total_ci else math.nan, "n_ci": int(total_ci),
+            "step_seconds": float(vals[5]) / world, "restarts": restarts}
+
+
+def train_step(trainee: Trainee, plan: TrainPlan, targets: dict, step: int, context: WorkerContext,
+               progress: Progress) -> dict | None:
+    """One optimizer step on this rank's rows (``rank::world``) of global batch ``step``. Returns the
+    metrics (averaged over ranks, appended to the history) on a log step, else None."""
+    t0 = time.perf_counter()
+    engine = trainee.engine
+    rows = [plan.records[i] for i in plan.schedule[step][context.rank :: context.world_size]]
+    batch = encode(trainee.tok, rows, trainee.device)
+    ci = torch.tensor([r["ci"] for r in rows], dtype=torch.bool, device=trainee.device)
+    log = (step + 1) % plan.training.log_every == 0 or step == len(plan.schedule) - 1
+    engine.train()
+    loss, parts = batch_loss(engine, batch, ci, [targets.get(r["id"]) for r in rows], lam=float(plan.lam_used),
+                             band_layers=plan.band_layers, task_experts=plan.band_experts(), metrics=log)
+    engine.backward(loss)
+    engine.step()
+    seconds = time.perf_counter() - t0
+    progress.step = step + 1
+    progress.step_seconds.append(seconds)
+    if not log:
+        return None
+    m = _mean_over_ranks(step, loss, parts, int(ci.sum()), seconds, plan, context.world_size, progress.restarts)
+    progress.history.append(m)
+    return m
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def check_checkpoint(path: str | os.PathLike, identity: dict) -> dict:
+    """The meta of a checkpoint folder, or ConfigError when it comes from another model / configuration."""
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} has no {META}: not a ramoe training checkpoint")
+    meta = json.loads(meta_file.read_text())
+    theirs = meta.get("identity", {})
+    diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
+    if diff:
+        what = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"checkpoint {str(path)!r} was written by another model/configuration ({what})")
+    return meta
+
+
+def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None) -> Progress:
+    """The engine state (LoRA factors, optimizer, step) and the progress of a checkpoint folder; a fresh
+    Progress without one. Every rank loads (ZeRO-3: each its own partition)."""
+    if resume_dir is None:
+        return Progress()
+    meta = check_checkpoint(resume_dir, plan.identity)
+    engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    return Progress(step=meta["step"], history=meta["history"], restarts=meta.get("restarts", 0) + 1)
+
+
+def save_checkpoint(engine, plan: TrainPlan, progress: Progress, context: WorkerContext, report: Report,
+                    metrics: dict | None, phases: Phases) -> None:
+    """Every rank saves its part into a temporary folder (rank 0 adds the META file) and reports it with
+    the step's metrics (``{"step"}`` on a step that logs none)."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CHECKPOINT_TAG)
+        phases.mark("checkpoint_save")
+        if context.rank == 0:
+            write_json_atomic(Path(d) / META, {"identity": plan.identity, "step": progress.step,
+                                               "history": jsonable(progress.history), "restarts": progress.restarts})
+        report(jsonable(metrics or {"step": progress.step}), d)
+
+
+# ------------------------------------------------------------------------------------------- finish
+
+
+def _save_probe_logits(trainee: Trainee, probe: list[str], path: Path, rank: int) -> None:
+    ids, mask = _prompts(trainee.tok, probe, trainee.device)
+    with torch.no_grad():
+        logits = trainee.engine(input_ids=ids, attention_mask=mask).logits.float().cpu()
+    if rank == 0:
+        torch.save(logits, path)
+
+
+def _save_adapter(trainee: Trainee, plan: TrainPlan, adapter: Path, context: WorkerContext) -> None:
+    """The adapter in peft format (a collective: every rank gathers, rank 0 writes)."""
+    import torch.distributed as dist
+
+    if adapter.exists() and context.rank == 0:  # a finished attempt's adapter (only when the result file was lost)
+        shutil.rmtree(adapter)
+    if context.world_size > 1:
+        dist.barrier()
+    lora.save_adapter(trainee.engine.module, adapter, plan.model_path)
+
+
+def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, progress: Progress, run_dir: Path,
+           probe: list[str] | None, context: WorkerContext, phases: Phases) -> None:
+    """Step 4: final passes, probe logits (``probe_logits.pt``), the adapter and the result file."""
+    import torch.distributed as dist
+
+    engine, tok, device, ebs = trainee.engine, trainee.tok, trainee.device, plan.training.eval_batch_size
+    engine.eval()
+    kl = ci_routing_kl(engine, tok, plan.ci_records(), base.targets, plan.band_layers, plan.band_experts(), ebs, device)
+    ce = mean_ce(engine, tok, plan.records, ebs, device)
+    phases.mark("final_passes")
+    if probe:
+        _save_probe_logits(trainee, probe, run_dir / "probe_logits.pt", context.rank)
+    adapter = run_dir / "adapter"
+    _save_adapter(trainee, plan, adapter, context)
+    phases.mark("save_adapter")
+    if context.rank == 0:
+        final = dict(progress.history[-1]) if progress.history else {}
+        final.update(routing_kl_ci=kl, routing_kl_ci_base=base.routing_kl_ci, ce_train=ce, ce_train_base=base.ce_train)
+        write_json_atomic(run_dir / RESULT, jsonable({
+            "adapter": str(adapter), "final": final, "history": progress.history, "restarts": progress.restarts,
+            "world_size": context.world_size, "step_seconds_rank0": progress.step_seconds,
+            "phases_rank0": phases.seconds}))
+    if context.world_size > 1:
+        dist.barrier()
+
+
+# -------------------------------------------------------------------------------------------- entry
+
+
+def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] | None, context: WorkerContext,
+                 report: Report) -> None:
+    """One rank's whole training (module docstring); rank 0 writes ``run_dir/RESULT`` at the end.
+    ``probe``: prompts whose logits (trained model) rank 0 saves as ``run_dir/probe_logits.pt``."""
+    phases = Phases()
+    trainee = setup(plan, phases)
+    try:
+        base = base_passes(trainee, plan)
+        phases.mark("base_passes")
+        progress = load_checkpoint(trainee.engine, plan, context.resume_dir)
+        phases.mark("checkpoint_load")
+        last = len(plan.schedule) - 1
+        for step in range(progress.step, len(plan.schedule)):
+            metrics = train_step(trainee, plan, base.targets, step, context, progress)
+            phases.mark("loop")
+            if (step + 1) % plan.training.checkpoint_every == 0 or step == last:
+                save_checkpoint(trainee.engine, plan, progress, context, report, metrics, phases)
+            elif metrics is not None:
+                report(jsonable(metrics), None)
+            phases.mark("checkpoint_and_report")
+        finish(trainee, plan, base, progress, Path(run_dir), probe, context, phases)
+    finally:
+        teardown(trainee)
+
+
+def _ray_report(metrics: dict, checkpoint_dir: str | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def ray_train_loop(config: dict) -> None:
+    """The loop of a Ray Train ``TorchTrainer`` worker; config: {"plan": TrainPlan, "run_dir", "probe"}.
+    After a worker-group restart Ray Train hands the latest reported checkpoint back: the run resumes there."""
+    prepare_process()
+    import ray.train
+
+    ctx = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_dir:
+        context = WorkerContext(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), resume_dir=resume_dir)
+        run_training(config["plan"], config["run_dir"], config["probe"], context, _ray_report)
+
+
+def jsonable(obj):
+    """NaN -> None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [jsonable(v) for v in obj]
+    return obj
