@@ -13,8 +13,8 @@
         CONFIG default sweeps/demo.yaml; --run runs the sweep first (else: the newest sweep of CONFIG in
         its MLflow database).
     .venv/bin/python bench/sweep.py --compare-workers [--cell-trials 4]
-        the same small sweep (1 cell of the demo world, SFT + RA-MoE) with Ray Train's local mode in the
-        trial (sweep.train_workers = 0) and with one Ray Train worker per trial (= 1): fixed cost of each.
+        the same small sweep (1 cell of the demo world, SFT + RA-MoE) with training in the trial process
+        (sweep.train_workers = 0) and with one Ray Train worker per trial (= 1): fixed cost of each.
 """
 
 from __future__ import annotations
@@ -32,31 +32,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ramoe_ray import sweep as SW  # noqa: E402
-from ramoe_ray.config import load_config, with_absolute_paths  # noqa: E402
+from ramoe_ray import grid, sources, sweep, tracking  # noqa: E402
+from ramoe_ray.config import load_config  # noqa: E402
 
 PHASES = ("imports_and_process_group", "model_load", "lora_and_deepspeed_initialize", "base_passes",
           "checkpoint_load", "checkpoint_and_report", "final_passes", "save_adapter")
 
 
 def analyse(cfg, parent_id: str | None = None) -> dict:
-    cfg = with_absolute_paths(cfg)
-    client = SW._client(cfg.mlflow_uri)
+    cfg = sources.resolve(cfg)  # absolute paths: the sweep's own MLflow URI and run folder
+    client = tracking.mlflow_client(cfg.mlflow_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         sys.exit(f"no experiment {cfg.tracking.experiment!r} in {cfg.mlflow_uri}: run with --run")
-    parent_id = parent_id or SW.find_parent(client, exp.experiment_id, cfg)
+    parent_id = parent_id or tracking.find_parent(client, exp.experiment_id, cfg.name)
     if parent_id is None:
         sys.exit(f"no sweep {cfg.name!r} in {cfg.mlflow_uri}: run with --run")
     parent = client.get_run(parent_id)
-    kids = SW.children(client, exp.experiment_id, parent_id)
+    kids = tracking.children(client, exp.experiment_id, parent_id)
     kids = kids[kids.status == "FINISHED"]
-    records = [json.loads((Path(d) / SW.TRIAL_JSON).read_text()) for d in kids["tags.ramoe.trial_dir"]]
+    records = [json.loads((Path(d) / grid.TRIAL_JSON).read_text()) for d in kids["tags.ramoe.trial_dir"]]
     trained = [r for r in records if r["spec"]["method"] != "steering"]
     steer = [r for r in records if r["spec"]["method"] == "steering"]
     fixed = [r["timing"]["total"] - r["timing"]["in_loop"] for r in trained]
     in_loop = sum(r["timing"]["in_loop"] for r in records)
-    conc = SW.max_concurrent(cfg, {"CPU": os.cpu_count() or 1})
+    conc = sweep.max_concurrent(cfg, {"CPU": os.cpu_count() or 1})
     wall = parent.data.metrics.get("sweep_seconds")
     print(f"sweep {cfg.name!r} (run {parent_id}): {len(records)} finished trials ({len(trained)} trained, "
           f"{len(steer)} steering), concurrency {conc}")
@@ -96,7 +96,7 @@ def compare_workers(args) -> None:
     base = Path(__file__).resolve().parents[1]
     res = {}
     for workers in (0, 1):
-        # the same CPUs per trial: local mode 1 CPU (the trial process trains); with a worker group the
+        # the same CPUs per trial: training in the trial: 1 CPU (the trial process trains); with a worker group the
         # trial process holds 0.25 CPU and its Ray Train worker 0.75
         over = [f"output_dir={tmp}/w{workers}", "languages=[syn4]", "methods=[sft,ramoe]",
                 "knobs.bands=[[0.375,0.625]]", f"sweep.train_workers={workers}",
@@ -104,11 +104,11 @@ def compare_workers(args) -> None:
         cfg = load_config(base / "sweeps/demo.yaml", over)
         cfg = cfg.model_copy(update={"tasks": cfg.tasks[:1], "models": cfg.models[:1]})
         t0 = time.time()
-        SW.run_sweep(cfg)
+        sweep.run_sweep(cfg)
         print(f"\n== sweep.train_workers = {workers}: {time.time() - t0:.0f} s")
         res[workers] = analyse(cfg)
     a, b = statistics.median(res[0]["fixed"]), statistics.median(res[1]["fixed"])
-    print(f"\nfixed cost per trial: local mode {a:.1f} s, 1 Ray Train worker {b:.1f} s (ratio {b / a:.1f})")
+    print(f"\nfixed cost per trial: in the trial process {a:.1f} s, 1 Ray Train worker {b:.1f} s (ratio {b / a:.1f})")
 
 
 def main() -> None:
@@ -124,7 +124,7 @@ def main() -> None:
         return compare_workers(args)
     cfg = load_config(args.config, args.overrides)
     if args.run:
-        SW.run_sweep(cfg)
+        sweep.run_sweep(cfg)
     analyse(cfg, args.sweep)
 
 

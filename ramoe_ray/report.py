@@ -1,8 +1,8 @@
 """``ramoe report``: the comparison tables and figures of one sweep, read from MLflow only.
 
-A sweep (ramoe_ray/sweep.py) logs one *parent* run (tags ``ramoe.kind = sweep``, ``ramoe.sweep =
-NAME``; artefacts ``config.resolved.yaml`` and ``cells/cells.json``) and one *child* run per Tune
-trial (tags ``mlflow.parentRunId``, ``ramoe.kind = trial``, ``model``, ``task``, ``language``,
+A sweep (ramoe_ray/sweep.py, logging through tracking.py) logs one *parent* run (tags ``ramoe.kind =
+sweep``, ``ramoe.sweep = NAME``; artefacts ``config.resolved.yaml`` and ``cells/cells.json``) and one
+*child* run per Tune trial (tags ``mlflow.parentRunId``, ``ramoe.kind = trial``, ``model``, ``task``, ``language``,
 ``method``, ``selected``; metrics ``val_acc``, ..., and on the selected child of each cell × method
 ``test_acc`` and ``test_div_L<layer>``). This module reads those runs and writes, into one folder
 (default ``<run folder>/report/``):
@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ramoe_ray.config import ConfigError, RunConfig
-from ramoe_ray.sweep import search_all
+from ramoe_ray import tracking
+from ramoe_ray.config import METHODS, ConfigError, RunConfig
 
-METHODS = ("sft", "steering", "rise", "ramoe")
 LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE (best)"}
 N_RESAMPLES = 2000
 SEED = 0
@@ -49,31 +48,6 @@ DASH = "—"
 # ------------------------------------------------------------------------------------------ MLflow access
 
 
-def _client(cfg: RunConfig):
-    """An MlflowClient on the config's tracking URI; a ConfigError when there is nothing to read."""
-    uri = cfg.mlflow_uri
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():  # do not let MLflow create an empty database: there is no sweep to report
-            raise ConfigError(f"tracking {uri}: no MLflow database at {str(db)!r}; run a sweep first "
-                              f"or set tracking.mlflow_uri")
-    elif uri.startswith("file:") or "://" not in uri:
-        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
-        if not folder.is_dir():
-            raise ConfigError(f"tracking {uri}: no MLflow store at {str(folder)!r}; run a sweep first "
-                              f"or set tracking.mlflow_uri")
-    from mlflow.tracking import MlflowClient
-
-    return uri, MlflowClient(tracking_uri=uri)
-
-
-def _sweeps(client, experiment_ids: list[str]) -> list:
-    """Sweep parent runs of the experiments, newest first."""
-    if not experiment_ids:
-        return []
-    return search_all(client, experiment_ids, "tags.`ramoe.kind` = 'sweep'", ["attributes.start_time DESC"])
-
-
 def _describe(runs: list, limit: int = 10) -> str:
     if not runs:
         return "none"
@@ -82,33 +56,47 @@ def _describe(runs: list, limit: int = 10) -> str:
     return ", ".join(out) + more
 
 
-def _find_parent(cfg: RunConfig, client, uri: str, sweep_run_id: str | None):
+def _experiment(cfg: RunConfig, client, uri: str):
+    """The config's experiment (None if it does not exist); ConfigError when the store cannot be read."""
     from mlflow.exceptions import MlflowException
 
     try:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        return client.get_experiment_by_name(cfg.tracking.experiment)
     except MlflowException as e:
         raise ConfigError(f"tracking {uri}: cannot read experiment {cfg.tracking.experiment!r}: {e}") from None
     except Exception as e:  # connection refused, DNS, TLS...: the URI is unreachable
         raise ConfigError(f"tracking {uri}: unreachable ({type(e).__name__}: {e})") from None
+
+
+def _given_parent(cfg: RunConfig, client, uri: str, exp_ids: list[str], sweep_run_id: str):
+    """--sweep RUN_ID: that run, if it is a sweep's parent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(sweep_run_id)
+    except MlflowException:
+        raise ConfigError(f"--sweep {sweep_run_id!r}: no such run at {uri}; sweeps in experiment "
+                          f"{cfg.tracking.experiment!r}: {_describe(tracking.sweeps(client, exp_ids))}") from None
+    kind = run.data.tags.get("ramoe.kind")
+    if kind != "sweep":
+        raise ConfigError(f"--sweep {sweep_run_id!r}: run is not a sweep parent (tag ramoe.kind = {kind!r}); "
+                          f"sweeps in experiment {cfg.tracking.experiment!r}: "
+                          f"{_describe(tracking.sweeps(client, exp_ids))}")
+    return run
+
+
+def _find_parent(cfg: RunConfig, client, uri: str, sweep_run_id: str | None):
+    """The sweep to report on: ``sweep_run_id``, else the newest sweep of the config's name; a ConfigError
+    naming what the store holds otherwise."""
+    exp = _experiment(cfg, client, uri)
     exp_ids = [exp.experiment_id] if exp is not None else []
     if sweep_run_id is not None:
-        try:
-            run = client.get_run(sweep_run_id)
-        except MlflowException:
-            raise ConfigError(f"--sweep {sweep_run_id!r}: no such run at {uri}; sweeps in experiment "
-                              f"{cfg.tracking.experiment!r}: {_describe(_sweeps(client, exp_ids))}") from None
-        kind = run.data.tags.get("ramoe.kind")
-        if kind != "sweep":
-            raise ConfigError(f"--sweep {sweep_run_id!r}: run is not a sweep parent (tag ramoe.kind = {kind!r}); "
-                              f"sweeps in experiment {cfg.tracking.experiment!r}: "
-                              f"{_describe(_sweeps(client, exp_ids))}")
-        return run
+        return _given_parent(cfg, client, uri, exp_ids, sweep_run_id)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise ConfigError(f"tracking {uri}: experiment {cfg.tracking.experiment!r} does not exist (no sweep has "
                           f"logged to it); experiments there: {', '.join(names) or 'none'}")
-    sweeps = _sweeps(client, exp_ids)
+    sweeps = tracking.sweeps(client, exp_ids)
     if not sweeps:
         raise ConfigError(f"tracking {uri}: experiment {cfg.tracking.experiment!r} holds no sweep run "
                           f"(tag ramoe.kind = sweep); run `ramoe sweep` first")
@@ -117,24 +105,6 @@ def _find_parent(cfg: RunConfig, client, uri: str, sweep_run_id: str | None):
         raise ConfigError(f"experiment {cfg.tracking.experiment!r} holds no sweep of config {cfg.name!r}; "
                           f"choose one with --sweep: {_describe(sweeps)}")
     return mine[0]
-
-
-def _artifact(uri: str, run_id: str, path: str, tmp: str) -> Path | None:
-    import mlflow
-
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"  # no progress bars around the printed report
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
-                                                        tracking_uri=uri))
-    except Exception:  # not logged (yet): the report says what it lacks
-        return None
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def _trial(run) -> dict:
@@ -152,15 +122,16 @@ def collect(cfg: RunConfig, sweep_run_id: str | None = None) -> dict:
     and its trials (child runs tagged ramoe.kind = trial)."""
     import yaml
 
-    uri, client = _client(cfg)
+    uri = cfg.mlflow_uri
+    client = tracking.read_client(uri)
     parent = _find_parent(cfg, client, uri, sweep_run_id)
     pid = parent.info.run_id
-    children = search_all(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
+    children = tracking.child_runs(client, parent.info.experiment_id, pid)
     trials = [_trial(r) for r in children if r.data.tags.get("ramoe.kind", "trial") == "trial"]
     with tempfile.TemporaryDirectory(prefix="ramoe-report-") as tmp:
-        p = _artifact(uri, pid, "cells/cells.json", tmp)
+        p = tracking.download_artifact(uri, pid, f"{tracking.CELLS_ARTIFACT}/cells.json", tmp)
         cells_json = json.loads(p.read_text()) if p else None
-        p = _artifact(uri, pid, "config.resolved.yaml", tmp)
+        p = tracking.download_artifact(uri, pid, "config.resolved.yaml", tmp)
         resolved = yaml.safe_load(p.read_text()) if p else None
     expected = parent.data.params.get("ramoe.expected_trials", parent.data.tags.get("ramoe.expected_trials"))
     try:
@@ -257,69 +228,84 @@ def _corr(x: np.ndarray, y: np.ndarray, kind: str) -> dict:
             "dropped": int(len(dist) - len(ok)), "note": None}
 
 
+def _ci_proportion(key: tuple, info: dict, trials: list[dict]) -> float | None:
+    """The cell's ci proportion: cells.json's, else what its trials logged."""
+    ci = info.get(key, {}).get("ci_proportion")
+    if not _finite(ci):  # fall back on what the trials logged
+        ci = next((tr["metrics"]["ci_proportion"] for tr in trials
+                   if (tr["model"], tr["task"], tr["language"]) == key
+                   and _finite(tr["metrics"].get("ci_proportion"))), None)
+    return float(ci) if ci is not None else None
+
+
+def _cell_row(key: tuple, sel: dict, info: dict, trials: list[dict]) -> dict:
+    """One table row: test accuracy (and run) of each method's selected trial, Δ, ci proportion, RA-MoE's knobs."""
+    row: dict = {}
+    for m in METHODS:
+        tr = sel.get((key, m))
+        row[m] = float(tr["metrics"]["test_acc"]) if tr else None
+        row[f"{m}_run"] = tr["run_id"] if tr else None
+    row["delta"] = (100.0 * (row["ramoe"] - row["sft"])) if row["ramoe"] is not None and row["sft"] is not None \
+        else None
+    row["ci_proportion"] = _ci_proportion(key, info, trials)
+    rm = sel.get((key, "ramoe"))
+    row["ramoe_params"] = ({k: rm["params"].get(k) for k in ("lam", "band", "top_k")} | {
+        "val_acc": rm["metrics"].get("val_acc")} if rm else None)
+    return row
+
+
+def _model_divergence(model: str, cells_order: list, info: dict, sel: dict) -> dict | None:
+    """Divergence by layer of one model: base (cells.json) and selected RA-MoE (test_div_L*) per language,
+    mean over tasks; None when nothing was recorded."""
+    entries = [c for k, c in info.items() if k[0] == model]
+    layers = next((list(c["moe_layers"]) for c in entries if c.get("moe_layers")), None)
+    ram = [tr for (k, m), tr in sel.items() if k[0] == model and m == "ramoe"]
+    if layers is None:  # no cells.json: the layers the trials logged
+        found = {int(n[len("test_div_L"):]) for tr in ram for n in tr["metrics"] if n.startswith("test_div_L")}
+        layers = sorted(found) or None
+    if not layers:
+        return None
+    base, trained = {}, {}
+    for lang in dict.fromkeys(k[2] for k in cells_order if k[0] == model):
+        b = [c["divergence_base"] for c in entries if c.get("language") == lang
+             and len(c.get("divergence_base") or []) == len(layers)]
+        if b:
+            base[lang] = np.mean(np.asarray(b, dtype=float), axis=0).tolist()
+        r = [[tr["metrics"][f"test_div_L{l}"] for l in layers] for tr in ram if tr["language"] == lang
+             and all(f"test_div_L{l}" in tr["metrics"] for l in layers)]
+        if r:
+            trained[lang] = np.mean(np.asarray(r, dtype=float), axis=0).tolist()
+    band = sorted({int(l) for c in entries for l in (c.get("band_layers") or [])})
+    if not (base or trained):
+        return None
+    return {"layers": layers, "base": base, "ramoe": trained, "band_layers": band}
+
+
+def _counts(trials: list[dict], expected: int | None) -> dict:
+    statuses = [tr["status"] for tr in trials]
+    return {"total": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
+            "running": sum(s in ("RUNNING", "SCHEDULED") for s in statuses), "killed": statuses.count("KILLED"),
+            "expected": expected}
+
+
 def compute(data: dict, cfg: RunConfig) -> dict:
     """The report's numbers from what ``collect`` read (no MLflow access)."""
     cells_order, methods, planned = _ordered_cells(data, cfg)
     info = {(c.get("model"), c.get("task"), c.get("language")): c for c in data["cells_json"] or []}
     sel = _selected(data["trials"])
-    cells: dict = {}
-    missing = []
-    for key in cells_order:
-        row: dict = {}
-        for m in METHODS:
-            tr = sel.get((key, m))
-            row[m] = float(tr["metrics"]["test_acc"]) if tr else None
-            row[f"{m}_run"] = tr["run_id"] if tr else None
-            if tr is None and m in methods:
-                missing.append(f"{'/'.join(map(str, key))} {m}")
-        row["delta"] = (100.0 * (row["ramoe"] - row["sft"])) if row["ramoe"] is not None and row["sft"] is not None \
-            else None
-        ci = info.get(key, {}).get("ci_proportion")
-        if not _finite(ci):  # fall back on what the trials logged
-            ci = next((tr["metrics"]["ci_proportion"] for tr in data["trials"]
-                       if (tr["model"], tr["task"], tr["language"]) == key
-                       and _finite(tr["metrics"].get("ci_proportion"))), None)
-        row["ci_proportion"] = float(ci) if ci is not None else None
-        rm = sel.get((key, "ramoe"))
-        row["ramoe_params"] = ({k: rm["params"].get(k) for k in ("lam", "band", "top_k")} | {
-            "val_acc": rm["metrics"].get("val_acc")} if rm else None)
-        cells[key] = row
+    cells = {key: _cell_row(key, sel, info, data["trials"]) for key in cells_order}
+    missing = [f"{'/'.join(map(str, key))} {m}" for key in cells_order for m in METHODS
+               if (key, m) not in sel and m in methods]
 
     pts = [(k, v["ci_proportion"], v["delta"]) for k, v in cells.items()
            if v["delta"] is not None and v["ci_proportion"] is not None]
     x = np.array([p[1] for p in pts], dtype=float)
     y = np.array([p[2] for p in pts], dtype=float)
     pearson, spearman = _corr(x, y, "pearson"), _corr(x, y, "spearman")
+    divergence = {model: d for model in dict.fromkeys(k[0] for k in cells_order)
+                  if (d := _model_divergence(model, cells_order, info, sel)) is not None}
 
-    # divergence by layer, per model: base (cells.json) and selected RA-MoE (test_div_L*), mean over tasks
-    divergence: dict = {}
-    for model in dict.fromkeys(k[0] for k in cells_order):
-        entries = [c for k, c in info.items() if k[0] == model]
-        layers = next((list(c["moe_layers"]) for c in entries if c.get("moe_layers")), None)
-        ram = [tr for (k, m), tr in sel.items() if k[0] == model and m == "ramoe"]
-        if layers is None:  # no cells.json: the layers the trials logged
-            found = {int(n[len("test_div_L"):]) for tr in ram for n in tr["metrics"] if n.startswith("test_div_L")}
-            layers = sorted(found) or None
-        if not layers:
-            continue
-        base, trained = {}, {}
-        for lang in dict.fromkeys(k[2] for k in cells_order if k[0] == model):
-            b = [c["divergence_base"] for c in entries if c.get("language") == lang
-                 and len(c.get("divergence_base") or []) == len(layers)]
-            if b:
-                base[lang] = np.mean(np.asarray(b, dtype=float), axis=0).tolist()
-            r = [[tr["metrics"][f"test_div_L{l}"] for l in layers] for tr in ram if tr["language"] == lang
-                 and all(f"test_div_L{l}" in tr["metrics"] for l in layers)]
-            if r:
-                trained[lang] = np.mean(np.asarray(r, dtype=float), axis=0).tolist()
-        band = sorted({int(l) for c in entries for l in (c.get("band_layers") or [])})
-        if base or trained:
-            divergence[model] = {"layers": layers, "base": base, "ramoe": trained, "band_layers": band}
-
-    statuses = [tr["status"] for tr in data["trials"]]
-    counts = {"total": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
-              "running": sum(s in ("RUNNING", "SCHEDULED") for s in statuses), "killed": statuses.count("KILLED"),
-              "expected": data["expected_trials"]}
+    counts = _counts(data["trials"], data["expected_trials"])
     partial = bool(missing) or not planned or (counts["expected"] is not None
                                                 and counts["finished"] + counts["failed"] < counts["expected"])
     failed = [{"run_id": tr["run_id"], "cell": f"{tr['model']}/{tr['task']}/{tr['language']}", "method": tr["method"],
@@ -447,10 +433,9 @@ def _missing_text(report: dict, limit: int = 20) -> str:
     return "; ".join(items[:limit]) + more
 
 
-def render_markdown(report: dict) -> str:
-    """report.md from the dict ``compute`` returns (figures named by ``report['paths']`` when present)."""
+def _summary_lines(report: dict) -> list[str]:
+    """Title, the sweep run, the trial counts, what is partial."""
     s, n = report["sweep"], report["counts"]
-    paths = report.get("paths", {})
     lines = [f"# RA-MoE sweep report: {s['name']}", ""]
     lines.append(f"- sweep run: `{s['run_id']}` ({s['status']}), experiment `{s['experiment']}`, "
                  f"tracking `{s['tracking_uri']}`")
@@ -466,9 +451,14 @@ def render_markdown(report: dict) -> str:
         if n["expected"] is not None and n["finished"] + n["failed"] < n["expected"]:
             what.append(f"{n['expected'] - n['finished'] - n['failed']} expected trials not done")
         lines.append(f"- **partial sweep**: {'; '.join(what) or 'results missing'}")
-    lines += ["", "## Test accuracy (%) of the selected trial per cell and method", "",
-              "Selected = best validation accuracy among the trials of the cell and method. "
-              f"Δ = RA-MoE − SFT in accuracy points; {DASH} = no result (not run, failed or not selected yet).", ""]
+    return lines
+
+
+def _accuracy_lines(report: dict) -> list[str]:
+    """Per model × task a table: rows = languages, the selected trials' test accuracy, Δ, ci proportion."""
+    lines = ["", "## Test accuracy (%) of the selected trial per cell and method", "",
+             "Selected = best validation accuracy among the trials of the cell and method. "
+             f"Δ = RA-MoE − SFT in accuracy points; {DASH} = no result (not run, failed or not selected yet).", ""]
     groups = list(dict.fromkeys((k[0], k[1]) for k in report["cells"]))
     for model, task in groups:
         lines += [f"### {model} / {task}", "",
@@ -481,39 +471,63 @@ def render_markdown(report: dict) -> str:
             ci = DASH if row["ci_proportion"] is None else f"{row['ci_proportion']:.3f}"
             lines.append(f"| {lang} | " + " | ".join(_pct(row[x]) for x in METHODS) + f" | {delta} | {ci} |")
         lines.append("")
+    return lines
+
+
+def _knob_lines(report: dict) -> list[str]:
+    """The selected RA-MoE trial's λ, band and top-k per cell."""
     knob_rows = [(k, r["ramoe_params"]) for k, r in report["cells"].items() if r["ramoe_params"]]
-    if knob_rows:
-        lines += ["Selected RA-MoE settings:", "", "| cell | λ | band | top_k | val acc (%) |", "|---|---:|---|---:|---:|"]
-        for k, p in knob_rows:
-            va = _pct(p["val_acc"]) if _finite(p.get("val_acc")) else DASH
-            lines.append(f"| {'/'.join(k)} | {p['lam'] or DASH} | {p['band'] or DASH} | {p['top_k'] or DASH} | {va} |")
-        lines.append("")
+    if not knob_rows:
+        return []
+    lines = ["Selected RA-MoE settings:", "", "| cell | λ | band | top_k | val acc (%) |", "|---|---:|---|---:|---:|"]
+    for k, p in knob_rows:
+        va = _pct(p["val_acc"]) if _finite(p.get("val_acc")) else DASH
+        lines.append(f"| {'/'.join(k)} | {p['lam'] or DASH} | {p['band'] or DASH} | {p['top_k'] or DASH} | {va} |")
+    return lines + [""]
+
+
+def _correlation_lines(report: dict, paths: dict) -> list[str]:
     b = report["bootstrap"]
-    lines += ["## ci proportion vs gain", "",
-              f"Cells with both RA-MoE and SFT results: {report['pearson']['n']} "
-              f"(x = ci proportion of the train split, y = Δ in points).", "",
-              _corr_line("Pearson r", report["pearson"]), _corr_line("Spearman ρ", report["spearman"]), "",
-              f"Intervals: {b['method']} bootstrap, {b['n_resamples']} paired resamples of cells "
-              f"(scipy.stats.bootstrap, seed {b['seed']}).", ""]
+    lines = ["## ci proportion vs gain", "",
+             f"Cells with both RA-MoE and SFT results: {report['pearson']['n']} "
+             f"(x = ci proportion of the train split, y = Δ in points).", "",
+             _corr_line("Pearson r", report["pearson"]), _corr_line("Spearman ρ", report["spearman"]), "",
+             f"Intervals: {b['method']} bootstrap, {b['n_resamples']} paired resamples of cells "
+             f"(scipy.stats.bootstrap, seed {b['seed']}).", ""]
     if paths.get("scatter"):
         lines += [f"![ci proportion vs gain]({Path(paths['scatter']).name})", ""]
-    lines += ["## Routing divergence to English by MoE layer", "",
-              "Dashed: base model (stage 2, train split); solid: the selected RA-MoE trials (test split); "
-              "mean over tasks; shaded: the band.", ""]
+    return lines
+
+
+def _divergence_lines(report: dict, paths: dict) -> list[str]:
+    lines = ["## Routing divergence to English by MoE layer", "",
+             "Dashed: base model (stage 2, train split); solid: the selected RA-MoE trials (test split); "
+             "mean over tasks; shaded: the band.", ""]
     if not report["divergence"]:
         lines += ["No divergence recorded yet.", ""]
     for model in report["divergence"]:
-        lines.append(f"### {model}")
-        lines.append("")
+        lines += [f"### {model}", ""]
         p = paths.get("divergence", {}).get(model)
         if p:
             lines += [f"![divergence {model}]({Path(p).name})", ""]
-    if report["failed"]:
-        lines += ["## Failed trials", "", "| run | cell | method | error |", "|---|---|---|---|"]
-        for f in report["failed"]:
-            err = re.sub(r"\s+", " ", str(f["error"] or "")).replace("|", "\\|")[:160] or DASH
-            lines.append(f"| `{f['run_id']}` | {f['cell']} | {f['method']} | {err} |")
-        lines.append("")
+    return lines
+
+
+def _failed_lines(report: dict) -> list[str]:
+    if not report["failed"]:
+        return []
+    lines = ["## Failed trials", "", "| run | cell | method | error |", "|---|---|---|---|"]
+    for f in report["failed"]:
+        err = re.sub(r"\s+", " ", str(f["error"] or "")).replace("|", "\\|")[:160] or DASH
+        lines.append(f"| `{f['run_id']}` | {f['cell']} | {f['method']} | {err} |")
+    return lines + [""]
+
+
+def render_markdown(report: dict) -> str:
+    """report.md from the dict ``compute`` returns (figures named by ``report['paths']`` when present)."""
+    paths = report.get("paths", {})
+    lines = (_summary_lines(report) + _accuracy_lines(report) + _knob_lines(report)
+             + _correlation_lines(report, paths) + _divergence_lines(report, paths) + _failed_lines(report))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -11,7 +11,9 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from ramoe_ray.cli import main  # noqa: E402
 from ramoe_ray.config import ConfigError, config_from_dict  # noqa: E402
+from ramoe_ray.report import NA_CORR, build_report  # noqa: E402
 
 MODELS = {"m1": {"tasks": ["arith", "passage"], "moe_layers": [1, 2, 3], "band": [2]},
           "m2": {"tasks": ["arith"], "moe_layers": [0, 1, 2, 3], "band": [1, 2]}}
@@ -31,7 +33,7 @@ def _config(uri, out, name="rep", experiment="exp"):
 
 def _child(client, exp, parent, *, model, task, lang, method, key, selected, val, test=None, divs=None,
            params=None, status="FINISHED", error=None, ci=0.0):
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     tags = {"mlflow.parentRunId": parent, "ramoe.kind": "trial", "model": model, "task": task, "language": lang,
             "method": method, "trial_key": key, "selected": "true" if selected else "false"}
@@ -121,8 +123,6 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(store):
-    from ramoe_ray.report import build_report
-
     return build_report(store["cfg"], out_dir=store["tmp"] / "report")  # the default: newest sweep named 'rep'
 
 
@@ -221,8 +221,6 @@ def test_figures_and_artifacts_logged_to_the_parent(store, report):
 
 
 def test_explicit_sweep_with_too_few_cells(store, tmp_path):
-    from ramoe_ray.report import NA_CORR, build_report
-
     rep = build_report(store["cfg"], sweep_run_id=store["other"], out_dir=tmp_path)
     assert rep["sweep"]["name"] == "other" and len(rep["cells"]) == 2
     assert rep["pearson"]["r"] is None and f"Pearson r: {NA_CORR}" in rep["markdown"]
@@ -231,8 +229,6 @@ def test_explicit_sweep_with_too_few_cells(store, tmp_path):
 
 
 def test_errors_name_what_exists(store, tmp_path):
-    from ramoe_ray.report import build_report
-
     with pytest.raises(ConfigError, match="no-such-run.*no such run.*" + store["parent"]):
         build_report(store["cfg"], sweep_run_id="no-such-run", out_dir=tmp_path)
     child = _selected_from_search(store)[("m1", "arith", "syn2", "sft")]["run_id"]
@@ -251,8 +247,6 @@ def test_errors_name_what_exists(store, tmp_path):
 
 
 def test_cli_prints_the_table(store, tmp_path, capsys):
-    from ramoe_ray.cli import main
-
     path = tmp_path / "rep.yaml"
     path.write_text(yaml.safe_dump(store["cfg"].model_dump(mode="json")))
     out = tmp_path / "out"

@@ -1,9 +1,10 @@
-"""The sweep (sweep.py) on the small synthetic world, with real Ray Tune, Ray Train (local mode in the
-trials), DeepSpeed and MLflow (sqlite): bad inputs stop before any trial; one sweep of 3 cells x 4 methods
-logs a parent and one child per trial (a failing trial included), runs stages 1-2 once per cell, selects
-on validation and tests only the selected; the report's numbers are MLflow's; an interrupted sweep
-resumed with --resume runs only the unfinished trials and ends like an uninterrupted one."""
+"""The sweep (sweep.py) on the small synthetic world, with real Ray Tune, training in the trial processes
+(sweep.train_workers = 0), DeepSpeed and MLflow (sqlite): bad inputs stop before any trial; one sweep of
+3 cells x 4 methods logs a parent and one child per trial (a failing trial included), runs stages 1-2
+once per cell, selects on validation and tests only the selected; the report's numbers are MLflow's; an
+interrupted sweep resumed with --resume runs only the unfinished trials and ends like an uninterrupted one."""
 
+import contextlib
 import json
 import math
 import os
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import small_config
-from ramoe_ray import sweep as SW
+from ramoe_ray import grid, losses, report, sweep, tracking, train, trial
 from ramoe_ray.config import ConfigError, config_from_dict
+
+pytestmark = pytest.mark.slow
 
 LANGS = ("syn2", "syn4", "syn6")
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +64,11 @@ def test_bad_inputs_fail_before_any_trial(cache_dir, tmp_path):
     cfg = config_from_dict({**base, "tracking": dict(mlflow_uri=uri)})
     t0 = time.time()
     with pytest.raises(ConfigError, match=f"{uri}.*cannot be reached"):
-        SW.run_sweep(cfg)
+        sweep.run_sweep(cfg)
     assert time.time() - t0 < 60
     cfg = config_from_dict({**base, "tracking": dict(mlflow_uri=f"file://{tmp_path}/mlruns")})
     with pytest.raises(ConfigError, match="file store"):
-        SW.run_sweep(cfg)
+        sweep.run_sweep(cfg)
     # a cell whose task lacks the language
     rows = [dict(id=f"q{i}", question=f"What is {i} plus 1?", answer=str(i + 1)) for i in range(10)]
     task_dir = tmp_path / "task"
@@ -79,7 +81,7 @@ def test_bad_inputs_fail_before_any_trial(cache_dir, tmp_path):
                             "tasks": [dict(name="tiny", format="generative_numeric", source=str(task_dir),
                                            general_source=str(general))]})
     with pytest.raises(ConfigError, match="no file for language 'syn5'"):
-        SW.run_sweep(cfg)
+        sweep.run_sweep(cfg)
     assert not list((tmp_path / "runs").glob("*/tune")), "a trial folder was made"
     assert ray.is_initialized() == ray_before, "Ray was started for a sweep that could not run"
 
@@ -87,47 +89,68 @@ def test_bad_inputs_fail_before_any_trial(cache_dir, tmp_path):
 # ------------------------------------------------------------------------------------ one sweep
 
 
+@contextlib.contextmanager
+def failing_trial(key: str):
+    """The trial ``key`` raises inside its Tune trial, the others run as usual: ``trial.train_trial`` is
+    replaced by a wrapper that fails for that key, and ramoe_ray.trial is pickled by value (cloudpickle),
+    so the Tune function (``trial.run_trial``) carries the replacement into the trial's process."""
+    from ray import cloudpickle
+
+    real = trial.train_trial
+
+    def train_or_fail(cfg, t, run_dir):
+        if t.key == key:
+            raise RuntimeError(f"injected failure of trial {key} (test)")
+        return real(cfg, t, run_dir)
+
+    cloudpickle.register_pickle_by_value(trial)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trial, "train_trial", train_or_fail)
+            yield
+    finally:
+        cloudpickle.unregister_pickle_by_value(trial)
+
+
 @pytest.fixture(scope="module")
 def swept(shared_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     cfg = config_from_dict(sweep_dict(shared_cache, out))
-    fail = next(t["key"] for t in SW.grid(cfg) if t["method"] == "rise" and t["language"] == "syn4")
-    summary = SW.run_sweep(cfg, _fail_key=fail)
-    client = SW._client(summary["tracking_uri"])
-    kids = SW.children(client, summary["experiment_id"], summary["parent_run_id"])
+    fail = next(t.key for t in grid.trials(cfg) if t.method == "rise" and t.language == "syn4")
+    with failing_trial(fail):
+        summary = sweep.run_sweep(cfg)
+    client = tracking.mlflow_client(summary["tracking_uri"])
+    kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
     return cfg, summary, client, kids, fail
 
 
 def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     cfg, summary, client, kids, fail = swept
-    grid = SW.grid(cfg)
-    assert len(grid) == 3 * 4 == summary["trials"]
-    assert sorted(kids["tags.trial_key"]) == sorted(t["key"] for t in grid)
+    trials = grid.trials(cfg)
+    assert len(trials) == 3 * 4 == summary["trials"]
+    assert sorted(kids["tags.trial_key"]) == sorted(t.key for t in trials)
     failed = kids[kids.status == "FAILED"]
     assert list(failed["tags.trial_key"]) == [fail] and "injected failure" in failed["tags.error"].iloc[0]
     ok = kids[kids.status == "FINISHED"]
-    assert len(ok) == len(grid) - 1 and summary["failed"] == 1
+    assert len(ok) == len(trials) - 1 and summary["failed"] == 1
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
-    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(len(grid))
+    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(len(trials))
     # every rule of the method's definitions is a param of the parent
-    from ramoe_ray import losses
-    from ramoe_ray import train as TR
-
-    for k in TR.RULES:
-        assert parent.data.params[f"rule.train.{k}"] == TR.RULES[k]
+    for k in train.RULES:
+        assert parent.data.params[f"rule.train.{k}"] == train.RULES[k]
     for k in losses.RULES:
         assert f"rule.loss.{k}" in parent.data.params
     # each child: its cell and method as tags, knobs as params, metrics in range
     for _, row in ok.iterrows():
         run = client.get_run(row.run_id)
-        spec = next(t for t in grid if t["key"] == row["tags.trial_key"])
+        spec = next(t for t in trials if t.key == row["tags.trial_key"])
         assert (run.data.tags["model"], run.data.tags["task"], run.data.tags["language"], run.data.tags["method"]) == \
-            (spec["model"], spec["task"], spec["language"], spec["method"])
-        assert run.data.params["top_k"] == str(spec["top_k"]) and float(run.data.params["lam"]) == spec["lam"]
+            (spec.model, spec.task, spec.language, spec.method)
+        assert run.data.params["top_k"] == str(spec.top_k) and float(run.data.params["lam"]) == spec.lam
         m = run.data.metrics
         assert 0 <= m["val_acc"] <= 1 and 0 <= m["val_acc_en"] <= 1 and 0 < m["ci_proportion"] < 1
-        if spec["method"] != "steering":
+        if spec.method != "steering":
             assert m["routing_kl_ci"] >= 0 and m["routing_kl_ci_base"] >= 0
             assert len(client.get_metric_history(row.run_id, "train_loss")) == 3  # max_steps, log_every 1
         assert {a.path for a in client.list_artifacts(row.run_id)} >= {"trial.png", "trial.json"}
@@ -151,7 +174,7 @@ def test_stages_1_2_run_once_per_cell(swept):
 
 def test_selection_on_validation_and_test_only_for_the_selected(swept):
     cfg, summary, client, kids, _ = swept
-    kids = SW.children(client, summary["experiment_id"], summary["parent_run_id"])
+    kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
     ok = kids[kids.status == "FINISHED"]
     for (lang, method), g in ok.groupby(["tags.language", "tags.method"]):
         chosen = g[g["tags.selected"] == "true"]
@@ -166,8 +189,6 @@ def test_selection_on_validation_and_test_only_for_the_selected(swept):
 
 def test_report_numbers_are_mlflows(swept):
     from scipy import stats
-
-    from ramoe_ray import report
 
     cfg, summary, client, kids, _ = swept
     rep = report.build_report(cfg, sweep_run_id=summary["parent_run_id"])
@@ -234,19 +255,19 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, output[-3000:]
     cfg = config_from_dict(d)
-    total = len(SW.grid(cfg))
+    total = len(grid.trials(cfg))
     before = _finished(db)
     assert 3 <= before < total, output[-3000:]
-    c = SW._client(f"sqlite:///{db}")
-    parent = SW.find_parent(c, c.get_experiment_by_name("ramoe").experiment_id, cfg)
+    c = tracking.mlflow_client(f"sqlite:///{db}")
+    parent = tracking.find_parent(c, c.get_experiment_by_name("ramoe").experiment_id, cfg.name)
     assert c.get_run(parent).info.status == "KILLED"
 
-    res = SW.run_sweep(cfg, resume=True)
+    res = sweep.run_sweep(cfg, resume=True)
     assert res["parent_run_id"] == parent
     assert res["ran"] == total - before  # only the unfinished trials
-    client = SW._client(res["tracking_uri"])
-    kids = SW.children(client, res["experiment_id"], parent)
-    assert sorted(kids["tags.trial_key"]) == sorted(t["key"] for t in SW.grid(cfg))  # no duplicates, none missing
+    client = tracking.mlflow_client(res["tracking_uri"])
+    kids = tracking.children(client, res["experiment_id"], parent)
+    assert sorted(kids["tags.trial_key"]) == sorted(t.key for t in grid.trials(cfg))  # no duplicates, none missing
     assert (kids.status == "FINISHED").all()
     assert client.get_run(parent).info.status == "FINISHED"
     # the same results as the uninterrupted sweep (same seed, same schedule, deterministic on CPU)
@@ -256,7 +277,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
     assert len(common) == total - 1
     assert (got[common] == ref[common]).all()
     # a resume of a finished sweep runs nothing; a changed config is refused
-    assert SW.run_sweep(cfg, resume=True)["ran"] == 0
+    assert sweep.run_sweep(cfg, resume=True)["ran"] == 0
     changed = config_from_dict({**d, "training": {**d["training"], "lr": 1e-3}})
     with pytest.raises(ConfigError, match="config changed"):
-        SW.run_sweep(changed, resume=True)
+        sweep.run_sweep(changed, resume=True)

@@ -32,7 +32,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
+from ramoe_ray import grid
+from ramoe_ray.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = (REPO / ".venv" / "bin") if (REPO / ".venv" / "bin" / "ray").exists() else Path(sys.executable).parent
@@ -251,12 +254,9 @@ def wait_for(client, job_id: str, timeout: float) -> str:
 def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from ramoe_ray import sweep as SW
-    from ramoe_ray.config import load_config
-
     config = tiny_sweep(tmp_path, cache_dir)
     cfg = load_config(config, [])
-    expected = len(SW.grid(cfg))
+    expected = len(grid.trials(cfg))
     assert expected == 4
 
     # token authentication is on: the Jobs API refuses a request without the token
@@ -264,7 +264,7 @@ def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
     assert status in (401, 403), f"the Jobs API answered {status} to a request without a token"
 
     job_id = f"ramoe-test-{secrets.token_hex(4)}"
-    # HF_HUB_OFFLINE is also one of the variables sweep._ensure_ray passes to ray.init: Ray refuses a key set
+    # HF_HUB_OFFLINE is also one of the variables sweep.ensure_ray passes to ray.init: Ray refuses a key set
     # by both the job and the driver ("Failed to merge the Job's runtime env ... because of a conflict")
     # unless the driver leaves the job's keys out, which this submission checks
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"RAMOE_TEST_JOB": job_id, "HF_HUB_OFFLINE": "1"}}

@@ -1,0 +1,321 @@
+"""MLflow for the sweep and the report: the store, the experiment, the sweep's parent run, one child run
+per trial, and reading them back (every page). Only the sweep's driver writes here (trials never open
+the database); the report only reads, plus its own artefacts.
+
+What a sweep logs (the report's input, report.py):
+
+- the **parent** run: tags ``ramoe.kind = sweep``, ``ramoe.sweep = NAME``, ``ramoe.config_hash``,
+  ``ramoe.expected_trials``; params (every rule of the method's definitions, the training settings, the
+  grid); artefacts ``config.resolved.yaml`` and ``cells/cells.json`` (stages 1-2's facts per cell);
+- one **child** run per trial (``log_child``, from the Tune callback as each trial ends): tags
+  ``mlflow.parentRunId``, ``ramoe.kind = trial``, model/task/language/method, ``trial_key``,
+  ``trial_index``, ``selected``, ``ramoe.trial_dir``; params (knobs and training facts); metrics
+  (validation accuracy, ci proportion, routing KL before/after, loss curves, timings); trial.png and
+  trial.json as artefacts. A failed trial is a FAILED child with its ``error`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ramoe_ray.cache import write_json_atomic
+from ramoe_ray.config import ConfigError, RunConfig, save_resolved
+from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
+
+CELLS_ARTIFACT = "cells"
+SWEEP_FILTER = "tags.`ramoe.kind` = 'sweep'"
+FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
+CURVES = ("loss", "ce", "align", "routing_kl")
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on ``uri`` (never the global tracking URI)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def read_client(uri: str):
+    """An MlflowClient on an existing store, for reading; a ConfigError when there is nothing to read
+    (MLflow would create an empty database)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise ConfigError(f"tracking {uri}: no MLflow database at {str(db)!r}; run a sweep first "
+                              f"or set tracking.mlflow_uri")
+    elif uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+        if not folder.is_dir():
+            raise ConfigError(f"tracking {uri}: no MLflow store at {str(folder)!r}; run a sweep first "
+                              f"or set tracking.mlflow_uri")
+    return mlflow_client(uri)
+
+
+def experiment_id(client, name: str, artifacts: Path | None) -> str:
+    """The experiment's id, created if new; with a sqlite store its artifacts live next to the database
+    (``artifacts``), not in ./mlruns of whatever folder the command ran in."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise ConfigError(f"tracking.experiment = {name!r} is deleted in {client.tracking_uri}; restore it or pick another name")
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifacts.resolve().as_uri() if artifacts else None)
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str) -> Path | None:
+    """One artefact of a run into ``dst``; None when it is not logged (yet)."""
+    import mlflow
+
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"  # no progress bars around printed output
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst,
+                                                        tracking_uri=uri))
+    except Exception:  # not logged (yet): the caller says what it lacks
+        return None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    """Every run matching ``filter_string`` (all pages), read through ``client`` (never the global URI)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def sweeps(client, experiment_ids: list[str], name: str | None = None) -> list:
+    """Sweep parent runs of the experiments (of the sweep ``name``, or all), newest first."""
+    if not experiment_ids:
+        return []
+    query = SWEEP_FILTER if name is None else f"{SWEEP_FILTER} and tags.`ramoe.sweep` = '{name}'"
+    return search_all(client, experiment_ids, query, ["attributes.start_time DESC"])
+
+
+def find_parent(client, exp_id: str, name: str) -> str | None:
+    """The run id of the newest sweep ``name`` in the experiment, None if there is none."""
+    runs = sweeps(client, [exp_id], name)
+    return runs[0].info.run_id if runs else None
+
+
+def child_runs(client, exp_id: str, parent_id: str) -> list:
+    """The parent's child runs (not deleted)."""
+    return search_all(client, [exp_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def children(client, exp_id: str, parent_id: str):
+    """The parent's child runs (not deleted) as a DataFrame with mlflow.search_runs' column names
+    (run_id, status, tags.*, metrics.*)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status,
+                          **{f"tags.{k}": v for k, v in r.data.tags.items()},
+                          **{f"metrics.{k}": v for k, v in r.data.metrics.items()}}
+                         for r in child_runs(client, exp_id, parent_id)])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i : i + 90])
+
+
+def log_metrics(client, run_id: str, values: dict, step: int = 0) -> None:
+    """Scalar metrics at ``step``, one timestamp."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def start_parent(client, exp_id: str, cfg: RunConfig, *, params: dict, n_trials: int, cells: list,
+                 run_dir: Path) -> str:
+    """The sweep's parent run: tags, ``params``, the resolved config and cells.json as artifacts."""
+    run = client.create_run(exp_id, run_name=f"sweep {cfg.name}", tags={
+        "ramoe.kind": "sweep", "ramoe.sweep": cfg.name, "ramoe.config_hash": config_hash(cfg),
+        "ramoe.expected_trials": str(n_trials)})
+    rid = run.info.run_id
+    log_params(client, rid, params)
+    client.log_artifact(rid, str(save_resolved(cfg, run_dir)))
+    cells_file = run_dir / "cells.json"
+    write_json_atomic(cells_file, cells)
+    client.log_artifact(rid, str(cells_file), CELLS_ARTIFACT)
+    return rid
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+
+def run_name(trial: Trial) -> str:
+    """What varies first (MLflow cuts long names): 'arith/syn4 ramoe λ=1 band=0.375-0.625 top_k=2 [olmoe-world]'."""
+    knobs = ""
+    if trial.method == "ramoe":
+        knobs = f" λ={trial.lam:g} band={trial.band_label()} top_k={trial.top_k}"
+    elif trial.method == "steering":
+        knobs = f" s={trial.strength:g} band={trial.band_label()} top_k={trial.top_k}"
+    return f"{trial.task}/{trial.language} {trial.method}{knobs} [{trial.model}]"
+
+
+def _trial_folder(record: dict) -> Path:
+    return Path(record["eval"]["path"]).parents[1]
+
+
+def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str) -> dict:
+    return {"mlflow.parentRunId": parent_id, "ramoe.kind": "trial", "model": trial.model, "task": trial.task,
+            "language": trial.language, "method": trial.method, "trial_key": trial.key,
+            "trial_index": str(trial.index), "tune_trial_id": trial_id, "selected": "false",
+            "ramoe.trial_dir": str(_trial_folder(record)) if record else ""}
+
+
+def _child_params(trial: Trial, record: dict | None) -> dict:
+    """The knobs (model/task/language also as params: MLflow's comparison plots take params and metrics,
+    not tags), and for a finished trial its training facts. The rules are the parent's params (rule.*),
+    the RISE mask is in trial.json: the comparison stays readable."""
+    params = {"model": trial.model, "task": trial.task, "language": trial.language, "method": trial.method,
+              "lam": trial.lam, "band": trial.band_label(), "top_k": trial.top_k,
+              "strength": trial.strength if trial.strength is not None else "none"}
+    if record is None:
+        return {k: str(v) for k, v in params.items()}
+    tr = record["train"]
+    params.update({"lam_used": tr.get("lam_used"), "band_layers": tr.get("band_layers"),
+                   "task_experts": json.dumps(tr.get("task_experts")), "n_ci": tr.get("n_ci"),
+                   "n_train": tr.get("n_train"), "steps": tr.get("steps")})
+    return {k: str(v)[:6000] for k, v in params.items()}
+
+
+def _child_metrics(trial: Trial, record: dict) -> list:
+    """Validation numbers, training facts and timings at step 0, the training curves by step."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    lang, ev, tr = trial.language, record["eval"], record["train"]
+    vals = {"val_acc": ev["accuracy"][lang], "val_acc_en": ev["accuracy"]["en"],
+            "ci_proportion": record["cell"]["ci_proportion"], "n_val": ev["n"][lang]}
+    vals.update({f"val_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
+    vals["stage12_recomputed"] = sum(not hit for hit in (tr.get("stage_cache") or {}).values())
+    vals.update({k: v for k, v in (tr.get("final") or {}).items() if k in FINAL_METRICS and v is not None})
+    vals.update({f"seconds_{k}": v for k, v in record["timing"].items() if v is not None})
+    metrics = [Metric(k, float(v), now, 0) for k, v in vals.items()]
+    for h in tr.get("history") or []:
+        metrics += [Metric(f"train_{k}", float(h[k]), now, int(h["step"])) for k in CURVES if h.get(k) is not None]
+    return metrics
+
+
+def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict | None, error: str | None,
+              trial_id: str) -> str:
+    """One trial as a child run: FINISHED with its record (trial.json), or FAILED with its error."""
+    started = int(1000 * record["started"]) if record and record.get("started") else None
+    run = client.create_run(exp_id, run_name=run_name(trial), tags=_child_tags(parent_id, trial, record, trial_id),
+                            start_time=started)
+    rid = run.info.run_id
+    if record is None:
+        client.set_tag(rid, "error", (error or "")[:5000])
+        log_params(client, rid, _child_params(trial, None))
+        client.set_terminated(rid, "FAILED")
+        return rid
+    log_params(client, rid, _child_params(trial, record))
+    metrics = _child_metrics(trial, record)
+    for i in range(0, len(metrics), 900):
+        client.log_batch(rid, metrics=metrics[i : i + 900])
+    folder = _trial_folder(record)
+    for f in (TRIAL_FIGURE, TRIAL_JSON):
+        if (folder / f).is_file():
+            client.log_artifact(rid, str(folder / f))
+    end = started + int(1000 * record["timing"]["total"]) if started else None
+    client.set_terminated(rid, "FINISHED", end_time=end)
+    return rid
+
+
+# ---------------------------------------------------------------------------------------------- Tune callback
+
+
+class ChildLogger:
+    """Logs each Tune trial as an MLflow child run as it ends (driver side) and prints a progress line.
+    Tune pickles its callbacks with the experiment state: this holds only plain values (the MLflow client
+    is made on first use, progress goes to print looked up at call time)."""
+
+    def __init__(self, uri: str, exp_id: str, parent_id: str, total: int, done_before: int):
+        self.uri, self.exp_id, self.parent_id, self.total, self.done_before = uri, exp_id, parent_id, total, done_before
+        self.finished, self.failed, self._client = 0, 0, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.uri)
+        return self._client
+
+    def _line(self, trial: Trial, text: str) -> None:
+        n = self.done_before + self.finished + self.failed
+        print(f"  [{n}/{self.total}] {trial.key}: {text}", flush=True)
+
+    def completed(self, tune_trial) -> None:
+        """A trial that returned: its trial.json is the record (none: it failed after all)."""
+        res = tune_trial.last_result or {}
+        path = res.get("trial_json")
+        if not path or not Path(path).is_file():
+            return self.errored(tune_trial)
+        trial = Trial(**tune_trial.config["trial"])
+        record = json.loads(Path(path).read_text())
+        log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None,
+                  trial_id=tune_trial.trial_id)
+        self.finished += 1
+        tm = record["timing"]
+        self._line(trial, f"val acc {100 * res['val_acc']:.1f}% (en {100 * res['val_acc_en']:.1f}%), "
+                          f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
+
+    def errored(self, tune_trial) -> None:
+        """A trial that raised: a FAILED child with Tune's error file (or its pickled error)."""
+        trial = Trial(**tune_trial.config["trial"])
+        err = ""
+        if getattr(tune_trial, "error_file", None) and Path(tune_trial.error_file).is_file():
+            err = Path(tune_trial.error_file).read_text()
+        elif tune_trial.get_pickled_error() is not None:
+            err = repr(tune_trial.get_pickled_error())
+        log_child(self.client, self.exp_id, self.parent_id, trial, record=None, error=err or "unknown error",
+                  trial_id=tune_trial.trial_id)
+        self.failed += 1
+        last = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["unknown error"]
+        self._line(trial, f"FAILED: {last[0][:200]}")
+
+
+def tune_callback(logger: ChildLogger):
+    """A Ray Tune callback that hands each ended trial to ``logger``."""
+    from ray.tune import Callback
+
+    class MlflowChildren(Callback):
+        def __init__(self):
+            self.logger = logger
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.logger.completed(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.logger.errored(trial)
+
+    return MlflowChildren()

@@ -1,0 +1,201 @@
+"""What runs inside one Ray Tune trial of the sweep (docs/architecture.md, "The method"), and the test-split
+evaluation of a selected trial afterwards.
+
+``run_trial(config)`` is the Tune function: it trains the trial's cell with its method and knobs
+(``train.train_cell``: a Ray Train ``TorchTrainer`` with DeepSpeed ZeRO-3; ``sweep.train_workers = 0``
+runs the training recipe in the trial process itself, no worker group to start per trial), evaluates
+on the **validation** split (``evaluate.evaluate_cell``), draws its figure, writes trial.json in its
+folder and reports the flat metrics to Tune. Trials never open the MLflow database: the sweep's driver
+logs them (tracking.py).
+
+``evaluate_on_test(cfg_json, folder)`` evaluates a finished trial (its adapter or steering spec) on the
+**test** split; the sweep runs it only for the selected trial of each (cell, method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+from ramoe_ray import evaluate, train
+from ramoe_ray.cache import write_json_atomic
+from ramoe_ray.config import RunConfig, config_from_dict
+from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
+
+TRAIN_KEYS = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_ci", "n_train", "steps",
+              "notes", "adapter", "history", "final", "cached", "stage_cache")
+FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
+
+
+# ---------------------------------------------------------------------------------------------- resources
+
+
+def train_workers(cfg: RunConfig) -> int:
+    """Ray Train workers per trial: sweep.train_workers, else resources.num_workers (0 = train in the trial)."""
+    return cfg.resources.num_workers if cfg.sweep.train_workers is None else cfg.sweep.train_workers
+
+
+def eval_actors(cfg: RunConfig) -> int:
+    """Evaluation inside a trial / after selection: in process when training runs in the trial process
+    (sweep.train_workers = 0: its CPU or GPU is the trial's), else Ray Data actors (resources.inference_actors)."""
+    return 0 if train_workers(cfg) == 0 else cfg.resources.inference_actors
+
+
+def _use_trial_cpus(cfg: RunConfig) -> None:
+    """Training / evaluating in this process: as many torch threads as the trial holds CPUs."""
+    import torch
+
+    if train_workers(cfg) == 0:
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+
+
+def _cell_objects(cfg: RunConfig, trial: Trial):
+    m = next(x for x in cfg.models if x.name == trial.model)
+    t = next(x for x in cfg.tasks if x.name == trial.task)
+    return m, t
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path) -> dict:
+    """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result."""
+    m, t = _cell_objects(cfg, trial)
+    return train.train_cell(cfg, m, t, trial.language, method=trial.method, lam=trial.lam, band=trial.band_spec(),
+                            top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg))
+
+
+def _steering(trial: Trial, result: dict) -> dict | None:
+    if trial.method != "steering":
+        return None
+    return {"experts": result["steering"]["experts"], "strength": float(trial.strength)}
+
+
+def validate_trial(cfg: RunConfig, trial: Trial, result: dict, steering: dict | None, run_dir: Path) -> dict:
+    """The trained (or steered) model on the validation split; ``evaluate.evaluate_cell``'s result."""
+    m, t = _cell_objects(cfg, trial)
+    return evaluate.evaluate_cell(cfg, m, t, [trial.language], adapter=result["adapter"], steering=steering,
+                                  split="validation", out_dir=run_dir / "validation", num_actors=eval_actors(cfg),
+                                  batch_size=cfg.training.eval_batch_size)
+
+
+def _record(trial: Trial, cell: dict, result: dict, steering: dict | None, ev: dict, times: dict) -> dict:
+    """trial.json: everything the sweep's driver logs for this trial (tracking.log_child)."""
+    return {
+        "spec": dataclasses.asdict(trial), "cell": cell, "started": times["start"],
+        "train": {k: result.get(k) for k in TRAIN_KEYS},
+        "steering": steering,
+        "eval": {k: ev[k] for k in ("n", "accuracy", "divergence", "moe_layers", "path")},
+        "timing": {"total": None, "train_cell": times["train"] - times["start"], "in_loop": times["in_loop"],
+                   "eval": times["eval"] - times["train"], "prepare": result.get("seconds_prepare"),
+                   "fit": result.get("seconds")},
+        "phases": result.get("phases_rank0") or {},  # where the fixed cost goes (bench/sweep.py)
+        "rules": result.get("rules") or {},
+    }
+
+
+def _tune_metrics(record: dict, result: dict, record_path: Path) -> dict:
+    """The flat metrics the trial reports to Tune (the driver's callback reads trial.json for the rest)."""
+    lang, ev, timing = record["spec"]["language"], record["eval"], record["timing"]
+    metrics = {
+        "val_acc": ev["accuracy"][lang], "val_acc_en": ev["accuracy"]["en"],
+        "ci_proportion": record["cell"]["ci_proportion"], "n_ci": result.get("n_ci", 0), "steps": result.get("steps", 0),
+        "stage12_recomputed": sum(not h for h in (result.get("stage_cache") or {}).values()),
+        "seconds_total": timing["total"], "seconds_in_loop": timing["in_loop"], "seconds_eval": timing["eval"],
+        "trial_json": str(record_path),
+    }
+    final = result.get("final") or {}
+    metrics.update({k: float(final[k]) for k in FINAL_METRICS if final.get(k) is not None})
+    return metrics
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function (module docstring). ``config``: {"trial": a grid.Trial as a dict, "cfg": the
+    RunConfig as JSON, "root": trial folders, "cells": cell id -> the cell's facts (stages 1-2)}."""
+    from ray import tune
+
+    times = {"start": time.time()}
+    cfg = config_from_dict(config["cfg"], "sweep trial config")
+    trial = Trial(**config["trial"])
+    _use_trial_cpus(cfg)
+    run_dir = Path(config["root"]) / trial.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = train_trial(cfg, trial, run_dir)
+    times["train"] = time.time()
+    steering = _steering(trial, result)
+    ev = validate_trial(cfg, trial, result, steering, run_dir)
+    times["eval"] = time.time()
+    times["in_loop"] = float(sum(result.get("step_seconds_rank0") or []))
+    record = _record(trial, config["cells"][trial.cell], result, steering, ev, times)
+    trial_figure(record, run_dir / TRIAL_FIGURE)
+    record["timing"]["total"] = time.time() - times["start"]
+    write_json_atomic(run_dir / TRIAL_JSON, record)
+    tune.report(_tune_metrics(record, result, run_dir / TRIAL_JSON))
+
+
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def _training_panel(ax, record: dict) -> None:
+    hist = record["train"].get("history") or []
+    if hist:
+        steps = [h["step"] for h in hist]
+        for name in ("loss", "ce", "align"):
+            ys = [h.get(name) for h in hist]
+            if any(y is not None for y in ys):
+                ax.plot(steps, [math.nan if y is None else y for y in ys], label=name)
+        ax.set_xlabel("step")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no training (steering)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("training")
+
+
+def _divergence_panel(ax, record: dict) -> None:
+    ev = record["eval"]
+    lang = record["spec"]["language"]
+    ax.plot(ev["moe_layers"], record["cell"]["divergence_base"], "--", label="base (train split)")
+    ax.plot(ev["moe_layers"], ev["divergence"][lang], label=f"{record['spec']['method']} (validation)")
+    for l in record["train"].get("band_layers") or []:
+        ax.axvspan(l - 0.5, l + 0.5, color="0.9")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel(f"divergence {lang} to en")
+    ax.legend()
+
+
+def trial_figure(record: dict, path: Path) -> None:
+    """trial.png: the training curves and the routing divergence by MoE layer (base vs this trial)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    _training_panel(a, record)
+    _divergence_panel(b, record)
+    fig.suptitle(record["spec"]["key"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- test split
+
+
+def evaluate_on_test(cfg_json: dict, folder: str) -> dict:
+    """Test-split evaluation of one finished trial (its adapter or steering spec) -> test metrics."""
+    cfg = config_from_dict(cfg_json, "sweep config")
+    _use_trial_cpus(cfg)
+    record = json.loads((Path(folder) / TRIAL_JSON).read_text())
+    trial = Trial(**record["spec"])
+    m, t = _cell_objects(cfg, trial)
+    lang = trial.language
+    ev = evaluate.evaluate_cell(cfg, m, t, [lang], adapter=record["train"]["adapter"], steering=record["steering"],
+                                split="test", out_dir=Path(folder) / "test", num_actors=eval_actors(cfg),
+                                batch_size=cfg.training.eval_batch_size)
+    vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
+    vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
+    return vals
