@@ -293,6 +293,62 @@ def categories(en_correct: pd.Series, tgt_correct: pd.Series) -> pd.Series:
     return en.map({True: "c", False: "i"}) + tg.map({True: "c", False: "i"})
 
 
+def _write_rows(folder: Path, part: pd.DataFrame, meta: dict) -> None:
+    """A language or general-text artefact: rows.parquet + meta.json, atomically."""
+
+    def build(tmp: Path) -> None:
+        write_parquet(part, tmp / "rows.parquet")
+        _write_meta(tmp, meta)
+
+    atomic_dir(folder, build)
+
+
+def _predict_missing(plan: Plan, need: list[str], need_general: bool, *, num_actors: int, batch_size: int,
+                     cpus_per_actor: float) -> None:
+    """One predictor pass (one actor pool) over every missing language and the general text; writes
+    their artefacts."""
+    rows = rows_frame(plan, need, need_general)
+    t0 = time.time()
+    out = inference.map_rows(rows, inference.Predictor, predictor_kwargs(plan), num_actors=num_actors,
+                             batch_size=batch_size, cpus_per_actor=cpus_per_actor)
+    seconds = time.time() - t0
+    if len(out) != len(rows):
+        raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
+    out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
+    run = {"seconds_total": seconds, "rows_total": len(rows), "num_actors": num_actors, "batch_size": batch_size}
+    for lang in need:
+        part = out[(out.kind == "task") & (out.language == lang)].reset_index(drop=True)
+        _write_rows(plan.root / plan.keys[lang], part, {
+            "kind": "language", "key": plan.keys[lang], "inputs": plan.inputs[lang], "n": len(part),
+            "forwards": len(part), "accuracy": float(part.correct.mean()), **_shape_meta(plan), "run": run})
+    if need_general:
+        part = out[out.kind == "general"].reset_index(drop=True)
+        _write_rows(plan.root / plan.general_key, part, {
+            "kind": "general", "key": plan.general_key, "inputs": plan.general_inputs, "n": len(part),
+            "forwards": len(part), **_shape_meta(plan), "run": run})
+
+
+def _write_cell(plan: Plan, lang: str, computed: list[str]) -> None:
+    """The cell artefact of ``lang``: both languages' rows + category, from the language artefacts."""
+    root = plan.root
+    en = pd.read_parquet(root / plan.keys["en"] / "rows.parquet")
+    tg = pd.read_parquet(root / plan.keys[lang] / "rows.parquet")
+    cat = categories(en.set_index("id").correct, tg.set_index("id").correct)
+    df = pd.concat([en, tg], ignore_index=True)
+    df["category"] = df["id"].map(cat)
+    meta = {"kind": "cell", "key": plan.cell_keys[lang], "model": plan.model_cfg.name,
+            "task": plan.task_cfg.name, "language": lang, "split": plan.split, "n": len(cat),
+            "counts": {c: int((cat == c).sum()) for c in CATEGORIES},
+            "inputs": {"en": plan.keys["en"], lang: plan.keys[lang]},
+            "computed": {x: x in computed for x in ("en", lang)}, **_shape_meta(plan)}
+
+    def build(tmp: Path) -> None:
+        df.to_parquet(tmp / "taxonomy.parquet")  # the rows' list columns keep their arrow types
+        _write_meta(tmp, meta)
+
+    atomic_dir(root / plan.cell_keys[lang], build)
+
+
 def execute(plan: Plan, *, num_actors: int | None = None, batch_size: int | None = None,
             cpus_per_actor: float = 1.0, cells: bool = True
             ) -> tuple[dict[str, tuple[Path, bool]], tuple[Path, bool] | None]:
@@ -303,65 +359,17 @@ def execute(plan: Plan, *, num_actors: int | None = None, batch_size: int | None
     artefact already existed, so nothing was computed for it."""
     root = plan.root
     num_actors = plan.cfg.resources.inference_actors if num_actors is None else num_actors
-    batch_size = batch_size or BATCH_SIZE
     targets = plan.languages if cells else []
     cell_hit = {l: (root / plan.cell_keys[l]).is_dir() for l in targets}
     missing = [l for l in targets if not cell_hit[l]]
     need = [x for x in (["en"] if missing else []) + missing if not (root / plan.keys[x]).is_dir()]
     need_general = plan.general is not None and not (root / plan.general_key).is_dir()
-
     if need or need_general:
-        rows = rows_frame(plan, need, need_general)
-        t0 = time.time()
-        out = inference.map_rows(rows, inference.Predictor, predictor_kwargs(plan), num_actors=num_actors,
-                                 batch_size=batch_size, cpus_per_actor=cpus_per_actor)
-        seconds = time.time() - t0
-        if len(out) != len(rows):
-            raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
-        out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
-        run = {"seconds_total": seconds, "rows_total": len(rows), "num_actors": num_actors, "batch_size": batch_size}
-        for lang in need:
-            part = out[(out.kind == "task") & (out.language == lang)].reset_index(drop=True)
-            meta = {"kind": "language", "key": plan.keys[lang], "inputs": plan.inputs[lang], "n": len(part),
-                    "forwards": len(part), "accuracy": float(part.correct.mean()), **_shape_meta(plan), "run": run}
-
-            def build(tmp: Path, part=part, meta=meta) -> None:
-                write_parquet(part, tmp / "rows.parquet")
-                _write_meta(tmp, meta)
-
-            atomic_dir(root / plan.keys[lang], build)
-        if need_general:
-            part = out[out.kind == "general"].reset_index(drop=True)
-            meta = {"kind": "general", "key": plan.general_key, "inputs": plan.general_inputs, "n": len(part),
-                    "forwards": len(part), **_shape_meta(plan), "run": run}
-
-            def build_general(tmp: Path) -> None:
-                write_parquet(part, tmp / "rows.parquet")
-                _write_meta(tmp, meta)
-
-            atomic_dir(root / plan.general_key, build_general)
-
-    out_cells = {}
-    for lang in targets:
-        final = root / plan.cell_keys[lang]
-        if not cell_hit[lang]:
-            en = pd.read_parquet(root / plan.keys["en"] / "rows.parquet")
-            tg = pd.read_parquet(root / plan.keys[lang] / "rows.parquet")
-            cat = categories(en.set_index("id").correct, tg.set_index("id").correct)
-            df = pd.concat([en, tg], ignore_index=True)
-            df["category"] = df["id"].map(cat)
-            counts = {c: int((cat == c).sum()) for c in CATEGORIES}
-            meta = {"kind": "cell", "key": plan.cell_keys[lang], "model": plan.model_cfg.name,
-                    "task": plan.task_cfg.name, "language": lang, "split": plan.split, "n": len(cat),
-                    "counts": counts, "inputs": {"en": plan.keys["en"], lang: plan.keys[lang]},
-                    "computed": {x: x in need for x in ("en", lang)}, **_shape_meta(plan)}
-
-            def build_cell(tmp: Path, df=df, meta=meta) -> None:
-                df.to_parquet(tmp / "taxonomy.parquet")  # the rows' list columns keep their arrow types
-                _write_meta(tmp, meta)
-
-            atomic_dir(final, build_cell)
-        out_cells[lang] = (final / "taxonomy.parquet", cell_hit[lang])
+        _predict_missing(plan, need, need_general, num_actors=num_actors, batch_size=batch_size or BATCH_SIZE,
+                         cpus_per_actor=cpus_per_actor)
+    for lang in missing:
+        _write_cell(plan, lang, need)
+    out_cells = {lang: (root / plan.cell_keys[lang] / "taxonomy.parquet", cell_hit[lang]) for lang in targets}
     general = None
     if plan.general is not None:
         general = (root / plan.general_key / "rows.parquet", not need_general)

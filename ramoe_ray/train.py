@@ -151,10 +151,19 @@ def schedule(n: int, *, batch_size: int, workers: int, epochs: int, seed: int, m
     return out[:max_steps] if max_steps else out
 
 
-def _stage2(cfg, model_cfg, task_cfg, language: str, knobs: CheckedKnobs, method: str) -> dict:
-    """Stage 2 run or reused: the band layers, their task experts, the RISE mask (rise only), the
+def _stages_1_2(cfg, model_cfg, task_cfg, language: str, knobs: CheckedKnobs):
+    """Stages 1-2 of the cell, run or reused, from ONE taxonomy plan (every language of the config: RISE
+    compares them all). Returns (the plan, (taxonomy.parquet, hit), (experts.json, hit))."""
+    langs = [language] + [l for l in cfg.languages if l != language]
+    p = taxonomy.plan(cfg, model_cfg, task_cfg, langs, "train", general=True)  # checks data, model, tokenizer
+    cells, general = taxonomy.execute(p)
+    paths = {lang: path for lang, (path, _) in cells.items()}
+    return p, cells[language], experts.build_experts(p, paths, general[0], language, knobs.band, knobs.top_k)
+
+
+def _stage2(cfg, language: str, experts_json: Path, hit: bool, method: str) -> dict:
+    """The stage-2 artefact read: the band layers, their task experts, the RISE mask (rise only), the
     steering spec; the TrainPlan fields of the same names."""
-    experts_json, hit = experts.run_experts(cfg, model_cfg, task_cfg, language, knobs.band, knobs.top_k)
     art = json.loads(Path(experts_json).read_text())
     band_layers = [int(l) for l in art["band"]["layers"]]
     task_experts = {int(l): [int(e) for e in v["experts"]] for l, v in art["task_experts"].items()}
@@ -182,12 +191,11 @@ def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: 
     are raised before any model runs."""
     knobs = _checked_knobs(cfg, model_cfg, method=method, lam=lam, band=band, top_k=top_k)
     workers = cfg.resources.num_workers if num_workers is None else int(num_workers)
-    p = taxonomy.plan(cfg, model_cfg, task_cfg, [language], "train")  # checks data, model, tokenizer
-    identity = _identity(cfg, model_cfg, p.model_path, method, knobs)
+    identity = _identity(cfg, model_cfg, model_cfg.path, method, knobs)
     if resume_from is not None:
         check_checkpoint(resume_from, identity)
-    stage2 = _stage2(cfg, model_cfg, task_cfg, language, knobs, method)
-    cell, taxonomy_hit = taxonomy.run_taxonomy(cfg, model_cfg, task_cfg, language, "train")
+    p, (cell, taxonomy_hit), (experts_json, experts_hit) = _stages_1_2(cfg, model_cfg, task_cfg, language, knobs)
+    stage2 = _stage2(cfg, language, experts_json, experts_hit, method)
     records = train_records(cfg, task_cfg, language, cell)
     n_ci = sum(r["ci"] for r in records)
     lam_used, notes = _lam_used(knobs.lam, n_ci, f"{model_cfg.name}/{task_cfg.name}/{language}")
