@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from ramoe_ray.config import ConfigError, RunConfig, check_against_models, load_config, save_resolved
+from ramoe_ray import evaluate, experts, report, sources, sweep, taxonomy, train
+from ramoe_ray.config import METHODS, ConfigError, RunConfig, band_label, load_config, parse_band, resolve_band, save_resolved
 
 DEMO_CONFIG = "sweeps/demo.yaml"
+DEFAULT_CONFIGS = {"demo": DEMO_CONFIG}  # commands that have a config of their own
 
 
-def _load(args) -> tuple[RunConfig, dict]:
-    cfg = load_config(args.config, args.overrides)
-    shapes = check_against_models(cfg)
-    return cfg, shapes
+def _load(args) -> RunConfig:
+    """The command's config, checked and resolved (sources.resolve: concrete paths, the synthetic world
+    and presets built on first use)."""
+    return sources.resolve(load_config(args.config, args.overrides))
 
 
 def _print_plan(cfg: RunConfig, shapes: dict) -> None:
@@ -27,14 +30,14 @@ def _print_plan(cfg: RunConfig, shapes: dict) -> None:
         )
     k = cfg.knobs
     print(
-        f"  knobs: lambda {k.lambdas}  bands {[b if b == 'auto' else b.label() for b in k.bands]}  top_k {k.top_k}"
+        f"  knobs: lambda {k.lambdas}  bands {[band_label(b) for b in k.bands]}  top_k {k.top_k}"
         f"  methods {cfg.methods}"
     )
 
 
 def cmd_validate(args) -> int:
-    cfg, shapes = _load(args)
-    _print_plan(cfg, shapes)
+    cfg = load_config(args.config, args.overrides)
+    _print_plan(cfg, sources.check(cfg))
     print("config is valid")
     return 0
 
@@ -42,8 +45,6 @@ def cmd_validate(args) -> int:
 def cmd_sweep(args) -> int:
     """Stages 1-2 per cell, then Ray Tune over cells x methods x knobs, every trial an MLflow child run,
     selection on validation, test for the selected; then the report (ramoe_ray/sweep.py, report.py)."""
-    from ramoe_ray import report, sweep
-
     cfg = load_config(args.config, args.overrides)
     res = sweep.run_sweep(cfg, resume=args.resume)
     print(f"\nsweep {cfg.name!r}: {res['finished']} of {res['trials']} trials finished ({res['failed']} failed this run), "
@@ -73,8 +74,6 @@ def cmd_demo(args) -> int:
 def _plans(cfg: RunConfig, split: str, general: bool) -> list:
     """Every (model, task) of the config planned (all its languages): every input is checked here,
     before any model runs or any actor starts."""
-    from ramoe_ray import taxonomy
-
     return [taxonomy.plan(cfg, m, t, cfg.languages, split, general=general) for m in cfg.models for t in cfg.tasks]
 
 
@@ -86,19 +85,12 @@ def _table(header: list[str], rows: list[list]) -> None:
 
 
 def _bands(cfg: RunConfig, shape) -> str:
-    from ramoe_ray.experts import resolve_band
-
-    out = []
-    for b in cfg.knobs.bands:
-        out.append("auto" if b == "auto" else f"{b.label()}:{resolve_band(b.start, b.end, shape.moe_layers, shape.num_layers)}")
-    return " ".join(out)
+    return " ".join("auto" if b == "auto" else f"{b.label()}:{resolve_band(b, shape)}" for b in cfg.knobs.bands)
 
 
 def cmd_taxonomy(args) -> int:
     """Stage 1 for every cell (model x task x language) of the config; prints n and cc/ci/ic/ii."""
-    from ramoe_ray import taxonomy
-
-    cfg, _ = _load(args)
+    cfg = _load(args)
     plans = _plans(cfg, args.split, general=False)
     rows = []
     for p in plans:
@@ -113,39 +105,29 @@ def cmd_taxonomy(args) -> int:
     return 0
 
 
-def cmd_experts(args, show_taxonomy: bool = False) -> int:
+def cmd_experts(args) -> int:
     """Stage 2 for every cell x band x top_k of the config (running stage 1 where it is missing)."""
-    import json
-
-    from ramoe_ray import experts, taxonomy
-
-    cfg, _ = _load(args)
-    plans = _plans(cfg, args.split, general=True)
-    rows, tax_rows = [], []
-    for p in plans:
+    cfg = _load(args)
+    rows = []
+    for p in _plans(cfg, args.split, general=True):
         cells, (general, _) = taxonomy.execute(p, batch_size=args.batch_size)
-        paths = {l: path for l, (path, _) in cells.items()}
-        for lang, (path, hit) in cells.items():
-            s = taxonomy.summary(path)
-            tax_rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", s["n"],
-                             *(f"{100 * s[c]:.1f}" for c in taxonomy.CATEGORIES), "hit" if hit else "computed"])
+        paths = {lang: path for lang, (path, _) in cells.items()}
         for lang in p.languages:
             for band in cfg.knobs.bands:
                 for k in cfg.knobs.top_k:
                     path, hit = experts.build_experts(p, paths, general, lang, band, k)
-                    art = json.loads(path.read_text())
-                    te = ";".join(f"{l}:{','.join(map(str, v['experts']))}" for l, v in art["task_experts"].items())
-                    n_rise = sum(len(v) for v in art["rise"]["experts"][lang].values())
-                    rows.append([f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", experts.band_label(band),
-                                 ",".join(map(str, art["band"]["layers"])), k, te, n_rise, "hit" if hit else "computed",
-                                 path.parent.name])
-    if show_taxonomy:
-        print(f"\ntaxonomy ({args.split} split), categories in % of pairs (English first letter, target second):")
-        _table(["cell", "n", "cc%", "ci%", "ic%", "ii%", "cache"], tax_rows)
-        print()
+                    rows.append(_experts_row(p, lang, band, k, path, hit))
     print(f"experts ({args.split} split): band layers, task experts (layer:experts, best first), RISE experts chosen:")
     _table(["cell", "band", "layers", "top_k", "task experts", "rise", "cache", "artefact"], rows)
     return 0
+
+
+def _experts_row(p, lang: str, band, k: int, path: Path, hit: bool) -> list:
+    art = json.loads(path.read_text())
+    te = ";".join(f"{l}:{','.join(map(str, v['experts']))}" for l, v in art["task_experts"].items())
+    n_rise = sum(len(v) for v in art["rise"]["experts"][lang].values())
+    return [f"{p.model_cfg.name}/{p.task_cfg.name}/{lang}", band_label(band), ",".join(map(str, art["band"]["layers"])),
+            k, te, n_rise, "hit" if hit else "computed", path.parent.name]
 
 
 def _pick(items, name: str | None, what: str):
@@ -160,15 +142,13 @@ def _pick(items, name: str | None, what: str):
 
 
 def _parse_band(text: str | None):
-    if text is None or text == "auto":
-        return text
-    from ramoe_ray.config import Band
-
+    """--band: START-END or auto (None: the config's first band); its layers are checked by train before any compute."""
+    if text is None:
+        return None
     try:
-        start, end = (float(x) for x in text.split("-"))
-    except ValueError:
-        raise ConfigError(f"--band {text!r}: write START-END (fractions of depth, e.g. 0.375-0.625) or auto") from None
-    return Band(start=start, end=end)  # its range and its layers are checked by train.prepare, before any compute
+        return parse_band(text, "--band")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _cell_args(cfg, args):
@@ -179,11 +159,7 @@ def _cell_args(cfg, args):
 
 def cmd_train(args) -> int:
     """Stage 3 for one cell and one method (runs stages 1-2 where missing); prints the final metrics."""
-    import json
-
-    from ramoe_ray import train
-
-    cfg, _ = _load(args)
+    cfg = _load(args)
     model, task = _cell_args(cfg, args)
     language = args.language or (cfg.languages[0] if len(cfg.languages) == 1 else None)
     if language is None or language not in cfg.languages:
@@ -199,9 +175,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Stage 4 for one cell and one method: base model, --adapter, or --method steering."""
-    from ramoe_ray import evaluate, train
-
-    cfg, _ = _load(args)
+    cfg = _load(args)
     model, task = _cell_args(cfg, args)
     languages = args.language or list(cfg.languages)
     bad = [l for l in languages if l not in cfg.languages]
@@ -230,8 +204,6 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     """The sweep's comparison tables and figures, read from MLflow (no model is loaded): writes report.md
     and the PNGs, logs them to the sweep's parent run, prints the markdown."""
-    from ramoe_ray import report
-
     cfg = load_config(args.config, args.overrides)  # model shapes are not needed: everything comes from MLflow
     res = report.build_report(cfg, sweep_run_id=args.sweep, out_dir=args.out)
     print(res["markdown"], end="")
@@ -256,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue the newest demo sweep")
     sp = sub.add_parser("sweep", help="the sweep: stages 1-2, Ray Tune over cells x methods x knobs, MLflow, report")
     with_config(sp)
-    sp.add_argument("--resume", action="store_true", help="continue the newest sweep of this name: run only its unfinished trials")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue the newest sweep of this name: run only its unfinished trials")
     for name, text in (("taxonomy", "stage 1: score English and target versions, cc/ci/ic/ii, routing"),
                        ("experts", "stage 2: layer band, task experts, RISE selection (runs stage 1 if needed)")):
         sp = sub.add_parser(name, help=text)
@@ -268,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="model name (default: the config's only model)")
     sp.add_argument("--task", help="task name (default: the config's only task)")
     sp.add_argument("--language", help="target language (default: the config's only language)")
-    sp.add_argument("--method", required=True, choices=["sft", "steering", "rise", "ramoe"])
+    sp.add_argument("--method", required=True, choices=list(METHODS))
     sp.add_argument("--lam", type=float, default=None, help="alignment weight λ (ramoe; default knobs.lambdas[0])")
     sp.add_argument("--band", default=None, help="START-END fractions of depth or auto (default knobs.bands[0])")
     sp.add_argument("--top-k", type=int, default=None, help="task experts per band layer (default knobs.top_k[0])")
@@ -303,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides += extra
-    # overrides may be given without a config for commands that have a default one
+    # overrides may be given without a config only to a command that has a default one
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        if args.command not in DEFAULT_CONFIGS:
+            parser.error(f"{args.command}: {args.config!r} is an override, not a config file; `ramoe {args.command}` "
+                         f"needs a YAML config first (ramoe {args.command} CONFIG [key.sub=value ...])")
         args.overrides.insert(0, args.config)
-        args.config = DEMO_CONFIG
+        args.config = DEFAULT_CONFIGS[args.command]
     handler = {"validate": cmd_validate, "demo": cmd_demo, "taxonomy": cmd_taxonomy, "experts": cmd_experts,
                "train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
                "sweep": cmd_sweep}[args.command]

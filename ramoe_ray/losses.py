@@ -1,4 +1,4 @@
-"""The alignment loss of RA-MoE training (DESIGN.md, "The method" 3 and "Definitions"), and its metric.
+"""The alignment loss of RA-MoE training (docs/architecture.md, "The method"), and its metric.
 
 For a ci example (correct in English, incorrect in the target language) at band layer l, with S_l the
 layer's task experts:
@@ -13,7 +13,7 @@ layer's task experts:
 
 **Scale of T and P̄** (``RULES["alignment_distribution"]``). Both are token-means of the *full*
 softmax p = softmax(router logits) over all E experts, the design's "Router probabilities"; T is *not*
-the top-k renormalised importance q of ``experts.sequence_importance``. Reasons:
+the top-k renormalised importance q of ``routing_stats.sequence_importance``. Reasons:
 
 1. Same scale, or the loss is wrong at its optimum. Top-k renormalisation moves every token's mass
    onto its k experts, so q's mass on S_l is systematically larger than p's (e.g. E = 64, k = 8: p's
@@ -46,7 +46,7 @@ Axis conventions as in ``models.Routing``: router logits (L, B, T, E), L = MoE l
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ramoe_ray import sources, synthetic
+from ramoe_ray import sources, synthetic, train_worker
 from ramoe_ray.config import config_from_dict
 
 # The reduced synthetic world is built once into a persistent, content-addressed cache (its key
@@ -63,3 +64,27 @@ def shared_cache(tmp_path_factory, small_world):
     c.mkdir()
     (c / "world").symlink_to(small_world.resolve(), target_is_directory=True)
     return c
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    """The fast tier (`pytest -m "not slow"`) stays fast: a test without the `slow` marker fails if it
+    starts a process (Ray starts its raylet and GCS as subprocesses) or sets up DeepSpeed training."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(what):
+        def fail(*args, **kwargs):
+            pytest.fail(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow", pytrace=False)
+        return fail
+
+    popen, refused = subprocess.Popen.__init__, refuse("starts a subprocess (Ray, a CLI, a shell)")
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        cmd = args if isinstance(args, str) else args[0]
+        if os.path.basename(str(cmd).split()[0]) == "git":  # MLflow records the git commit of a run
+            return popen(self, args, *rest, **kwargs)
+        return refused()
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
+    monkeypatch.setattr(train_worker, "setup", refuse("sets up DeepSpeed training"))

@@ -329,6 +329,7 @@ def test_no_secret_in_shipped_files():
 # ---------------------------------------------------------------------------------------- submit.sh
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_script_syntax_and_lint():
     assert os.access(SUBMIT, os.X_OK)
     subprocess.run(["bash", "-n", str(SUBMIT)], check=True)
@@ -377,6 +378,7 @@ def run_submit(env, *args):
     return subprocess.run(["bash", str(SUBMIT), *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_without_ray_address_fails_and_names_it(tmp_path):
     res = subprocess.run(["bash", str(SUBMIT)], env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
                          capture_output=True, text=True, timeout=60)
@@ -384,6 +386,7 @@ def test_submit_without_ray_address_fails_and_names_it(tmp_path):
     assert "RAY_ADDRESS" in res.stderr and "8265" in res.stderr
 
 
+@pytest.mark.slow  # runs bash
 @pytest.mark.parametrize("unset", ["RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAMOE_STORAGE"])
 def test_submit_requires_each_setting(submit_env, unset):
     env = {k: v for k, v in submit_env.items() if k != unset}
@@ -401,6 +404,7 @@ def test_submit_requires_each_setting(submit_env, unset):
     ("CONFIG", "sweeps/missing.yaml", "no such file"),
     ("RAY_AUTH_MODE", "maybe", "token or disabled"),
 ])
+@pytest.mark.slow  # runs bash
 def test_submit_refuses_bad_settings(submit_env, setting, value, message):
     res = run_submit(dict(submit_env, **{setting: value}))
     assert res.returncode == 2 and message in res.stderr and setting in res.stderr
@@ -408,6 +412,7 @@ def test_submit_refuses_bad_settings(submit_env, setting, value, message):
     assert not Path(submit_env["FAKE_RAY_ARGS"]).exists()
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_requires_a_token_unless_auth_is_disabled(submit_env):
     (Path(submit_env["HOME"]) / ".ray" / "auth_token").unlink()
     res = run_submit(submit_env)
@@ -417,6 +422,7 @@ def test_submit_requires_a_token_unless_auth_is_disabled(submit_env):
     assert res.returncode == 0 and "anyone who reaches" in res.stderr
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_sends_the_sweep_with_storage_tracking_and_secrets_in_the_environment(submit_env):
     env = dict(submit_env, HF_TOKEN="hf-secret-value", RAMOE_SUBMISSION_ID="ramoe-test-1")
     res = run_submit(env, "--no-wait", "--resume", "training.lr=1e-4")
@@ -451,6 +457,7 @@ def test_submit_sends_the_sweep_with_storage_tracking_and_secrets_in_the_environ
     assert "ray job stop --address http://127.0.0.1:8265 ramoe-test-1" in res.stdout
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_defaults_and_exit_status(submit_env):
     env = dict(submit_env, RAY_ADDRESS="http://203.0.113.7:8265", CONFIG="sweeps/synthetic-grid.yaml",
                MLFLOW_TRACKING_TOKEN="mlflow-secret", FAKE_RAY_RC="3")
@@ -474,6 +481,7 @@ def test_parse_override_accepts_the_submit_overrides():
         assert parse_override(text)[1] == value
 
 
+@pytest.mark.slow  # runs bash
 def test_submit_env_vars_never_collide_with_the_sweeps_own_runtime_env(submit_env):
     """The sweep's driver calls ray.init(runtime_env={"env_vars": train.ray_env()}); inside a job, Ray refuses
     (ValueError) an env var key that the job's runtime_env sets as well."""

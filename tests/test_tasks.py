@@ -1,6 +1,6 @@
 import json
-import re
 import random
+import re
 import shutil
 from pathlib import Path
 
