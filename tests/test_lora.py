@@ -281,7 +281,7 @@ def reference_adapter(base_dir, ds_config, batches, steps):
     return LA.lora_state_dict(model)
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_zero3_training_on_ray_train(tmp_path):
     import ray
     import ray.cloudpickle

@@ -5,6 +5,7 @@ synthetic world, and no code path reaches into a library's private modules or at
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ PRIVATE_MODULES = ("deepspeed.utils.groups", "deepspeed.comm.comm")
 ALLOWED_PRIVATE: set[tuple[str, str]] = set()  # (module, attribute) of isolated, documented workarounds
 
 
+@functools.cache
 def _modules() -> dict[str, ast.Module]:
     return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__"}
 

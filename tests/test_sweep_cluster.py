@@ -35,7 +35,7 @@ import yaml
 from ramoe_ray import grid
 from ramoe_ray.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = (REPO / ".venv" / "bin") if (REPO / ".venv" / "bin" / "ray").exists() else Path(sys.executable).parent

@@ -106,7 +106,7 @@ def test_multi_token_continuation_scoring_agrees_with_token_by_token(make_config
 
 
 @pytest.mark.parametrize("task,actors", [
-    pytest.param("arith", 2, marks=[pytest.mark.integration, pytest.mark.slow], id="arith-ray-2-actors"),
+    pytest.param("arith", 2, marks=pytest.mark.slow, id="arith-ray-2-actors"),
     pytest.param("category", 0, id="category-in-process"),  # the same predictor; keeps the default run fast
 ])
 def test_taxonomy_equals_a_plain_loop(task, actors, make_config, request):

@@ -215,7 +215,6 @@ def _ray_loop_failing_once_at_step_3(config: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_cache, tmp_path, monkeypatch):
     import ray
     from peft import PeftModel
