@@ -41,31 +41,20 @@ def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON via a temp file in the same folder and ``os.replace`` (never half written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``obj`` as JSON (indented, NaN refused) atomically (``write_text_atomic``)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
-    """Write text (or bytes) via a temp file in the same folder and ``os.replace`` (never half written)."""
+    """Write text (or bytes) via a temp file in the same folder, fsync, and ``os.replace``: never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode() if isinstance(text, str) else text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

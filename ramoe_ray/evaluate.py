@@ -23,7 +23,6 @@ language the mean importance (L, E) (a steering check: the task experts' share).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ramoe_ray import inference, lora, models, taxonomy
-from ramoe_ray.cache import write_json_atomic
+from ramoe_ray.cache import content_key, write_json_atomic
 from ramoe_ray.config import ConfigError
 from ramoe_ray.routing_stats import divergence_curve
 
@@ -87,7 +86,7 @@ class EvalPredictor(inference.Predictor):
 def _label(adapter, steering) -> str:
     if adapter is None and steering is None:
         return "base"
-    h = hashlib.sha256(json.dumps([str(adapter), steering], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    h = content_key([str(adapter), steering], 10)
     return ("adapter" if adapter else "steering") + "-" + h
 
 

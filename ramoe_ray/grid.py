@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from ramoe_ray.cache import content_key
 from ramoe_ray.config import BandSpec, RunConfig, band_json, band_label, parse_band
 
 TRIAL_JSON = "trial.json"  # a trial folder's record (written by the trial, logged and read back by the sweep)
@@ -102,4 +102,4 @@ def config_hash(cfg: RunConfig) -> str:
     for k in ("resources", "sweep", "tracking", "output_dir", "cache_dir"):
         d.pop(k, None)
     d.get("training", {}).pop("eval_batch_size", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(d, 16)

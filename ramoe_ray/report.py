@@ -22,9 +22,9 @@ Every file is written to a temporary name and renamed, then logged to the parent
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import re
 import tempfile
 import warnings
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ramoe_ray import tracking
+from ramoe_ray.cache import write_text_atomic
 from ramoe_ray.config import METHODS, ConfigError, RunConfig
 
 LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE (best)"}
@@ -333,11 +334,10 @@ def _safe(name: str) -> str:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, buf.getvalue())
 
 
 def _plt():
@@ -534,13 +534,6 @@ def render_markdown(report: dict) -> str:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def _jsonable(report: dict) -> dict:
     out = {k: v for k, v in report.items() if k != "cells"}
     out["cells"] = {"/".join(k): v for k, v in report["cells"].items()}
@@ -612,9 +605,9 @@ def build_report(cfg: RunConfig, sweep_run_id: str | None = None, out_dir: Any =
     paths["json"] = str(out / "report.json")
     report["paths"] = paths
     report["markdown"] = render_markdown(report)
-    _write_text(out / "report.md", report["markdown"])
-    paths["html"] = str(_write_text(out / "report.html", render_html(report["markdown"], out)))
-    _write_text(out / "report.json", json.dumps(_jsonable(report), indent=2, default=str))
+    write_text_atomic(out / "report.md", report["markdown"])
+    paths["html"] = str(write_text_atomic(out / "report.html", render_html(report["markdown"], out)))
+    write_text_atomic(out / "report.json", json.dumps(_jsonable(report), indent=2, default=str))
     client, pid = data["client"], report["sweep"]["run_id"]
     for p in [paths["markdown"], paths["html"], paths["json"], paths["scatter"], *paths["divergence"].values()]:
         client.log_artifact(pid, p, "report")
