@@ -159,13 +159,14 @@ def _cell_args(cfg, args):
 
 def cmd_train(args) -> int:
     """Stage 3 for one cell and one method (runs stages 1-2 where missing); prints the final metrics."""
+    band = _parse_band(args.band)  # the arguments first: resolving may build the synthetic world
     cfg = _load(args)
     model, task = _cell_args(cfg, args)
     language = args.language or (cfg.languages[0] if len(cfg.languages) == 1 else None)
     if language is None or language not in cfg.languages:
         raise ConfigError(f"--language: one of the config's languages {cfg.languages}")
     save_resolved(cfg, cfg.run_dir)
-    res = train.train_cell(cfg, model, task, language, method=args.method, lam=args.lam, band=_parse_band(args.band),
+    res = train.train_cell(cfg, model, task, language, method=args.method, lam=args.lam, band=band,
                            top_k=args.top_k, run_dir=args.run_dir, num_workers=args.workers, resume_from=args.resume_from)
     keep = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_train", "n_ci", "steps",
             "adapter", "steering", "final", "restarts", "notes", "run_dir")
@@ -175,6 +176,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Stage 4 for one cell and one method: base model, --adapter, or --method steering."""
+    band = _parse_band(args.band)
     cfg = _load(args)
     model, task = _cell_args(cfg, args)
     languages = args.language or list(cfg.languages)
@@ -185,7 +187,7 @@ def cmd_evaluate(args) -> int:
     if args.method == "steering":
         if args.adapter:
             raise ConfigError("--adapter and --method steering exclude each other")
-        steering = train.train_cell(cfg, model, task, languages[0], method="steering", band=_parse_band(args.band),
+        steering = train.train_cell(cfg, model, task, languages[0], method="steering", band=band,
                                     top_k=args.top_k)["steering"]
         if args.strength is not None:
             steering["strength"] = args.strength

@@ -17,10 +17,10 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from ramoe_ray.cache import write_text_atomic
 
@@ -48,8 +48,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def safe_name(v: str) -> str:
+    """A name that is one path component: letters, digits, '.', '_' and '-', not starting with '.' or '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        raise ValueError(f"{v!r} is not a valid name; use letters, digits, '.', '_' and '-' (one path component, "
+                         "starting with a letter or digit)")
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(safe_name)]
+
+
 class ModelConfig(_Strict):
-    name: str = Field(description="short label used in run names and tables")
+    name: SafeName = Field(description="short label used in run names and tables")
     family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES (checked by sources.check)")
     path: str = Field(
         description="Hugging Face hub id (e.g. allenai/OLMoE-1B-7B-0125), a local folder, preset:FAMILY (tiny "
@@ -57,18 +68,12 @@ class ModelConfig(_Strict):
     )
     revision: str | None = Field(default=None, description="hub revision (commit, branch or tag)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError(f"{v!r} is not a valid name; use letters, digits, '.', '_' and '-'")
-        return v
+    trust_remote_code: StrictBool = Field(default=False, description="runs the model repository's own code: "
+                                          "true or false only (a string such as 'yes' is refused)")
 
 
 class TaskConfig(_Strict):
-    name: str
+    name: SafeName
     format: Literal["generative_numeric", "multiple_choice", "passage_multiple_choice"]
     source: str = Field(description="hub dataset id, a local folder, or a synthetic-world task ('synthetic:arith')")
     choices: Literal["letters", "texts"] = Field(
@@ -139,7 +144,9 @@ def parse_band(value: Any, what: str = "band") -> BandSpec:
     start, end = float(value[0]), float(value[1])
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
         raise ValueError(f"{what} = [{start:g}, {end:g}] is outside 0-1; bands are fractions of depth")
-    if start >= end:
+    if start > end:
+        raise ValueError(f"{what} = [{start:g}, {end:g}] is reversed (start > end); write [{end:g}, {start:g}]")
+    if start == end:
         raise ValueError(f"{what} = [{start:g}, {end:g}] is empty; start must be smaller than end")
     return Band(start=start, end=end)
 
@@ -276,7 +283,8 @@ class TrackingConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "ramoe"
+    name: SafeName = Field(default="ramoe", description="the run folder's name under output_dir and the MLflow sweep name: "
+                      "one path component of letters, digits, '.', '_' and '-'")
     models: list[ModelConfig] = Field(min_length=1)
     tasks: list[TaskConfig] = Field(min_length=1)
     languages: list[str] = Field(min_length=1, description="target languages (English is the source)")
@@ -383,13 +391,29 @@ def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (YAML keeps the last silently: a second
+    ``training:`` block would replace the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {key_node.start_mark.line + 1} (first on line "
+                    f"{seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a YAML config. Writes nothing."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if data is None:

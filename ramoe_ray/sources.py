@@ -138,8 +138,22 @@ def check_knobs(cfg: RunConfig, name: str, shape: MoEShape) -> None:
                           f"model {name!r}; allowed: 1..{cap}")
 
 
+def check_folders(cfg: RunConfig) -> None:
+    """cache_dir, output_dir and sweep.storage_path are folders, or can be made: no file on their path."""
+    for field, value in (("cache_dir", cfg.cache_dir), ("output_dir", cfg.output_dir),
+                         ("sweep.storage_path", cfg.sweep.storage_path)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            what = "is a file" if blocker == path else f"lies under the file {str(blocker)!r}"
+            raise ConfigError(f"{field} = {value!r}: {what}; give a folder (it is created if missing)")
+
+
 def check(cfg: RunConfig) -> dict[str, MoEShape]:
     """Every check that needs no build or download (module docstring); returns the models' shapes."""
+    check_folders(cfg)
     check_references(cfg)
     shapes = {}
     for i, m in enumerate(cfg.models):

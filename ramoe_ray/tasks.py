@@ -378,7 +378,7 @@ def language_file(folder: Path, language: str) -> Path:
 def _read_tsv(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs; strict: every row has exactly as many columns as expected."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first field
     except UnicodeDecodeError as e:
         raise TaskDataError(f"{path}: not UTF-8 text ({e})") from None
     lines = text.split("\n")

@@ -66,6 +66,9 @@ def shared_cache(tmp_path_factory, small_world):
     return c
 
 
+HEAVY_PROCESSES = {"bash", "sh", "ray", "gcs_server", "raylet", "ramoe"}
+
+
 @pytest.fixture(autouse=True)
 def _fast_tier_guard(request, monkeypatch):
     """The fast tier (`pytest -m "not slow"`) stays fast: a test without the `slow` marker fails if it
@@ -78,13 +81,13 @@ def _fast_tier_guard(request, monkeypatch):
             pytest.fail(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow", pytrace=False)
         return fail
 
-    popen, refused = subprocess.Popen.__init__, refuse("starts a subprocess (Ray, a CLI, a shell)")
+    popen, refused = subprocess.Popen.__init__, refuse("starts a process (Ray, a CLI, a shell)")
 
     def guarded_popen(self, args, *rest, **kwargs):
-        cmd = args if isinstance(args, str) else args[0]
-        if os.path.basename(str(cmd).split()[0]) == "git":  # MLflow records the git commit of a run
-            return popen(self, args, *rest, **kwargs)
-        return refused()
+        cmd = os.path.basename(str(args if isinstance(args, str) else args[0]).split()[0])
+        if cmd in HEAVY_PROCESSES or cmd.startswith("python"):  # Ray's gcs_server/raylet, shells, CLIs
+            return refused()
+        return popen(self, args, *rest, **kwargs)  # probes such as `uname -p` or MLflow's `git`
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
     monkeypatch.setattr(train_worker, "setup", refuse("sets up DeepSpeed training"))

@@ -54,7 +54,8 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("models.0.family=llama", "models.0.family", "'llama'", "supported families: olmoe, qwen3_moe, mixtral"),
         ("knobs.bands=[[0.5, 1.2]]", "knobs.bands", "[0.5, 1.2]", "outside 0-1"),
-        ("knobs.bands=[[0.6, 0.4]]", "knobs.bands", "[0.6, 0.4]", "empty; start must be smaller than end"),
+        ("knobs.bands=[[0.6, 0.4]]", "knobs.bands", "[0.6, 0.4]", "reversed (start > end); write [0.4, 0.6]"),
+        ("knobs.bands=[[0.5, 0.5]]", "knobs.bands", "[0.5, 0.5]", "empty; start must be smaller than end"),
         ("knobs.bands=[middle]", "knobs.bands", "'middle'", "[start, end] (fractions of depth) or 'auto'"),
         ("knobs.top_k=[2, 16]", "knobs.top_k.1", "16", "allowed: 1..8"),
         ("knobs.bands=[[0.9, 0.95]]", "knobs.bands.0", "[0.9, 0.95]", "holds no MoE layer"),
