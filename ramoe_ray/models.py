@@ -190,6 +190,12 @@ def moe_shape(model_cfg) -> MoEShape:
     hf_config = AutoConfig.from_pretrained(
         model_cfg.path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
+    return checked_shape(model_cfg, hf_config)
+
+
+def checked_shape(model_cfg, hf_config) -> MoEShape:
+    """The shape of ``hf_config``, checked against the family ``model_cfg`` names (dense and unsupported
+    models are refused)."""
     fam = family_for_config(hf_config)
     if fam.name != model_cfg.family:
         raise ValueError(

@@ -32,7 +32,7 @@ from typing import Any
 from ramoe_ray import synthetic
 from ramoe_ray.cache import atomic_dir, content_key
 from ramoe_ray.config import LANGUAGES, ConfigError, ModelConfig, RunConfig, TaskConfig, resolve_band
-from ramoe_ray.models import FAMILIES, MoEShape, build_tiny, family_for_config, shape_of_config, tiny_config
+from ramoe_ray.models import FAMILIES, MoEShape, build_tiny, checked_shape, tiny_config
 from ramoe_ray.tasks import TaskDataError, build_prompt, load_parallel, locate
 from ramoe_ray.tokenizer import train_tokenizer
 
@@ -114,12 +114,7 @@ def model_shape(i: int, model_cfg: ModelConfig) -> MoEShape:
     """The shape from the config alone, checked against the configured family (dense and unsupported
     models are refused here)."""
     try:
-        hf_config = model_hf_config(model_cfg)
-        fam = family_for_config(hf_config)
-        if fam.name != model_cfg.family:
-            raise ValueError(f"{model_cfg.path!r} is a {fam.name} model (model_type {hf_config.model_type!r}) "
-                             f"but the config says family {model_cfg.family!r}")
-        return shape_of_config(hf_config)
+        return checked_shape(model_cfg, model_hf_config(model_cfg))
     except (ValueError, OSError) as e:
         raise ConfigError(f"models.{i} ({model_cfg.name}): {e}") from None
 
@@ -244,6 +239,11 @@ def resolve(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
     """The config with every reference concrete (module docstring); ``base`` is the folder relative
     paths are read from (default: the current one). Checks first (``check``), then builds what is missing."""
     check(cfg)
+    return build(cfg, base)
+
+
+def build(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+    """``resolve`` for a config that ``check`` passed: builds what is missing, makes every path concrete."""
     base = Path(base or Path.cwd())
     update: dict[str, Any] = {"cache_dir": _absolute(cfg.cache_dir, base, False),
                               "output_dir": _absolute(cfg.output_dir, base, False)}

@@ -95,8 +95,10 @@ def check_tracking(cfg: RunConfig) -> str:
 
 @dataclass
 class SweepPlan:
-    """What ``plan_sweep`` checked: the trials, every model's shape, the tracking URI, stage 1's plans."""
+    """What ``plan_sweep`` checked: the resolved config, the trials, every model's shape, the tracking URI,
+    stage 1's plans."""
 
+    cfg: RunConfig
     trials: list[Trial]
     shapes: dict
     uri: str
@@ -104,15 +106,18 @@ class SweepPlan:
 
 
 def plan_sweep(cfg: RunConfig) -> SweepPlan:
-    """Every check before anything runs (module docstring, 1.)."""
+    """Every check before anything runs (module docstring, 1.): the grid, the tracking URI and
+    ``sources.check`` before anything is built; then the config is resolved (``sources.build``: the
+    synthetic world on first use) and stage 1 planned."""
     trials = grid.trials(cfg)
     if not trials:
         raise ConfigError("the sweep's grid is empty: methods x knobs give no trial")
     uri = check_tracking(cfg)
     shapes = sources.check(cfg)
+    cfg = sources.build(cfg)  # concrete local paths: trials run in their own folders
     # stage 1's plan of every (model, task): checks the data of every cell and the tokenizer; run_stages runs them
     plans = [taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True) for m in cfg.models for t in cfg.tasks]
-    return SweepPlan(trials=trials, shapes=shapes, uri=uri, plans=plans)
+    return SweepPlan(cfg=cfg, trials=trials, shapes=shapes, uri=uri, plans=plans)
 
 
 # ---------------------------------------------------------------------------------------------- stages 1-2
@@ -369,6 +374,7 @@ class _Sweep:
 def _prepare(cfg: RunConfig, resume: bool, t0: float, log) -> tuple[_Sweep, dict]:
     """Checks, MLflow experiment (and the parent to resume), stages 1-2. Returns the sweep and stages' result."""
     plan = plan_sweep(cfg)
+    cfg = plan.cfg
     phases = {"seconds_checks": time.time() - t0}  # includes building the synthetic world on first use
     client, exp_id = _open_experiment(cfg, plan.uri)
     sw = _Sweep(cfg=cfg, plan=plan, client=client, exp_id=exp_id, t0=t0, phases=phases)
@@ -442,9 +448,8 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
 def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     """The whole sweep (module docstring). Returns a summary dict (parent run id, counts, timings)."""
     t0 = time.time()
-    cfg = sources.resolve(cfg)  # concrete local paths (trials run in their own folders), the world built if needed
     sw, stages = _prepare(cfg, resume, t0, log)
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = Path(sw.cfg.run_dir).resolve()
     todo = _open_parent(sw, stages, run_dir, log)
     interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
     return _finish(sw, interrupted, log)

@@ -114,3 +114,17 @@ def test_sources_check_is_what_validate_runs(tmp_path):
     with pytest.raises(ConfigError, match="cache_dir"):
         sources.resolve(cfg)
     assert Path(tmp_path / "afile").read_text() == "x"
+
+
+def test_a_sweep_checks_everything_before_building_the_world(tmp_path):
+    """A bad tracking URI is refused before sources.build would pretrain the synthetic world (minutes)."""
+    from ramoe_ray import sweep
+
+    cfg = config_from_dict(dict(
+        models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+        tasks=[dict(name="a", format="generative_numeric", source="synthetic-small:arith")], languages=["syn3"],
+        cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs"),
+        tracking=dict(mlflow_uri=f"file://{tmp_path / 'mlruns'}")))
+    with pytest.raises(ConfigError, match="tracking.mlflow_uri"):
+        sweep.run_sweep(cfg)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
