@@ -25,6 +25,7 @@ from ramoe_ray.routing_stats import (
     budget_split,
     depth_zones,
     divergence_curve,
+    pooled_frequency,
     rise_select,
     task_expert_scores,
     task_experts,
@@ -36,28 +37,29 @@ from ramoe_ray.taxonomy import routing_array
 def experts_artifact(
     *,
     moe_layers: Sequence[int],
-    num_layers: int,
     band_spec: Any,
     band_layers: Sequence[int],
     task_experts: Mapping[int, Sequence[int]],
     task_scores: Any,
     rise: Mapping[str, Mapping[int, Sequence[int]]],
-    rise_budget: int,
+    rise_settings: Mapping[str, Any],
     divergence: Mapping[str, Any],
     provenance: Mapping[str, Any],
 ) -> dict:
     """The content of experts.json (JSON-native types; layer keys as strings).
 
     task_scores: the (L, E) ``task_expert_scores``; each band layer lists its chosen experts (best
-    first) with their scores and the full score row. rise: target language -> ``rise_select`` output
-(with ``rise_budget`` it also records the depth zones and the per-zone split).
+    first) with their scores and the full score row. rise: target language -> ``rise_select`` output;
+    rise_settings: {"budget": K, "alpha", "languages"} it was chosen with (recorded with the depth zones
+    and the per-zone split).
     divergence: target language -> (L,) curve. provenance: the inputs' cache keys (from the caller).
     """
     layers = [int(l) for l in moe_layers]
     row = {l: j for j, l in enumerate(layers)}
     scores = np.asarray(to_numpy(task_scores), dtype=np.float64)
     n_exp = scores.shape[-1]
-    zones = depth_zones(layers, num_layers)
+    zones = depth_zones(layers)
+    budget = int(rise_settings["budget"])
     te = {}
     for l, experts in task_experts.items():
         s = scores[row[int(l)]]
@@ -71,9 +73,9 @@ def experts_artifact(
         "band": {"spec": band_json(band_spec), "layers": [int(l) for l in band_layers]},
         "task_experts": te,
         "rise": {
-            "budget": int(rise_budget),
+            **dict(rise_settings),
             "zones": zones,
-            "split": budget_split(rise_budget, {z: len(ls) * n_exp for z, ls in zones.items()}),
+            "split": budget_split(budget, {z: len(ls) * n_exp for z, ls in zones.items()}),
             "experts": {
                 lang: {str(int(l)): [int(e) for e in es] for l, es in sel.items()} for lang, sel in rise.items()
             },
@@ -94,12 +96,22 @@ def _code_version() -> str:
     return code_digest(sys.modules[__name__], routing_stats)
 
 
+def rise_settings(plan: Any, language: str) -> dict:
+    """What RISE's selection of ``language`` uses besides the frequencies: K (``rise.budget``, or the
+    default resolved on the model's shape), α, and its languages (``rise.languages``: English and every
+    language of the plan, or English and the target)."""
+    rise, shape = plan.cfg.rise, plan.shape
+    langs = plan.languages if rise.languages == "all" else [language]
+    return {"budget": rise.budget_for(len(shape.moe_layers) * shape.num_experts), "alpha": float(rise.alpha),
+            "languages": ["en"] + sorted(langs)}
+
+
 def experts_key_inputs(plan: Any, language: str, band: Any, top_k: int) -> dict:
     """What an experts artefact depends on: the taxonomy artefacts' keys (every language of the
-    plan, for RISE), the general-text key, the target language, band, top_k, RISE budget, code."""
+    plan, for RISE), the general-text key, the target language, band, top_k, RISE's settings, code."""
     return {
         "stage": "experts", "code": _code_version(), "taxonomy": dict(plan.keys), "general": plan.general_key,
-        "target": language, "band": band_json(band), "top_k": int(top_k), "rise_budget": plan.cfg.rise.budget,
+        "target": language, "band": band_json(band), "top_k": int(top_k), "rise": rise_settings(plan, language),
         "split": plan.split,
     }
 
@@ -176,14 +188,14 @@ def build_experts(plan: Any, cells: Mapping[str, Any], general: Any, language: s
         frames = {lang: pd.read_parquet(cells[lang]) for lang in plan.languages}
         first = frames[language]
         en = first[first.language == "en"].sort_values("id")
-        imp_en, freq_en = routing_array(en, "importance"), routing_array(en, "frequency")
-        imps, freqs = {}, {"en": freq_en}
+        imp_en = routing_array(en, "importance")
+        imps, freqs = {}, {"en": pooled_frequency(routing_array(en, "frequency"), en.n_tokens.to_numpy())}
         for lang, df in frames.items():
             tg = df[df.language == lang].sort_values("id")
             if tg.id.tolist() != en.id.tolist():
                 raise ValueError(f"taxonomy of {lang!r} is not parallel to English")
             imps[lang] = routing_array(tg, "importance")
-            freqs[lang] = routing_array(tg, "frequency")
+            freqs[lang] = pooled_frequency(routing_array(tg, "frequency"), tg.n_tokens.to_numpy())
         curves = {lang: divergence_curve(imp_en, imps[lang]) for lang in plan.languages}
         if band == "auto":
             band_layers = auto_band(curves[language], layers, shape.num_layers)
@@ -197,11 +209,13 @@ def build_experts(plan: Any, cells: Mapping[str, Any], general: Any, language: s
         row = {l: j for j, l in enumerate(layers)}
         chosen = task_experts(task_rows, gen, band_layers, row, top_k=top_k)
         scores = task_expert_scores(task_rows, gen)
-        rise = {language: rise_select(freqs, target=language, moe_layers=layers, num_layers=shape.num_layers,
-                                      budget=plan.cfg.rise.budget)}
+        rs = inputs["rise"]
+        rise = {language: rise_select({lang: freqs[lang] for lang in rs["languages"]}, target=language,
+                                      moe_layers=layers, num_layers=shape.num_layers, budget=rs["budget"],
+                                      alpha=rs["alpha"])}
         art = experts_artifact(
-            moe_layers=layers, num_layers=shape.num_layers, band_spec=band, band_layers=band_layers,
-            task_experts=chosen, task_scores=scores, rise=rise, rise_budget=plan.cfg.rise.budget,
+            moe_layers=layers, band_spec=band, band_layers=band_layers,
+            task_experts=chosen, task_scores=scores, rise=rise, rise_settings=rs,
             divergence=curves,
             provenance={"taxonomy": dict(plan.keys), "taxonomy_cells": dict(plan.cell_keys),
                         "general": plan.general_key, "key": key, "inputs": inputs},

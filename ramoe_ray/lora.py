@@ -99,7 +99,7 @@ class _LoraState:
     forward: object  # the module's original (bound) forward
 
 
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The full shape of a parameter, also when ZeRO-3 has partitioned it (``ds_shape``)."""
     return tuple(getattr(p, "ds_shape", p.shape))
 
@@ -183,7 +183,7 @@ def apply_expert_lora(
         if hasattr(ex, "ramoe_lora_state"):
             raise ValueError(f"layer {layer}: expert LoRA is already applied")
         names = _param_names(fam, ex)
-        plan[layer] = (names, _mask_rows(experts_mask, layer, _shape(ex.get_parameter(names[0]))[0]))
+        plan[layer] = (names, _mask_rows(experts_mask, layer, full_shape(ex.get_parameter(names[0]))[0]))
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def apply_expert_lora(
         ex = modules[layer]
         for name in names:
             w = ex.get_parameter(name)
-            e, n_in, n_out = _in_out(_shape(w), fam.transposed)
+            e, n_in, n_out = _in_out(full_shape(w), fam.transposed)
             bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform_(a=sqrt(5)) on a (r*E, in) weight, as peft
             a = torch.empty(e, rank, n_in).uniform_(-bound, bound, generator=gen)
             b = torch.zeros(e, n_out, rank)
@@ -222,7 +222,7 @@ def _lora_modules(model: nn.Module) -> dict[int, nn.Module]:
     return mods
 
 
-def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
     """Context gathering ZeRO-3-partitioned params on every rank (a collective); a no-op otherwise.
     With ``modifier_rank`` set, that rank's in-place changes are partitioned back on exit."""
     if any(hasattr(p, "ds_id") for p in params):
@@ -248,7 +248,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for _, ex in sorted(_lora_modules(model).items()):
         st: _LoraState = ex.ramoe_lora_state
         params = [ex.get_parameter(f"lora_{ab}_{n}") for n in st.targets for ab in "AB"]
-        with _gathered(params), torch.no_grad():
+        with gathered(params), torch.no_grad():
             mask = ex.get_buffer(MASK_BUFFER)
             for name, prefix in zip(st.targets, _peft_prefixes(len(st.targets))):
                 a = ex.get_parameter(f"lora_A_{name}").detach()
@@ -270,7 +270,7 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     for _, ex in sorted(_lora_modules(model).items()):
         st: _LoraState = ex.ramoe_lora_state
         params = [ex.get_parameter(f"lora_{ab}_{n}") for n in st.targets for ab in "AB"]
-        with _gathered(params, modifier_rank=0), torch.no_grad():
+        with gathered(params, modifier_rank=0), torch.no_grad():
             for name, prefix in zip(st.targets, _peft_prefixes(len(st.targets))):
                 key = f"base_model.model.{names[id(ex)]}.{prefix}"
                 a, b = ex.get_parameter(f"lora_A_{name}"), ex.get_parameter(f"lora_B_{name}")
@@ -292,7 +292,7 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
         raise KeyError(f"adapter keys the model has no factor for: {extra[:4]}{' ...' if len(extra) > 4 else ''}")
 
 
-def _rank() -> int:
+def dist_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
@@ -312,7 +312,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
 
     fam = family_of(model)
     state = lora_state_dict(model)
-    if _rank() != 0:
+    if dist_rank() != 0:
         return None
     mods = _lora_modules(model)
     st: _LoraState = next(iter(mods.values())).ramoe_lora_state

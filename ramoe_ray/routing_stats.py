@@ -20,8 +20,6 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
-from ramoe_ray.config import band_layers_of
-
 # The named choices of this module (our reconstruction; docs/architecture.md, "The method"). Values are short
 # descriptions; the docstrings below give the formulas.
 RULES: dict[str, str] = {
@@ -41,19 +39,37 @@ RULES: dict[str, str] = {
     "task_expert_examples": (
         "correct English examples of the split (taxonomy); all English examples when none is correct (recorded)"
     ),
-    "rise_specificity": "mean freq on target - unweighted mean over the other languages (English incl.) of their means",
-    "rise_overlap": "min over all languages (target included) of the mean freq",
-    "rise_languages": "English and every target language of the config, on the split's task examples",
-    "rise_score": "specificity; ties (to 12 decimals) -> higher overlap, then shallower layer, then lower expert id",
-    "rise_zones": "shallow/middle/deep = depth [0, .375) / [.375, .625) / [.625, 1.0] by the band rule (config.Band.layers)",
+    "rise_frequency": (
+        "a[lang][l, i] = share of the language's real prompt tokens, pooled over all its examples of the split, whose "
+        "used top-k (Routing.selected) holds expert i"
+    ),
+    "rise_languages": (
+        "the languages of the mean and the CV: rise.languages = 'all' (English + every target language of the config) "
+        "or 'pair' (English + the target, RISE's run_rise.sh default)"
+    ),
+    "rise_specificity": "Spec = S (1 + alpha a_target), S = a_target / mean over languages (1e-8 where the mean is 0)",
+    "rise_overlap": (
+        "Ovlp = O (1 + alpha mean), O = 1 / (1 + CV), CV = population std / mean over languages "
+        "(1e-8 where the mean is 0)"
+    ),
+    "rise_zones": (
+        "the L MoE layers in order: shallow [0, L1), middle [L1, L2), deep [L2, L); L1 = round(0.375 L), "
+        "L2 = round(0.625 L), Python round (halves to even)"
+    ),
     "rise_budget_split": (
-        "shares .35/.25/.40 over zones holding MoE layers (renormalised), largest remainder "
-        "(ties: larger share, then shallower), capped at zone capacity with the surplus re-split"
+        "floor(0.35 K) shallow, floor(0.25 K) middle, the rest deep (exact integers); a zone over its capacity is "
+        "capped and the excess goes, repeatedly, to the zone with the most room left (ties: shallower)"
+    ),
+    "rise_ranking": (
+        "shallow and deep by Spec, middle by Ovlp; candidates pooled over the zone's layers, highest first; equal "
+        "scores keep (layer, expert) order (stable sort)"
     ),
 }
 
-RISE_ZONES: dict[str, tuple[float, float]] = {"shallow": (0.0, 0.375), "middle": (0.375, 0.625), "deep": (0.625, 1.0)}
-RISE_SHARES: dict[str, float] = {"shallow": 0.35, "middle": 0.25, "deep": 0.40}
+RISE_ALPHA = 10.0  # α of the composite scores (RISE's default; config rise.alpha)
+RISE_EPS = 1e-8  # replaces a zero mean in S and CV (rise/expert_selector.py)
+RISE_ZONE_BOUNDS = (0.375, 0.625)  # shallow / middle / deep boundaries, fractions of the MoE layers
+RISE_BUDGET_PERCENT = {"shallow": 35, "middle": 25}  # floor(K · share); deep takes the rest
 DEGENERATE_TOL = 1e-12
 TIE_DECIMALS = 12  # scores are compared after rounding to this many decimals (float noise is not a ranking)
 AUTO_BAND_FRACTION = 0.25
@@ -286,74 +302,83 @@ def task_experts(
 # ---------------------------------------------------------------------------------------------- RISE
 
 
-def rise_scores(frequencies: Mapping[str, Any], target: str) -> tuple[np.ndarray, np.ndarray]:
-    """RISE specificity and overlap (our reconstruction), each (L, E).
+def pooled_frequency(frequency: Any, n_tokens: Any) -> np.ndarray:
+    """RISE's activation frequency of one language (``RULES["rise_frequency"]``), (L, E) float64:
 
-    frequencies: language -> (N, L, E) activation frequencies of task examples (English included).
-    With f̄_x the mean over examples of language x:
-      specificity_t = f̄_t − mean_{x ≠ t} f̄_x   (other languages weighted equally; ``RULES["rise_specificity"]``)
-      overlap       = min_x f̄_x                 (over all languages, target included; ``RULES["rise_overlap"]``)
-    The selection score (``RULES["rise_score"]``) is the specificity; overlap only breaks its ties.
+        a[l, i] = (number of the language's real prompt tokens whose top-k at layer l holds expert i)
+                  / (number of its real prompt tokens),  pooled over all its examples
+
+    frequency: (N, L, E) per-example shares (``sequence_importance``); n_tokens: (N,) real tokens of
+    each example. The counts are recovered exactly as round(share · n_tokens) (the shares are float32).
     """
+    f = np.asarray(to_numpy(frequency), dtype=np.float64)
+    n = np.asarray(to_numpy(n_tokens), dtype=np.int64)
+    if f.ndim != 3 or f.shape[0] == 0 or n.shape != (f.shape[0],):
+        raise ValueError(f"frequency {f.shape} and n_tokens {n.shape}: expected (N >= 1, L, E) and (N,)")
+    if (n < 1).any():
+        raise ValueError("every example needs at least one real token")
+    counts = np.rint(f * n[:, None, None]).sum(axis=0)
+    return counts / n.sum()
+
+
+def _stacked(frequencies: Mapping[str, Any], target: str) -> tuple[np.ndarray, np.ndarray]:
+    """(target's (L, E), all languages' (n_lang, L, E) in sorted language order), checked."""
     if target not in frequencies:
         raise ValueError(f"no frequencies for target language {target!r} (have {sorted(frequencies)})")
     if len(frequencies) < 2:
         raise ValueError("RISE needs the target and at least one other language")
-    means = {}
-    for lang, f in frequencies.items():
-        a = np.asarray(to_numpy(f), dtype=np.float64)
-        if a.ndim != 3 or a.shape[0] == 0:
-            raise ValueError(f"frequencies[{lang!r}] has shape {a.shape}; expected (N >= 1, L, E)")
-        means[lang] = a.mean(axis=0)
-    shapes = {m.shape for m in means.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"languages disagree on (L, E): {sorted(shapes)}")
-    others = np.mean([m for lang, m in means.items() if lang != target], axis=0)
-    specificity = means[target] - others
-    overlap = np.min(np.stack(list(means.values())), axis=0)
-    return specificity, overlap
+    arrays = {lang: np.asarray(to_numpy(frequencies[lang]), dtype=np.float64) for lang in sorted(frequencies)}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"frequencies must be (L, E) arrays of one shape; got {sorted(shapes)}")
+    return arrays[target], np.stack(list(arrays.values()))
 
 
-def depth_zones(moe_layers: Sequence[int], num_layers: int) -> dict[str, list[int]]:
-    """RISE depth zones (``RULES["rise_zones"]``): MoE layers per zone by the band rule (``config.Band.layers``)."""
-    return {z: band_layers_of(a, b, moe_layers, num_layers) for z, (a, b) in RISE_ZONES.items()}
+def rise_scores(frequencies: Mapping[str, Any], target: str, *,
+                alpha: float = RISE_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """RISE's composite scores (Eq. 8 of arXiv 2604.03592; ``rise/expert_selector.py``), each (L, E).
 
-
-def _largest_remainder(total: int, shares: Mapping[str, float]) -> dict[str, int]:
-    s = sum(shares.values())
-    quota = {z: round(total * v / s, 9) for z, v in shares.items()}  # round off float noise (2.8000000000000003)
-    counts = {z: int(math.floor(q)) for z, q in quota.items()}
-    order = list(shares)
-    by_remainder = sorted(order, key=lambda z: (-(quota[z] - counts[z]), -shares[z], order.index(z)))
-    for z in by_remainder[: total - sum(counts.values())]:
-        counts[z] += 1
-    return counts
-
-
-def budget_split(budget: int, capacity: Mapping[str, int], shares: Mapping[str, float] = RISE_SHARES) -> dict[str, int]:
-    """Experts per zone, summing exactly to ``budget`` (``RULES["rise_budget_split"]``).
-
-    Zones with capacity 0 (no MoE layer) are dropped and the shares of the rest renormalised; the
-    budget is split by the largest-remainder method (floors of budget × share, then one more to the
-    largest fractional parts; equal parts: larger share first, then the shallower zone). A zone whose
-    count exceeds its capacity (layers × experts) is capped and the surplus is re-split the same way
-    among the zones with room left.
+    frequencies: language -> (L, E) ``pooled_frequency`` (target included); ā = the unweighted mean over
+    the languages given, σ their population standard deviation; a zero denominator is replaced by 1e-8:
+      S    = a_target / ā                         Spec = S · (1 + α · a_target)   (``RULES["rise_specificity"]``)
+      CV   = σ / ā,   O = 1 / (1 + CV)            Ovlp = O · (1 + α · ā)          (``RULES["rise_overlap"]``)
+    Returns (Spec, Ovlp).
     """
-    if budget > sum(capacity.values()):
-        raise ValueError(f"RISE budget {budget} exceeds the {sum(capacity.values())} (layer, expert) pairs available")
-    counts = {z: 0 for z in shares}
-    left, open_zones = budget, [z for z in shares if capacity.get(z, 0) > 0]
-    while left > 0:
-        part = _largest_remainder(left, {z: shares[z] for z in open_zones})
-        over = [z for z in open_zones if counts[z] + part[z] > capacity[z]]
-        if not over:
-            for z in open_zones:
-                counts[z] += part[z]
-            break
-        for z in over:
-            left -= capacity[z] - counts[z]
-            counts[z] = capacity[z]
-            open_zones.remove(z)
+    a_t, stack = _stacked(frequencies, target)
+    mean = stack.mean(axis=0)
+    safe = np.where(mean > 0, mean, RISE_EPS)
+    spec = a_t / safe * (1.0 + alpha * a_t)
+    ovlp = 1.0 / (1.0 + stack.std(axis=0) / safe) * (1.0 + alpha * mean)
+    return spec, ovlp
+
+
+def depth_zones(moe_layers: Sequence[int]) -> dict[str, list[int]]:
+    """RISE's depth zones (``RULES["rise_zones"]``): the L MoE layers in order, shallow = the first
+    L1 = round(0.375 L), middle = up to L2 = round(0.625 L), deep = the rest (Python's round: halves go
+    to even, so L = 4 has no middle layer). Returns decoder-layer indices per zone."""
+    layers = [int(l) for l in moe_layers]
+    l1, l2 = round(RISE_ZONE_BOUNDS[0] * len(layers)), round(RISE_ZONE_BOUNDS[1] * len(layers))
+    return {"shallow": layers[:l1], "middle": layers[l1:l2], "deep": layers[l2:]}
+
+
+def budget_split(budget: int, capacity: Mapping[str, int]) -> dict[str, int]:
+    """Experts per zone, summing to ``budget`` (``RULES["rise_budget_split"]``): floor(0.35 K) shallow,
+    floor(0.25 K) middle, the rest deep; a zone asked for more than its capacity (layers × experts) is
+    capped, and the excess goes, repeatedly, to the zone with the most room left (ties: the shallower)."""
+    if not 1 <= budget <= sum(capacity.values()):
+        raise ValueError(f"RISE budget {budget}: allowed 1..{sum(capacity.values())} (the routed experts available)")
+    shallow, middle = budget * RISE_BUDGET_PERCENT["shallow"] // 100, budget * RISE_BUDGET_PERCENT["middle"] // 100
+    counts = {"shallow": shallow, "middle": middle, "deep": budget - shallow - middle}
+    excess = 0
+    for z in counts:
+        excess += max(0, counts[z] - capacity[z])
+        counts[z] = min(counts[z], capacity[z])
+    while excess:
+        room = {z: capacity[z] - counts[z] for z in counts}
+        z = max(room, key=room.get)
+        take = min(room[z], excess)
+        counts[z] += take
+        excess -= take
     return counts
 
 
@@ -364,29 +389,29 @@ def rise_select(
     moe_layers: Sequence[int],
     num_layers: int,
     budget: int,
+    alpha: float = RISE_ALPHA,
 ) -> dict[int, list[int]]:
-    """The RISE expert selection for one target language: decoder layer -> sorted expert ids.
+    """RISE's experts for one target language (Algorithm 1): decoder layer -> sorted expert ids.
 
-    ``moe_layers[j]`` is the decoder index of row j of the L axis. The budget is split over the depth
-    zones by ``budget_split``; within a zone the (layer, expert) pairs with the highest ``rise_score``
-    are taken: specificity descending, then overlap descending (both compared to 12 decimals), then
-    shallower layer, then lower expert id. Layers with no chosen expert are absent.
+    frequencies: language -> (L, E) ``pooled_frequency``; row j is decoder layer ``moe_layers[j]`` (of
+    ``num_layers``). The budget K is split over ``depth_zones`` by ``budget_split``; within a zone the
+    candidates of all its layers are pooled and the highest scores taken — Spec in the shallow and deep
+    zones, Ovlp in the middle (``rise_scores``); equal scores keep (layer, expert) order (a stable sort,
+    ``RULES["rise_ranking"]``). Layers with no chosen expert are absent.
     """
-    specificity, overlap = rise_scores(frequencies, target)
-    specificity, overlap = np.round(specificity, TIE_DECIMALS), np.round(overlap, TIE_DECIMALS)
-    layers = list(moe_layers)
-    if specificity.shape[0] != len(layers):
-        raise ValueError(f"frequencies have {specificity.shape[0]} layers, moe_layers {len(layers)}")
-    n_exp = specificity.shape[1]
-    zones = depth_zones(layers, num_layers)
-    counts = budget_split(budget, {z: len(ls) * n_exp for z, ls in zones.items()})
+    n_layers, n_exp = _stacked(frequencies, target)[0].shape
+    layers = [int(l) for l in moe_layers]
+    if n_layers != len(layers) or any(not 0 <= l < num_layers for l in layers):
+        raise ValueError(f"frequencies have {n_layers} layers; moe_layers {layers} (of {num_layers} decoder layers)")
+    zones = depth_zones(layers)
+    counts = budget_split(budget, {z: len(ls) * n_exp for z, ls in zones.items()})  # a bad K fails before scoring
+    spec, ovlp = rise_scores(frequencies, target, alpha=alpha)
+    row = {l: j for j, l in enumerate(layers)}
     chosen: dict[int, list[int]] = {}
-    for z, zone_layers in zones.items():
+    for zone, zone_layers in zones.items():
+        score = ovlp if zone == "middle" else spec
         pairs = [(l, e) for l in zone_layers for e in range(n_exp)]
-        j = {l: layers.index(l) for l in zone_layers}
-        pairs.sort(key=lambda p: (-specificity[j[p[0]], p[1]], -overlap[j[p[0]], p[1]], p[0], p[1]))
-        for l, e in pairs[: counts[z]]:
-            chosen.setdefault(int(l), []).append(int(e))
+        pairs.sort(key=lambda p: -score[row[p[0]], p[1]])  # stable: ties stay in (layer, expert) order
+        for l, e in pairs[: counts[zone]]:
+            chosen.setdefault(l, []).append(e)
     return {l: sorted(chosen[l]) for l in sorted(chosen)}
-
-

@@ -15,11 +15,9 @@ from ramoe_ray.experts import experts_artifact, run_experts
 from ramoe_ray.routing_stats import (
     RULES,
     auto_band,
-    budget_split,
-    depth_zones,
     divergence_curve,
     normalized_jsd,
-    rise_scores,
+    pooled_frequency,
     rise_select,
     sequence_importance,
     task_expert_scores,
@@ -184,71 +182,6 @@ def test_task_experts_picks_planted_experts_and_breaks_ties_by_id():
         task_experts(task, general, [7], {5: 0, 6: 1}, top_k=2)
 
 
-# ---------------------------------------------------------------------------------------------- RISE
-
-
-def _per_example(means):
-    """Two examples whose mean is `means` (L, E); rows keep their sum."""
-    d = np.array([0.1, -0.1, 0.1, -0.1])
-    return np.stack([means + d, means - d])
-
-
-def test_rise_scores_three_languages_by_hand():
-    freqs = {
-        "en": _per_example(np.array([[0.8, 0.6, 0.4, 0.2]])),
-        "de": _per_example(np.array([[0.6, 0.8, 0.2, 0.4]])),
-        "sw": _per_example(np.array([[0.2, 0.4, 0.8, 0.6]])),
-    }
-    spec, overlap = rise_scores(freqs, "sw")
-    # sw minus mean(en, de) = [0.2 - 0.7, 0.4 - 0.7, 0.8 - 0.3, 0.6 - 0.3]
-    np.testing.assert_allclose(spec, [[-0.5, -0.3, 0.5, 0.3]], atol=1e-12)
-    np.testing.assert_allclose(overlap, [[0.2, 0.4, 0.2, 0.2]], atol=1e-12)
-    spec_de, overlap_de = rise_scores(freqs, "de")
-    # de minus mean(en, sw) = [0.6 - 0.5, 0.8 - 0.5, 0.2 - 0.6, 0.4 - 0.4]
-    np.testing.assert_allclose(spec_de, [[0.1, 0.3, -0.4, 0.0]], atol=1e-12)
-    np.testing.assert_allclose(overlap_de, overlap)
-
-
-def test_budget_split_largest_remainder():
-    cap = {"shallow": 100, "middle": 100, "deep": 100}
-    assert budget_split(8, cap) == {"shallow": 3, "middle": 2, "deep": 3}  # 2.8 2.0 3.2
-    assert budget_split(5, cap) == {"shallow": 2, "middle": 1, "deep": 2}  # 1.75 1.25 2.0
-    assert budget_split(2, cap) == {"shallow": 1, "middle": 0, "deep": 1}  # .7 .5 .8
-    for b in range(1, 40):
-        assert sum(budget_split(b, cap).values()) == b
-    # a zone without MoE layers: shares renormalised over middle/deep (8 * .25/.65 = 3.08, 8 * .4/.65 = 4.92)
-    assert budget_split(8, {"shallow": 0, "middle": 4, "deep": 8}) == {"shallow": 0, "middle": 3, "deep": 5}
-    # capacity cap: 14 -> 5/3/6, shallow capped at 4, the 10 left re-split 4/6
-    assert budget_split(14, {"shallow": 4, "middle": 4, "deep": 8}) == {"shallow": 4, "middle": 4, "deep": 6}
-    with pytest.raises(ValueError, match="exceeds"):
-        budget_split(17, {"shallow": 4, "middle": 4, "deep": 8})
-
-
-def test_rise_select_zones_scores_and_tie_breaks():
-    # 4 layers, E = 4; zones: shallow [0], middle [1], deep [2, 3]. Values are exact binary fractions.
-    en = np.array([
-        [0.5, 0.5, 0.5, 0.5],
-        [0.125, 0.5, 0.25, 0.25],
-        [0.25, 0.25, 0.25, 0.25],
-        [0.5, 0.125, 0.25, 0.25],
-    ])
-    sw = np.array([
-        [0.875, 0.75, 0.625, 0.5],  # spec .375 .25 .125 0
-        [0.5, 0.875, 0.25, 0.25],  # spec .375 .375 (overlap .125 vs .5) 0 0
-        [0.75, 0.375, 0.25, 0.25],  # spec .5 .125 0 0
-        [0.875, 0.5, 0.25, 0.25],  # spec .375 .375 (overlap .5 vs .125) 0 0
-    ])
-    freqs = {"en": en[None], "sw": sw[None]}
-    assert depth_zones(range(4), 4) == {"shallow": [0], "middle": [1], "deep": [2, 3]}
-    # budget 5 -> 2/1/2; middle: tie at .375 -> higher overlap (expert 1); deep: (2,0) .5, then (3,0) by overlap
-    assert rise_select(freqs, target="sw", moe_layers=range(4), num_layers=4, budget=5) == {
-        0: [0, 1], 1: [1], 2: [0], 3: [0]
-    }
-    sel8 = rise_select(freqs, target="sw", moe_layers=range(4), num_layers=4, budget=8)  # 3/2/3
-    assert sel8 == {0: [0, 1, 2], 1: [0, 1], 2: [0], 3: [0, 1]}
-    assert sum(len(v) for v in sel8.values()) == 8
-
-
 # ------------------------------------------------------------------------------------------ artefact
 
 
@@ -256,13 +189,12 @@ def test_experts_artifact_round_trips_and_writes_atomically(tmp_path):
     scores = np.arange(8, dtype=float).reshape(2, 4) / 10
     art = experts_artifact(
         moe_layers=[1, 2],
-        num_layers=3,
         band_spec=(0.375, 0.625),
         band_layers=[1],
         task_experts={1: [3, 2]},
         task_scores=scores,
         rise={"sw": {1: [0], 2: [1, 3]}},
-        rise_budget=3,
+        rise_settings={"budget": 3, "alpha": 10.0, "languages": ["en", "sw"]},
         divergence={"sw": np.array([0.25, 0.5])},
         provenance={"taxonomy": "abc123"},
     )
@@ -272,7 +204,9 @@ def test_experts_artifact_round_trips_and_writes_atomically(tmp_path):
     assert back["task_experts"]["1"]["experts"] == [3, 2]
     assert back["task_experts"]["1"]["scores"] == pytest.approx([0.3, 0.2])
     assert back["rise"]["experts"]["sw"] == {"1": [0], "2": [1, 3]}
-    assert sum(back["rise"]["split"].values()) == 3
+    assert back["rise"]["split"] == {"shallow": 1, "middle": 0, "deep": 2}  # zones [1] | [] | [2]
+    assert back["rise"]["zones"] == {"shallow": [1], "middle": [], "deep": [2]}
+    assert (back["rise"]["budget"], back["rise"]["alpha"], back["rise"]["languages"]) == (3, 10.0, ["en", "sw"])
     assert back["divergence"]["sw"] == {"1": 0.25, "2": 0.5}
     assert back["provenance"] == {"taxonomy": "abc123"}
     assert set(back["rules"]) == set(RULES)
@@ -322,7 +256,15 @@ def test_run_experts_agrees_with_its_taxonomy_artefacts(make_config):
     want = task_experts(task_rows, gen, [1], {l: j for j, l in enumerate(layers)}, top_k=2)
     assert {int(l): v["experts"] for l, v in art["task_experts"].items()} == want
     assert art["cell"]["task_examples"] == ("correct" if correct.any() else "all (no correct English example)")
-    assert sum(len(v) for v in art["rise"]["experts"]["syn3"].values()) == 6
+    # RISE: pooled token frequencies of English and every language of the config, from the same artefacts
+    freqs = {}
+    for lang, key in (("en", plan.cell_keys["syn3"]), ("syn3", plan.cell_keys["syn3"]), ("syn5", plan.cell_keys["syn5"])):
+        df = pd.read_parquet(root / key / "taxonomy.parquet")
+        df = df[df.language == lang]
+        freqs[lang] = pooled_frequency(taxonomy.routing_array(df, "frequency"), df.n_tokens.to_numpy())
+    want_rise = rise_select(freqs, target="syn3", moe_layers=layers, num_layers=plan.shape.num_layers, budget=6)
+    assert art["rise"]["experts"]["syn3"] == {str(l): v for l, v in want_rise.items()}
+    assert art["rise"]["languages"] == ["en", "syn3", "syn5"] and art["rise"]["budget"] == 6
     assert set(art["rules"]) == set(RULES)
 
     for name in ("divergence.png", "importance.png"):
