@@ -10,12 +10,14 @@ or in process with ``resources.inference_actors = 0``) on the split's English an
 - adapter: the folder ``train.train_cell`` saved (peft format + ramoe_lora.json); loaded into our expert
   LoRA (``lora.apply_expert_lora`` + ``load_lora_state_dict``), so the model stays a plain HF model whose
   routers ``models.capture`` finds (peft's PeftModel computes the same function: tests/test_train.py);
+  a full-weight RISE folder (``expert_delta.save_experts``) has its experts' weights copied into the model;
 - steering: {"experts": {layer: [experts]}, "strength": s}; every forward runs under ``models.steer``
   (whose hooks run before capture's, so the recorded routing is the steered one).
 
 Per language (English included): accuracy; per target language: the divergence curve to English
 (``experts.divergence_curve`` of the per-example importance arrays, one value per MoE layer); per
-language the mean importance (L, E) (a steering check: the task experts' share). Written to
+language the mean importance (L, E) (a steering check: the task experts' share); eval.json also names the
+generative scoring (``TaskConfig.scoring``; None for multiple choice). Written to
 ``out_dir/eval.json`` + ``out_dir/rows.parquet``; with an active MLflow run also logged as metrics
 (``acc_<lang>``, ``div_<lang>_L<layer>``, ``div_<lang>_mean``) and artifacts.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ramoe_ray import inference, lora, models, taxonomy
+from ramoe_ray import expert_delta, inference, lora, models, taxonomy
 from ramoe_ray.cache import content_key, write_json_atomic
 from ramoe_ray.config import ConfigError
 from ramoe_ray.routing_stats import divergence_curve
@@ -47,10 +49,16 @@ def _steering_spec(steering: dict | None) -> dict | None:
 
 
 def load_adapter(model, adapter: str | os.PathLike):
-    """Our expert LoRA on ``model`` with the saved factors of ``adapter`` (in place; returns the model)."""
+    """Our expert LoRA on ``model`` with the saved factors of ``adapter``, or (a full-weight RISE folder,
+    ``expert_delta.EXPERTS_META``) its trained experts' weights copied in (in place; returns the model)."""
     from safetensors.torch import load_file
 
     folder = Path(adapter)
+    if (folder / expert_delta.EXPERTS_META).is_file():
+        try:
+            return expert_delta.load_experts(model, folder).eval()
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"adapter {str(folder)!r} does not fit the model: {e}") from None
     meta_file = folder / lora.RAMOE_LORA
     if not meta_file.is_file() or not (folder / lora.ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"adapter {str(folder)!r}: no {lora.RAMOE_LORA} / {lora.ADAPTER_WEIGHTS} (train.train_cell writes both)")
@@ -127,7 +135,8 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
     by_lang = {l: out[out.language == l].sort_values("id") for l in langs}
     imp = {l: taxonomy.routing_array(df, "importance") for l, df in by_lang.items()}
     result = {
-        "model": model_cfg.name, "task": task_cfg.name, "split": split, "languages": langs,
+        "model": model_cfg.name, "task": task_cfg.name, "scoring": plan.inputs["en"]["task"]["scoring"],
+        "split": split, "languages": langs,
         "adapter": str(adapter) if adapter else None, "steering": steering, "moe_layers": layers,
         "n": {l: int(len(df)) for l, df in by_lang.items()},
         "accuracy": {l: float(df.correct.mean()) for l, df in by_lang.items()},

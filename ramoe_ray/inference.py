@@ -1,8 +1,9 @@
 """Inference: run a model over rows of prompts (stage 1's predictor; evaluation reuses it).
 
 A row is a dict with ``prompt``, ``fmt`` (a task format of ``tasks.FORMATS``, or "" for general
-text: routing only), ``answer`` and, for multiple choice, ``continuations``
-(``tasks.choice_continuations``), plus ``id`` / ``language`` / ``kind``, which are passed through.
+text: routing only), ``answer``, for multiple choice ``continuations`` (``tasks.choice_continuations``),
+optionally ``scoring`` (generative formats, ``tasks.SCORINGS``; default "exact"), plus ``id`` /
+``language`` / ``kind``, which are passed through.
 Per row the result holds: prediction, output, correct, n_tokens (prompt tokens) and the prompt's
 routing, ``importance`` / ``frequency`` (MoE layers x experts, ``routing_stats.sequence_importance``).
 
@@ -36,7 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ramoe_ray import models
 from ramoe_ray.config import ModelConfig
 from ramoe_ray.routing_stats import sequence_importance
-from ramoe_ray.tasks import FORMATS, extract_number, score_choices, score_generative
+from ramoe_ray.tasks import FORMATS, generative_prediction, score_choices, score_generative
 
 MAX_NEW_TOKENS = 16  # greedy generation length of generative formats
 # Generation stops at the model's eos token or at the first of these strings (the text is cut
@@ -198,9 +199,10 @@ def choice_logliks(model, tok, rows: list[dict], ids: torch.Tensor, lengths: lis
 
 @torch.no_grad()
 def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_new_tokens: int = MAX_NEW_TOKENS,
-                  max_length: int | None = None) -> list[dict]:
+                  max_length: int | None = None, scoring: str = "exact") -> list[dict]:
     """One batch of rows of ONE format (``fmt`` None: routing only, as for general text; the module
-    docstring gives the steps). ``max_length``: prompts are truncated to this many tokens.
+    docstring gives the steps). ``max_length``: prompts are truncated to this many tokens. ``scoring``:
+    how generated answers are scored (``tasks.score_generative``).
     Returns one dict per row: prediction, output, correct, n_tokens, importance, frequency."""
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, truncation=max_length is not None,
               max_length=max_length)
@@ -212,8 +214,8 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
     preds, outputs, correct = [""] * n, [""] * n, [False] * n
     if fmt is not None and FORMATS[fmt]["output"] == "generate":
         outputs = generate_texts(model, tok, ids, mask, max_new_tokens)
-        preds = [extract_number(t) or "" for t in outputs]
-        correct = score_generative(outputs, [r["answer"] for r in rows])
+        preds = [generative_prediction(t, scoring) for t in outputs]
+        correct = score_generative(outputs, [r["answer"] for r in rows], scoring)
     elif fmt is not None:
         lls = choice_logliks(model, tok, rows, ids, lengths, logp)
         preds, correct = score_choices(lls, [r["answer"] for r in rows])
@@ -227,14 +229,15 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
 
 def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """``predict_batch`` over rows that may mix formats (``fmt``; "" = general text, truncated to
-    GENERAL_MAX_TOKENS), in order; each output dict also carries the row's id, language, kind and answer."""
+    GENERAL_MAX_TOKENS), in order; each output dict also carries the row's id, language, kind and answer.
+    A row's optional ``scoring`` (the task's, ``TaskConfig.scoring``; default "exact") is passed on."""
     out: list[dict | None] = [None] * len(rows)
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(r["fmt"], []).append(i)
-    for fmt, idx in groups.items():
+        groups.setdefault((r["fmt"], r.get("scoring") or "exact"), []).append(i)
+    for (fmt, scoring), idx in groups.items():
         res = predict_batch(model, tok, [rows[i] for i in idx], fmt=fmt or None, k=k, max_new_tokens=max_new_tokens,
-                            max_length=None if fmt else GENERAL_MAX_TOKENS)
+                            max_length=None if fmt else GENERAL_MAX_TOKENS, scoring=scoring)
         for i, r in zip(idx, res):
             out[i] = {"id": rows[i]["id"], "language": rows[i]["language"], "kind": rows[i]["kind"],
                       "answer": rows[i]["answer"], **r}

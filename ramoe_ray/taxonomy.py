@@ -18,7 +18,7 @@ texts) at the last prompt position. This module plans, runs that predictor and w
 Artefacts (content-addressed, under ``cfg.cache_dir/taxonomy/<key>/``, written atomically):
 
 - per language: ``rows.parquet`` + ``meta.json``. Columns: id, language, kind ("task"/"general"),
-  prediction (generative: the extracted number or ""; multiple choice: the letter), output (the
+  prediction (generative: what was scored, ``tasks.generative_prediction``, or ""; multiple choice: the letter), output (the
   generated text; multiple choice: the four log-likelihoods as text), correct, answer, n_tokens
   (prompt tokens), and ``importance`` / ``frequency``: list<list<float32>> of shape
   (MoE layers × experts), row j = ``meta["moe_layers"][j]`` (``routing_array`` stacks a column into
@@ -29,10 +29,11 @@ Artefacts (content-addressed, under ``cfg.cache_dir/taxonomy/<key>/``, written a
 
 The key hashes everything that determines the output (``Plan.inputs``): the configured model path,
 revision and dtype plus a content hash of the model folder's files (hub ids: the revision; pin it),
-the task's name/format/source plus a content hash of the language's data file (hub datasets: the
-id), the split, seed and split fractions, the generation length (generative formats), and the code version (source of
-this module, inference.py, tasks.py, models.py and ``routing_stats.sequence_importance``). A stage whose artefact exists
-loads it and runs no model. ``meta.json`` records how many prompt forwards computing it took.
+the task's name/format/source (generative formats: and its scoring) plus a content hash of the
+language's data file (hub datasets: the id), the split, seed and split fractions, the generation length
+(generative formats), and the code version (source of this module, inference.py, tasks.py, models.py and
+``routing_stats.sequence_importance``). A stage whose artefact exists loads it and runs no model.
+``meta.json`` records how many prompt forwards computing it took.
 
 Execution (``inference.map_rows``): ``num_actors`` > 0 runs Ray Data ``map_batches`` with an actor
 pool of ``inference.Predictor`` (model and tokenizer loaded once per actor; on a cluster with GPUs
@@ -205,6 +206,7 @@ def plan(cfg, model_cfg, task_cfg, languages: list[str], split: str = "train", *
             "stage": "taxonomy/language", "code": code, "model": model_ident,
             "task": {"name": task_cfg.name, "format": task_cfg.format, "source": task_cfg.source,
                      "choices": task_cfg.choices if FORMATS[task_cfg.format]["output"] == "loglikelihood" else None,
+                     "scoring": task_cfg.scoring if FORMATS[task_cfg.format]["output"] == "generate" else None,
                      "data": _task_data_identity(task_cfg, lang, cfg.cache_dir)},
             "language": lang, "split": split, "seed": cfg.training.seed, "fractions": list(DEFAULT_FRACTIONS),
             # the generation length matters only where the format generates
@@ -235,11 +237,12 @@ def rows_frame(plan: Plan, languages: list[str], with_general: bool) -> pd.DataF
         for ex in plan.examples[lang]:
             rows.append(dict(id=ex["id"], language=lang, kind="task", fmt=plan.task_cfg.format,
                              prompt=build_prompt(ex, plan.task_cfg.format), answer=ex["answer"],
+                             scoring=plan.task_cfg.scoring,
                              continuations=choice_continuations(ex, plan.task_cfg.choices) if ex["choices"] else []))
     if with_general:
         for i, text in enumerate(plan.general or []):
             rows.append(dict(id=f"general-{i:05d}", language="en", kind="general", fmt="", prompt=text, answer="",
-                             continuations=[]))
+                             scoring="", continuations=[]))
     df = pd.DataFrame(rows)
     # similar lengths batch together (less padding); results do not depend on the order
     return df.iloc[np.argsort(df["prompt"].str.len().to_numpy(), kind="stable")].reset_index(drop=True)

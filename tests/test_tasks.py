@@ -3,20 +3,26 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from ramoe_ray.config import TaskConfig
 from ramoe_ray.tasks import (
     FIELDS,
     FORMATS,
+    SCORINGS,
     TaskDataError,
     build_prompt,
     canonical_number,
     choice_continuations,
+    exact_match,
     example_from_row,
     extract_number,
+    flexible_extract,
+    generative_prediction,
     load_examples,
     load_parallel,
     score_choices,
@@ -71,10 +77,81 @@ def test_canonical_number(raw, expected):
     assert canonical_number(raw) == expected
 
 
-def test_score_generative_normalises_numbers():
-    preds = ["The answer is 1,000.", "3.50", "18.0", "-3", "no idea", "17", "18 eggs, 3 eaten: 15", "$18"]
-    answers = ["1000", "3.5", "18", "-3", "5", "18", "18", "18"]
-    assert score_generative(preds, answers) == [True, True, True, True, False, False, False, True]
+# lm-eval's mgsm_direct, row by row: model output, reference, expected correctness written by hand from
+# lm-eval's flexible-extract (last match of (-?[$0-9.,]{2,})|(-?[0-9]+); nothing -> "[invalid]") and its
+# exact_match with ignore_case + ignore_punctuation (string.punctuation deleted from BOTH strings).
+LM_EVAL_MGSM_DIRECT = [
+    ("18", "18", True),  # the bare number
+    (" 18", "18", True),  # the space a model puts after "Answer:" is not in the match
+    ("The answer is 18.", "18", True),  # match "18." (two chars of the class); "." is punctuation, deleted
+    ("18.0", "18", False),  # "18.0" -> "180" != "18": no numeric normalisation (the point of `exact`)
+    ("$18", "18", True),  # "$" is punctuation
+    ("$1,800", "1800", True),  # "$" and "," deleted
+    ("18 apples", "18", True),  # the words are not in the match
+    ("#### 18", "18", True),  # "#" is not in the pattern's class; the match is "18"
+    ("-3", "-3", True),  # "-" deleted from both: "3" = "3"
+    ("3", "-3", True),  # ... so the sign is lost: a positive answer matches a negative reference
+    ("3.50", "3.5", False),  # "350" != "35"
+    ("3.5", "3.5", True),  # "35" = "35"
+    ("1.8", "18", True),  # the decimal point is deleted: "18" = "18"
+    ("18.000", "18", False),  # "18000" != "18"
+    ("0018", "18", False),  # leading zeros stay: strings, not numbers
+    ("", "18", False),  # no match -> "[invalid]" -> "invalid" != "18"
+    ("eighteen", "18", False),  # a number in words is no match
+    ("She had 5, then 7 more: 12", "12", True),  # several numbers: the LAST match counts
+    ("12 is the answer, not 5", "12", False),  # ... even when the right one comes first
+    ("It is 18. Done...", "18", False),  # the last match is "...": punctuation only, "" != "18"
+    ("18\nQuestion: 4 more", "18", False),  # the scorer sees all of it (last match "4"); cutting at "\n" is generation's job
+    ("1 8", "18", False),  # a space is not in the class: two matches "1", "8"; the last is "8"
+    ("18/2", "18", False),  # "/" is not in the class: last match "2"
+    ("18%", "18", True),  # "%" is not in the match
+    ("(-18)", "18", True),  # the match "-18" loses its sign
+]
+
+
+@pytest.mark.parametrize("output, reference, expected", LM_EVAL_MGSM_DIRECT)
+def test_exact_scoring_is_lm_eval_mgsm_direct(output, reference, expected):
+    assert score_generative([output], [reference]) == [expected]
+    assert score_generative([output], [reference], "exact") == [expected]
+
+
+def test_exact_scoring_table_is_scored_in_one_batch():
+    outputs, references, expected = zip(*LM_EVAL_MGSM_DIRECT)
+    assert score_generative(list(outputs), list(references)) == list(expected)
+    assert len(LM_EVAL_MGSM_DIRECT) >= 20
+
+
+@pytest.mark.parametrize("text, expected", [("The answer is 18.", "18."), ("costs $1,000 now", "$1,000"),
+                                            ("It is 18. Done...", "..."), ("-7 degrees", "-7"), ("none", None)])
+def test_flexible_extract_returns_the_raw_last_match(text, expected):
+    assert flexible_extract(text) == expected
+    assert generative_prediction(text) == (expected or "")
+
+
+def test_exact_match_applies_every_setting_to_both_strings():
+    assert exact_match("18", "18.", regexes_to_ignore=[r"\.$"])  # the regex is removed from the reference too
+    assert not exact_match("18", "18.")
+    assert exact_match("#### 18", "18", regexes_to_ignore=[r"(?s).*#### "])
+    assert exact_match("ABC", "abc", ignore_case=True) and not exact_match("ABC", "abc")
+    assert exact_match("a-b.c", "abc", ignore_punctuation=True) and not exact_match("a-b.c", "abc", ignore_case=True)
+
+
+def test_numeric_scoring_keeps_the_old_leniency():
+    preds = ["The answer is 1,000.", "3.50", "18.0", "-3", "no idea", "17", "18 eggs, 3 eaten: 15", "$18", "0018", "3", "1.8"]
+    answers = ["1000", "3.5", "18", "-3", "5", "18", "18", "18", "18", "-3", "18"]
+    assert score_generative(preds, answers, "numeric") == [True, True, True, True, False, False, False, True, True, False, False]
+    # the rows where the two scorings differ: numbers equal as numbers, or strings equal without punctuation
+    assert score_generative(preds, answers) == [True, False, False, True, False, False, False, True, False, True, True]
+    assert generative_prediction("It was 18.0 dollars", "numeric") == "18"
+    assert generative_prediction("It was 18.0 dollars", "exact") == "18.0"
+
+
+def test_scoring_is_a_task_config_choice_defaulting_to_exact():
+    assert mgsm_task(MGSM).scoring == "exact"
+    assert set(get_args(TaskConfig.model_fields["scoring"].annotation)) == set(SCORINGS)
+    assert TaskConfig(name="m", format="generative_numeric", source="x", scoring="numeric").scoring == "numeric"
+    with pytest.raises(ValidationError):
+        TaskConfig(name="m", format="generative_numeric", source="x", scoring="loose")
 
 
 def test_score_generative_rejects_bad_input():
@@ -82,6 +159,8 @@ def test_score_generative_rejects_bad_input():
         score_generative(["1"], ["1", "2"])
     with pytest.raises(ValueError, match="not a number"):
         score_generative(["1"], ["one"])
+    with pytest.raises(ValueError, match="allowed: exact, numeric"):
+        score_generative(["1"], ["1"], "loose")
 
 
 # ------------------------------------------------------------------------------ multiple choice
@@ -256,7 +335,7 @@ def test_empty_question_and_missing_language_file(mgsm_copy):
 def test_relative_source_resolves_against_root(mgsm_copy):
     recs = load_examples(mgsm_task(mgsm_copy.name), "en", root=mgsm_copy.parent)
     assert len(recs) == 250 and recs[0]["id"] == "mgsm-0000"
-    with pytest.raises(TaskDataError, match="no folder"):
+    with pytest.raises(TaskDataError, match="no local folder"):
         load_examples(mgsm_task("./not-there"), "en", root=mgsm_copy)
 
 

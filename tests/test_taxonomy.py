@@ -19,7 +19,7 @@ from ramoe_ray.cli import main
 from ramoe_ray.config import ConfigError, config_from_dict
 from ramoe_ray.models import FAMILIES, capture
 from ramoe_ray.routing_stats import sequence_importance
-from ramoe_ray.tasks import build_prompt, extract_number, score_choices, score_generative
+from ramoe_ray.tasks import build_prompt, flexible_extract, generative_prediction, score_choices, score_generative
 
 MGSM = Path(__file__).parents[2] / "shared/data/mgsm"
 N_TEST = 12  # examples in the small world's test split (20 % of 60)
@@ -50,7 +50,7 @@ def reference_loop(model_path, examples, fmt, *, k, max_new_tokens, general=()):
             text = tok.decode(new, skip_special_tokens=True)
             for stop in ("\n", "Question:"):
                 text = text.split(stop)[0]
-            row.update(prediction=extract_number(text) or "", correct=score_generative([text], [ex["answer"]])[0])
+            row.update(prediction=generative_prediction(text), correct=score_generative([text], [ex["answer"]])[0])
         elif ex is not None:
             logp = logits[0, -1].log_softmax(-1)
             options = [tok(prompt + " " + option)["input_ids"][-1] for option in ex["choices"]]
@@ -204,6 +204,36 @@ def test_second_run_loads_the_artefact_and_runs_no_model(make_config, monkeypatc
     assert not hit and val != path and sum(forwards) == 5 * N_TEST
 
 
+def test_scoring_is_in_the_key_on_every_task_row_and_reaches_predict_batch(make_config, monkeypatch):
+    """TaskConfig.scoring: part of the taxonomy key (a numeric-scored cache is never read as exact),
+    carried by every task row, and passed by ``inference.predict_rows`` to ``predict_batch``."""
+    numeric_task = dict(name="arith", format="generative_numeric", source="synthetic-small:arith", scoring="numeric")
+    plans = {}
+    for scoring, cfg in (("exact", make_config(task="arith")), ("numeric", make_config(tasks=[numeric_task]))):
+        plans[scoring] = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["syn3"], "test", general=True)
+        assert plans[scoring].inputs["en"]["task"]["scoring"] == scoring
+    assert plans["exact"].keys["en"] != plans["numeric"].keys["en"]
+    category = make_config(task="category")
+    assert taxonomy.plan(category, category.models[0], category.tasks[0], ["syn3"], "test").inputs["en"]["task"]["scoring"] is None
+
+    rows = taxonomy.rows_frame(plans["numeric"], ["en"], True)
+    assert set(rows[rows.kind == "task"].scoring) == {"numeric"}
+    seen = []
+
+    def fake_batch(model, tok, batch, **kw):
+        seen.append((kw["fmt"], kw["scoring"], len(batch)))
+        return [{} for _ in batch]
+
+    monkeypatch.setattr(inference, "predict_batch", fake_batch)
+    records = rows.to_dict("records") + [dict(id="x", language="en", kind="task", fmt="generative_numeric", prompt="p",
+                                              answer="1")]  # no scoring field: the default
+    inference.predict_rows(None, None, records, k=2)
+    n_task, n_general = int((rows.kind == "task").sum()), int((rows.kind == "general").sum())
+    assert n_task > 0 and n_general > 0
+    assert sorted(seen, key=str) == sorted([("generative_numeric", "numeric", n_task), (None, "exact", n_general),
+                                            ("generative_numeric", "exact", 1)], key=str)
+
+
 def test_changed_model_file_misses_the_cache(make_config, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -257,9 +287,8 @@ def test_bad_inputs_are_refused_before_any_actor_starts(make_config, tmp_path, m
     _jsonl(tmp_path / "task" / "en.jsonl", rows)
     _jsonl(tmp_path / "task" / "de.jsonl", rows)
     task = [dict(name="tiny", format="generative_numeric", source=str(tmp_path / "task"))]
-    cfg = make_config(tasks=task, languages=["fr"])
-    with pytest.raises(ConfigError, match="no file for language 'fr'"):
-        taxonomy.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "fr", num_actors=2)
+    with pytest.raises(ConfigError, match="tasks.0.source = .*no file for language 'fr'"):
+        make_config(tasks=task, languages=["fr"])  # sources.check reads a local task's data
     cfg = make_config(tasks=task, languages=["de"])
     with pytest.raises(ConfigError, match="split 'validation' is empty"):
         taxonomy.run_taxonomy(cfg, cfg.models[0], cfg.tasks[0], "de", "validation", num_actors=2)
@@ -291,7 +320,7 @@ def test_real_mgsm_on_a_tiny_preset_with_a_trained_tokenizer(tmp_path):
     df = pd.read_parquet(path)
     assert not hit and len(df) == 2 * 50 and df.groupby("language").size().to_dict() == {"de": 50, "en": 50}
     assert set(df.category) <= set(taxonomy.CATEGORIES)
-    assert all(p == "" or extract_number(p) == p for p in df.prediction)
+    assert all(p == "" or flexible_extract(p) == p for p in df.prediction)
 
     p = taxonomy.plan(cfg, m, t, ["de"], "test")
     folder = Path(p.model_path)
