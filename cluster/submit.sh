@@ -118,12 +118,20 @@ command -v "$python" >/dev/null || die "$python not found: set PYTHON to a Pytho
 runtime_env=$(mktemp "${TMPDIR:-/tmp}/ramoe-runtime-env.XXXXXX")
 trap 'rm -f "$runtime_env"' EXIT
 chmod 600 "$runtime_env"
-"$python" - "$runtime_env" <<'PY'
+# the command that continues this sweep after a stop (the sweep prints it): the same settings, --resume
+resume_args=()
+for arg in ${sweep_args[@]+"${sweep_args[@]}"}; do
+    [[ "$arg" == --resume ]] || resume_args+=("$arg")
+done
+resume_command=$(printf '%q ' "RAY_ADDRESS=$RAY_ADDRESS" "MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI" \
+    "RAMOE_STORAGE=$RAMOE_STORAGE" "CONFIG=$config" cluster/submit.sh --resume ${resume_args[@]+"${resume_args[@]}"})
+RAMOE_RESUME_COMMAND=${resume_command% } "$python" - "$runtime_env" <<'PY'
 import json
 import os
 import sys
 
-env_vars = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+env_vars = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+            "RAMOE_RESUME_COMMAND": os.environ["RAMOE_RESUME_COMMAND"]}
 for name in ("HF_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
     if os.environ.get(name):
         env_vars[name] = os.environ[name]

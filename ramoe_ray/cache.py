@@ -11,11 +11,13 @@ on one filesystem); an artefact that exists is complete and is reused as is.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +26,15 @@ from typing import Any
 
 def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
     """Runs ``build(tmp_dir)`` and renames tmp_dir to ``final``; an existing ``final`` is returned
-    untouched. Losing a race to a concurrent builder of the same artefact is fine."""
+    untouched. Losing a race to a concurrent builder of the same artefact is fine. The temporary folder
+    is named after its writer (``.FINAL.PID@HOST.xxxx``): the leftovers of a writer killed hard are removed
+    on the next build of the same artefact (``remove_stale_temps``)."""
     final = Path(final)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}@{socket.gethostname()}."))
     try:
         build(tmp)
         os.replace(tmp, final)
@@ -38,6 +43,30 @@ def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
         if not final.is_dir():
             raise
     return final
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders of ``final`` whose writer, a process on this host, no longer runs;
+    returns them. A folder of a live process, or of another host (it cannot be checked from here), is
+    left alone."""
+    final = Path(final)
+    host, removed = socket.gethostname(), []
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*@*"):
+        pid, _, rest = tmp.name[len(final.name) + 2:].partition("@")
+        if tmp.is_dir() and pid.isdigit() and rest.rpartition(".")[0] == host and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

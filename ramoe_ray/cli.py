@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from ramoe_ray import evaluate, experts, report, sources, sweep, taxonomy, train
-from ramoe_ray.config import METHODS, ConfigError, RunConfig, band_label, load_config, parse_band, resolve_band, save_resolved
+from ramoe_ray.config import (
+    METHODS,
+    ConfigError,
+    RunConfig,
+    band_label,
+    load_config,
+    parse_band,
+    redact,
+    resolve_band,
+    save_resolved,
+)
 
 DEMO_CONFIG = "sweeps/demo.yaml"
 DEFAULT_CONFIGS = {"demo": DEMO_CONFIG}  # commands that have a config of their own
 
 
-def _load(args) -> RunConfig:
-    """The command's config, checked and resolved (sources.resolve: concrete paths, the synthetic world
-    and presets built on first use)."""
-    return sources.resolve(load_config(args.config, args.overrides))
+def _checked(args) -> tuple[RunConfig, dict]:
+    """The command's config and its models' shapes: every check that needs no build (sources.check)."""
+    cfg = load_config(args.config, args.overrides)
+    return cfg, sources.check(cfg)
+
+
+def _load(args, *, general: bool = False) -> RunConfig:
+    """The command's config, checked (``general``: also the English general text of the experts stage),
+    then resolved (sources.build: concrete paths, the synthetic world and presets built on first use)."""
+    cfg, _ = _checked(args)
+    if general:
+        sources.check_general_text(cfg)
+    return sources.build(cfg)
 
 
 def _print_plan(cfg: RunConfig, shapes: dict) -> None:
@@ -42,16 +64,34 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def resume_command(args) -> str:
+    """The exact command that continues this sweep: its config, --resume and every override as given
+    (a dropped override can name another sweep); under cluster/submit.sh, the submit command it exports."""
+    submitted = os.environ.get("RAMOE_RESUME_COMMAND")
+    if submitted:
+        return submitted
+    if args.command == "demo":
+        head = ["ramoe", "demo"] + ([args.config] if args.config != DEMO_CONFIG else [])
+    else:
+        head = ["ramoe", "sweep", args.config]
+    return shlex.join([*head, "--resume", *args.overrides])
+
+
 def cmd_sweep(args) -> int:
     """Stages 1-2 per cell, then Ray Tune over cells x methods x knobs, every trial an MLflow child run,
     selection on validation, test for the selected; then the report (ramoe_ray/sweep.py, report.py)."""
     cfg = load_config(args.config, args.overrides)
-    res = sweep.run_sweep(cfg, resume=args.resume)
+    hint = resume_command(args)
+    try:
+        res = sweep.run_sweep(cfg, resume=args.resume, resume_hint=hint)
+    except KeyboardInterrupt:  # stopped outside Ray Tune's own handling (the parent is marked KILLED)
+        print(f"\ninterrupted: continue with `{hint}`", file=sys.stderr)
+        return 130
     print(f"\nsweep {cfg.name!r}: {res['finished']} of {res['trials']} trials finished ({res['failed']} failed this run), "
           f"{res['seconds']:.0f} s; stage 1 computed for {res['stage1_computed']} cells, recomputed in trials "
           f"{res['stage12_recomputed_in_trials']} times")
     if res.get("interrupted"):
-        print(f"interrupted: continue with `ramoe sweep {args.config} --resume`")
+        print(f"interrupted: continue with `{hint}`")
         return 130
     rep = report.build_report(cfg, sweep_run_id=res["parent_run_id"])
     print()
@@ -107,7 +147,7 @@ def cmd_taxonomy(args) -> int:
 
 def cmd_experts(args) -> int:
     """Stage 2 for every cell x band x top_k of the config (running stage 1 where it is missing)."""
-    cfg = _load(args)
+    cfg = _load(args, general=True)
     rows = []
     for p in _plans(cfg, args.split, general=True):
         cells, (general, _) = taxonomy.execute(p, batch_size=args.batch_size)
@@ -157,14 +197,43 @@ def _cell_args(cfg, args):
     return model, task
 
 
-def cmd_train(args) -> int:
-    """Stage 3 for one cell and one method (runs stages 1-2 where missing); prints the final metrics."""
-    band = _parse_band(args.band)  # the arguments first: resolving may build the synthetic world
-    cfg = _load(args)
+def _check_cell_knobs(shape, name: str, band, top_k: int | None) -> None:
+    """--band and --top-k against the cell's model (the config's own knobs: sources.check)."""
+    if top_k is not None and top_k > shape.num_experts:
+        raise ConfigError(f"--top-k {top_k}: larger than the {shape.num_experts} experts of model {name!r}; "
+                          f"allowed: 1..{shape.num_experts}")
+    if band is not None:
+        resolve_band(band, shape, f"--band (on model {name!r})")
+
+
+def _train_language(cfg: RunConfig, language: str | None) -> str:
+    if language is None and len(cfg.languages) > 1:
+        raise ConfigError(f"--language is required: the config has {len(cfg.languages)} ({', '.join(cfg.languages)})")
+    if language is not None and language not in cfg.languages:
+        raise ConfigError(f"--language {language!r} is not in the config; choose one of {', '.join(cfg.languages)}")
+    return language or cfg.languages[0]
+
+
+def _check_train_args(args, cfg: RunConfig, shapes: dict):
+    """Every argument of `ramoe train` against the checked, unbuilt config: (model, task, language, band)."""
+    band = _parse_band(args.band)
     model, task = _cell_args(cfg, args)
-    language = args.language or (cfg.languages[0] if len(cfg.languages) == 1 else None)
-    if language is None or language not in cfg.languages:
-        raise ConfigError(f"--language: one of the config's languages {cfg.languages}")
+    language = _train_language(cfg, args.language)
+    _check_cell_knobs(shapes[model.name], model.name, band, args.top_k)
+    if args.resume_from is not None and not Path(args.resume_from).is_dir():
+        raise ConfigError(f"--resume-from {args.resume_from!r}: not a folder; give a checkpoint folder of this training")
+    sources.check_folder("--run-dir", args.run_dir)
+    sources.check_general_text(cfg)  # stage 2 runs first
+    return model, task, language, band
+
+
+def cmd_train(args) -> int:
+    """Stage 3 for one cell and one method (runs stages 1-2 where missing); prints the final metrics. Every
+    check runs before anything is built (sources.build) or written (the resolved config included)."""
+    cfg, shapes = _checked(args)
+    model, task, language, band = _check_train_args(args, cfg, shapes)
+    cfg = sources.build(cfg)
+    model, task = _cell_args(cfg, args)  # the resolved ones
     save_resolved(cfg, cfg.run_dir)
     res = train.train_cell(cfg, model, task, language, method=args.method, lam=args.lam, band=band,
                            top_k=args.top_k, run_dir=args.run_dir, num_workers=args.workers, resume_from=args.resume_from)
@@ -174,19 +243,34 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    """Stage 4 for one cell and one method: base model, --adapter, or --method steering."""
+def _check_evaluate_args(args, cfg: RunConfig, shapes: dict):
+    """Every argument of `ramoe evaluate` against the checked, unbuilt config: (languages, band)."""
     band = _parse_band(args.band)
-    cfg = _load(args)
-    model, task = _cell_args(cfg, args)
+    model, _ = _cell_args(cfg, args)
     languages = args.language or list(cfg.languages)
     bad = [l for l in languages if l not in cfg.languages]
     if bad:
         raise ConfigError(f"--language {bad}: not in the config's languages {cfg.languages}")
+    if args.adapter is not None and args.method == "steering":
+        raise ConfigError("--adapter and --method steering exclude each other")
+    if args.adapter is not None and not (args.adapter and Path(args.adapter).is_dir()):
+        raise ConfigError(f"--adapter {args.adapter!r}: not a folder; give the adapter/ folder `ramoe train` wrote")
+    _check_cell_knobs(shapes[model.name], model.name, band, args.top_k)
+    sources.check_folder("--out-dir", args.out_dir)
+    if args.method == "steering":
+        sources.check_general_text(cfg)  # steering runs stages 1-2
+    return languages, band
+
+
+def cmd_evaluate(args) -> int:
+    """Stage 4 for one cell and one method: base model, --adapter, or --method steering. Every check runs
+    before anything is built (sources.build)."""
+    cfg, shapes = _checked(args)
+    languages, band = _check_evaluate_args(args, cfg, shapes)
+    cfg = sources.build(cfg)
+    model, task = _cell_args(cfg, args)
     steering = None
     if args.method == "steering":
-        if args.adapter:
-            raise ConfigError("--adapter and --method steering exclude each other")
         steering = train.train_cell(cfg, model, task, languages[0], method="steering", band=band,
                                     top_k=args.top_k)["steering"]
         if args.strength is not None:
@@ -208,9 +292,38 @@ def cmd_report(args) -> int:
     and the PNGs, logs them to the sweep's parent run, prints the markdown."""
     cfg = load_config(args.config, args.overrides)  # model shapes are not needed: everything comes from MLflow
     res = report.build_report(cfg, sweep_run_id=args.sweep, out_dir=args.out)
+    state, said = res["sweep"]["driver"]
+    if state in ("stopped", "unknown"):
+        print(f"note: {said}", file=sys.stderr)
     print(res["markdown"], end="")
     print(f"\nreport: {res['paths']['markdown']} (logged to run {res['sweep']['run_id']} under report/)")
     return 0
+
+
+def _at_least(least: int):
+    """An argparse type: a whole number >= ``least``."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: allowed {least} or more")
+        return value
+    return count
+
+
+def _finite(least: float | None = None):
+    """An argparse type: a finite number (>= ``least`` when given)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or (least is not None and value < least):
+            raise argparse.ArgumentTypeError(f"{text}: allowed a finite number" + (f" >= {least:g}" if least is not None else ""))
+        return value
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,17 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         with_config(sp)
         sp.add_argument("--split", default="train", choices=["train", "validation", "test"])
-        sp.add_argument("--batch-size", type=int, default=None, help="examples per forward (default 8)")
+        sp.add_argument("--batch-size", type=_at_least(1), default=None, help="examples per forward (default 8)")
     sp = sub.add_parser("train", help="stage 3: train one cell with one method (sft, rise, ramoe; steering trains nothing)")
     with_config(sp)
     sp.add_argument("--model", help="model name (default: the config's only model)")
     sp.add_argument("--task", help="task name (default: the config's only task)")
     sp.add_argument("--language", help="target language (default: the config's only language)")
     sp.add_argument("--method", required=True, choices=list(METHODS))
-    sp.add_argument("--lam", type=float, default=None, help="alignment weight λ (ramoe; default knobs.lambdas[0])")
+    sp.add_argument("--lam", type=_finite(0), default=None, help="alignment weight λ (ramoe; default knobs.lambdas[0])")
     sp.add_argument("--band", default=None, help="START-END fractions of depth or auto (default knobs.bands[0])")
-    sp.add_argument("--top-k", type=int, default=None, help="task experts per band layer (default knobs.top_k[0])")
-    sp.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: local mode, in this process)")
+    sp.add_argument("--top-k", type=_at_least(1), default=None, help="task experts per band layer (default knobs.top_k[0])")
+    sp.add_argument("--workers", type=_at_least(0), default=None, help="Ray Train workers (0: local mode, in this process)")
     sp.add_argument("--run-dir", default=None, help="output folder (default OUTPUT_DIR/NAME/train/<cell-method>)")
     sp.add_argument("--resume-from", default=None, help="a checkpoint folder of the same model and configuration")
     sp = sub.add_parser("evaluate", help="stage 4: accuracy per language and divergence per layer for one method")
@@ -258,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default="base", choices=["base", "steering"], help="use --adapter for trained methods")
     sp.add_argument("--adapter", default=None, help="adapter folder written by `ramoe train`")
     sp.add_argument("--band", default=None)
-    sp.add_argument("--top-k", type=int, default=None)
-    sp.add_argument("--strength", type=float, default=None, help="steering strength (default steering.strengths[0])")
+    sp.add_argument("--top-k", type=_at_least(1), default=None)
+    sp.add_argument("--strength", type=_finite(), default=None, help="steering strength (default steering.strengths[0])")
     sp.add_argument("--split", default="test", choices=["train", "validation", "test"])
     sp.add_argument("--out-dir", default=None)
     sp = sub.add_parser("report", help="comparison tables and figures of a sweep, read from MLflow")
@@ -291,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,7 +46,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # nan and inf refused everywhere
 
 
 def safe_name(v: str) -> str:
@@ -80,6 +81,11 @@ class TaskConfig(_Strict):
         default="letters",
         description="multiple choice: score the letters (lm-eval's global_mmlu/belebele) or the option texts "
         "(ARC-style); synthetic-world tasks default to texts (sources.resolve; see tasks.choice_continuations)",
+    )
+    scoring: Literal["exact", "numeric"] = Field(
+        default="exact",
+        description="generative: 'exact' = lm-eval's mgsm_direct (flexible-extract, then exact_match ignoring case "
+        "and punctuation: '18.0' != '18'); 'numeric' = equal numbers ('18.0' = '18'); see tasks.score_generative",
     )
     general_source: str | None = Field(
         default=None,
@@ -209,8 +215,47 @@ class SteeringConfig(_Strict):
     strengths: list[float] = Field(default=[2.0], min_length=1, description="added to task experts' router logits")
 
 
+RISE_DEFAULT_PERCENT = 2  # default K: 2 % of the routed experts (RISE: K = 128 of Qwen3-30B-A3B's 48 x 128 = 6,144)
+
+
 class RiseConfig(_Strict):
-    budget: int = Field(default=8, ge=1, description="experts adapted per model, split over depth zones")
+    """The RISE baseline (arXiv 2604.03592, github.com/init-neok/rise), docs/architecture.md "The methods"."""
+
+    budget: int | None = Field(
+        default=None, ge=1,
+        description="K, the (layer, expert) pairs RISE trains, split over its depth zones; default: "
+        "ceil(2 % of the model's routed experts) (at least 1), resolved per model (RiseConfig.budget_for)",
+    )
+    alpha: float = Field(default=10.0, ge=0, description="α of RISE's composite scores Spec = S (1 + α a_target), "
+                         "Ovlp = O (1 + α ā) (RISE's default 10)")
+    languages: Literal["all", "pair"] = Field(
+        default="all",
+        description="the languages RISE's mean ā and CV run over: 'all' = English + every target language of the "
+        "config (one cell's selection then depends on the sweep's other languages), 'pair' = English + the "
+        "target (RISE's run_rise.sh default)",
+    )
+    train: Literal["full", "lora"] = Field(
+        default="full",
+        description="'full' = the selected experts' full weights train, as RISE does (a full-rank delta on each); "
+        "'lora' = expert LoRA masked to them, reported as RISE-LoRA",
+    )
+
+    def budget_for(self, routed_experts: int) -> int:
+        """K on a model with ``routed_experts`` (MoE layers × experts per layer) pairs: ``budget``, or by
+        default ceil(2 % of them), at least 1 (ceil(0.02 · 1,024) = 21 for OLMoE, 123 for Qwen3-30B-A3B)."""
+        if self.budget is not None:
+            return self.budget
+        return max(1, -(-RISE_DEFAULT_PERCENT * routed_experts // 100))
+
+
+METHOD_LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE"}
+
+
+def method_label(method: str, cfg: Any) -> str:
+    """A method's name in tables and figures: RISE trained with LoRA (``rise.train: lora``) is "RISE-LoRA"."""
+    if method == "rise" and cfg.rise.train == "lora":
+        return "RISE-LoRA"
+    return METHOD_LABELS[method]
 
 
 class TrainingConfig(_Strict):
@@ -219,7 +264,12 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(default=8, ge=1, description="per worker")
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
-    seed: int = 0
+    seeds: list[int] = Field(
+        default=[0], min_length=1,
+        description="training seeds. The first seeds the data split (the same for every seed: paired statistics) and "
+        "the grid search; each cell x method's selected configuration is then retrained with the others and "
+        "evaluated on test (steering has no seed)",
+    )
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (default: all epochs)")
     log_every: int = Field(
         default=10, ge=1,
@@ -234,6 +284,18 @@ class TrainingConfig(_Strict):
         description="batch size of the no-grad passes (English targets, routing KL, train CE inside training; the "
         "evaluator's predictor); results do not depend on it",
     )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} has duplicates; each seed is one more run of the selected configurations")
+        return v
+
+    @property
+    def seed(self) -> int:
+        """The first seed: the data split's, and the grid search's training seed."""
+        return self.seeds[0]
 
 
 class ResourcesConfig(_Strict):
@@ -278,8 +340,29 @@ class SweepConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: str | None = Field(default=None, description="default: sqlite database in the run folder")
+    mlflow_uri: str | None = Field(default=None, description="default: sqlite database in the run folder. "
+                                   "Credentials in it (user:password@) are moved to MLflow's own environment "
+                                   "variables and never stored or shown; better, set those variables yourself")
     experiment: str = "ramoe"
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _credentials_to_environment(cls, v: str | None) -> str | None:
+        return uri_without_credentials(v) if v is not None else v
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_scheme(uri: str) -> str:
+    """The scheme of an MLflow tracking URI ('mysql' of 'mysql+pymysql://...'), or ConfigError naming the
+    field, the URI and the allowed schemes. Only the text: ``sweep.check_tracking`` checks the rest."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking.mlflow_uri = {uri!r}: not a database or server URI; allowed: sqlite:///PATH, "
+                          f"http(s)://HOST:PORT (a tracking server), postgresql://, mysql://, databricks "
+                          f"(MLflow 3 refuses the plain file store)")
+    return scheme
 
 
 class RunConfig(_Strict):
@@ -305,8 +388,9 @@ class RunConfig(_Strict):
         for code in v:
             if code == "en":
                 raise ValueError("'en' is the source language; list only target languages")
-        if len(set(v)) != len(v):
-            raise ValueError(f"languages {v} has duplicates")
+        dup = sorted({code for code in v if v.count(code) > 1})
+        if dup:
+            raise ValueError(f"{', '.join(map(repr, dup))} listed more than once; list each target language once")
         return v
 
     @model_validator(mode="after")
@@ -326,6 +410,80 @@ class RunConfig(_Strict):
         if self.tracking.mlflow_uri:
             return self.tracking.mlflow_uri
         return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&][^=&#\s]*(?:token|passw|secret|api[_-]?key|auth)[^=&#\s]*=)[^&#\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ***: user:password@ and the values
+    of query parameters named like a token, password, secret, API key or auth."""
+    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", text))
+
+
+def uri_without_credentials(uri: str) -> str:
+    """A tracking URI without its credentials: user:password@ moves to MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD in this process's environment (MLflow reads them there; nothing stores or
+    prints them). A secret in the query is refused: MLflow has no variable to move it to."""
+    if _SECRET_QUERY.search(uri):
+        raise ValueError(f"{redact(uri)}: a secret in the URI's query would be logged with it; set "
+                         "MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) instead")
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(user)
+    if colon:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(password)
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+# The only config fields left out of a result's identity (a sweep's resume check, a training's run folder):
+# where it runs and where it logs. Every other field can change a result.
+NON_RESULT: dict[str, str] = {
+    "name": "the run's label (a sweep is found by it)",
+    "tracking": "where results are logged",
+    "output_dir": "where run folders are written",
+    "cache_dir": "where stage artefacts are kept (each is keyed by the content hash of its inputs)",
+    "sweep.max_concurrent_trials": "how many trials run at once",
+    "sweep.trial_cpus": "the CPUs of a trial's own process",
+    "sweep.storage_path": "where Ray Tune keeps the trial folders",
+    "resources.cpus_per_worker": "the CPUs of a worker",
+    "resources.inference_actors": "how many inference actors share the rows",
+    "training.eval_batch_size": "rows per no-grad batch (batched generation equals per-row decoding: "
+                                "tests/test_taxonomy.py)",
+    "training.checkpoint_every": "how often a checkpoint is written (a resume from it is exact)",
+    "training.max_failures": "how many worker-group restarts are allowed (a restart resumes exactly)",
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other values stay as they are."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def result_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The config's fields that can change a result, flat (``flatten``): everything but ``NON_RESULT``."""
+    flat = flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NON_RESULT)}
+
+
+def differing_keys(old: dict, new: dict) -> str:
+    """The keys whose values differ between two flat dicts, as 'key: old -> new; ...' ('' if none)."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -379,7 +537,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {loc}: missing (required)")
         else:
             lines.append(f"  {loc} = {value!r}: {msg}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))  # a value may be a whole section, tracking's URI included
 
 
 def config_from_dict(data: Any, source: str = "<dict>") -> RunConfig:
@@ -407,15 +565,52 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# yaml's words for the usual slips, said plainly (the fault's line comes first in the message)
+_YAML_HINTS = {
+    "expected <block end>": "this line is indented differently from the keys above it (keys of one section line up)",
+    "mapping values are not allowed here": "a 'key:' where no key can start (mis-indented, or an unquoted ':' in a value)",
+}
+
+
+def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
+    """The fault's own line and column first (yaml's problem_mark), then the block it broke (context_mark),
+    and the line itself with a caret."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return ConfigError(f"config file {str(p)!r} is not valid YAML: {e}")
+    problem = str(getattr(e, "problem", "") or e)
+    hint = next((h for k, h in _YAML_HINTS.items() if problem.startswith(k)), None)
+    msg = f"config file {str(p)!r} is not valid YAML: line {mark.line + 1}, column {mark.column + 1}: " + (
+        f"{hint} (YAML: {problem})" if hint else problem)
+    context = getattr(e, "context_mark", None)
+    if context is not None and e.context:
+        msg += f"; {e.context} that starts on line {context.line + 1}"
+    snippet = mark.get_snippet() if mark.buffer else None
+    return ConfigError(msg + (f"\n{snippet}" if snippet else ""))
+
+
+def _read_yaml(p: Path) -> Any:
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a folder; give a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a YAML config. Writes nothing."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    data = _read_yaml(p)
     if data is None:
         raise ConfigError(f"config file {str(p)!r} is empty")
     if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ramoe_ray.cache import content_key
-from ramoe_ray.config import BandSpec, RunConfig, band_json, band_label, parse_band
+from ramoe_ray.config import BandSpec, RunConfig, band_json, band_label, parse_band, result_fields
 
 TRIAL_JSON = "trial.json"  # a trial folder's record (written by the trial, logged and read back by the sweep)
 TRIAL_FIGURE = "trial.png"
@@ -24,8 +24,11 @@ RULES: dict[str, str] = {
              "strengths x bands x top_k"),
     "selection": ("per (model, task, language, method): the finished trial with the highest validation accuracy "
                   "in the target language; ties go to the earlier trial in grid order"),
-    "test": "only the selected trial of each (cell, method) is evaluated on the test split",
+    "test": "only the selected trial of each (cell, method) and its replicates are evaluated on the test split",
     "stages_1_2": "train split, computed once per cell in the driver before any trial; trials read the cache",
+    "seeds": ("the grid is searched at training.seeds[0] (which also fixes the data split); the selected "
+              "configuration of each (cell, trained method) is then retrained with every other seed (a replicate, "
+              "tagged ramoe.replicate_of) and evaluated on test with it; steering has no seed"),
 }
 SELECT_METRIC = "val_acc"
 
@@ -43,6 +46,8 @@ class Trial:
     band: Any
     top_k: int
     strength: float | None
+    seed: int | None = None  # the training seed; None for steering (nothing is trained)
+    replicate_of: str = ""  # a replicate: the key of the selected trial it retrains with another seed
     index: int = -1
     key: str = ""
     dir: str = ""
@@ -60,6 +65,8 @@ class Trial:
 
 def trial_key(t: Trial) -> str:
     """Readable, unique and stable name of a trial (the resume record)."""
+    if t.replicate_of:
+        return f"{t.replicate_of}/seed={t.seed}"
     head = f"{t.model}/{t.task}/{t.language}/{t.method}"
     if t.method == "ramoe":
         return f"{head}/lam={t.lam:g}/band={t.band_label()}/top_k={t.top_k}"
@@ -88,18 +95,37 @@ def trials(cfg: RunConfig) -> list[Trial]:
             for lang in cfg.languages:
                 for method in cfg.methods:
                     for knobs in _knob_settings(cfg, method):
+                        seed = None if method == "steering" else cfg.training.seed
                         draft = Trial(model=m.name, task=t.name, language=lang, method=method, index=len(out),
-                                      **knobs)
-                        key = trial_key(draft)
-                        folder = hashlib.sha256(key.encode()).hexdigest()[:16]
-                        out.append(dataclasses.replace(draft, key=key, dir=folder))
+                                      seed=seed, **knobs)
+                        out.append(_named(draft))
     return out
 
 
+def _named(draft: Trial) -> Trial:
+    key = trial_key(draft)
+    return dataclasses.replace(draft, key=key, dir=hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def replicates(cfg: RunConfig, selected: list[Trial], start: int) -> list[Trial]:
+    """The selected trials of trained methods again with each other seed (``RULES["seeds"]``), numbered
+    from ``start`` in the order given."""
+    out: list[Trial] = []
+    for t in selected:
+        if t.method == "steering":
+            continue
+        for seed in cfg.training.seeds[1:]:
+            out.append(_named(dataclasses.replace(t, seed=seed, replicate_of=t.key, index=start + len(out))))
+    return out
+
+
+def n_replicates(cfg: RunConfig) -> int:
+    """How many replicates a finished grid adds: one per (cell, trained method) and extra seed."""
+    trained = sum(m != "steering" for m in cfg.methods)
+    return len(cfg.models) * len(cfg.tasks) * len(cfg.languages) * trained * (len(cfg.training.seeds) - 1)
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """What must not change between a sweep and its resume (everything but where it runs / logs)."""
-    d = cfg.model_dump(mode="json")
-    for k in ("resources", "sweep", "tracking", "output_dir", "cache_dir"):
-        d.pop(k, None)
-    d.get("training", {}).pop("eval_batch_size", None)
-    return content_key(d, 16)
+    """What must not change between a sweep and its resume: every field that can change a result
+    (``config.result_fields``; only ``config.NON_RESULT`` is left out)."""
+    return content_key(result_fields(cfg), 16)

@@ -5,17 +5,23 @@ A config names its models and tasks by reference:
 | reference | model path | task source |
 |---|---|---|
 | hub id (``owner/name``) | kept: ``from_pretrained`` downloads it | kept: ``datasets`` streams it |
-| local folder (relative to the config's folder or absolute) | made absolute | made absolute |
+| local folder (relative to the current folder, or absolute) | made absolute | made absolute |
 | ``preset:FAMILY`` | a tiny random model with a BPE tokenizer trained on the config's task texts, built into the cache | — |
 | ``synthetic:NAME`` (``synthetic-small:``) | the world's pretrained model, built into the cache | the world's task folder (*) |
 
 (*) with the world's general text and its multiple-choice mode ``choices: texts`` unless the config sets them.
 
+A reference that is a local folder is one. A missing one that looks like a path (``tasks.local_only``:
+it starts with ``./``, ``../``, ``/`` or ``~``, is not of the form owner/name, or its parent folder exists,
+as ``data/mgsm`` with a folder ``data``) is refused as "no local folder", with no hub lookup; any other
+is a hub id, and when the hub does not have it either the error names both readings.
+
 This module is the only one that knows these schemes: config.py, models.py, tasks.py and the stages see
 only resolved configs. Two entries:
 
 - ``check(cfg) -> {model name: MoEShape}``: every check that needs no model built or data downloaded —
-  known family and language, the references' syntax, each model's shape from its config alone (a preset's
+  known family and language, the references' syntax, the tracking URI's scheme, every local task folder's
+  data (parallel, in English and every language), each model's shape from its config alone (a preset's
   from its family's tiny config, a synthetic model's from the world's spec), and what depends on the shape
   (top-k, bands, the RISE budget). ``ramoe validate`` runs exactly this; ``resolve`` runs it first.
 - ``resolve(cfg) -> RunConfig``: the same config with every reference concrete and every local path
@@ -31,9 +37,9 @@ from typing import Any
 
 from ramoe_ray import synthetic
 from ramoe_ray.cache import atomic_dir, content_key
-from ramoe_ray.config import LANGUAGES, ConfigError, ModelConfig, RunConfig, TaskConfig, resolve_band
+from ramoe_ray.config import LANGUAGES, ConfigError, ModelConfig, RunConfig, TaskConfig, check_tracking_scheme, resolve_band
 from ramoe_ray.models import FAMILIES, MoEShape, build_tiny, checked_shape, tiny_config
-from ramoe_ray.tasks import TaskDataError, build_prompt, load_parallel, locate
+from ramoe_ray.tasks import TaskDataError, build_prompt, hub_reason, load_parallel, local_only, locate
 from ramoe_ray.tokenizer import train_tokenizer
 
 PRESET = "preset:"  # model path scheme of the tiny presets: "preset:olmoe"
@@ -110,13 +116,45 @@ def model_hf_config(model_cfg: ModelConfig):
     )
 
 
-def model_shape(i: int, model_cfg: ModelConfig) -> MoEShape:
+def _local_path(ref: str, base: Path) -> Path:
+    p = Path(ref).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def model_folder(i: int, m: ModelConfig, base: Path) -> Path | None:
+    """The local folder (absolute) a model path names; None for a hub id or a scheme. ConfigError, with no
+    hub lookup, for a path-like reference (``tasks.local_only``) that is not a folder, and for a folder
+    without config.json (its tokenizer is checked by ``resolve_model``)."""
+    if preset_family(m.path) is not None or synthetic.parse_scheme(m.path) is not None:
+        return None
+    p = _local_path(m.path, base)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"models.{i}.path = {m.path!r}: the folder {str(p)!r} has no config.json (a model "
+                              "folder holds what save_pretrained writes: config.json, the weights, the tokenizer)")
+        return p.resolve()
+    if p.exists() or local_only(m.path, base):
+        what = "is a file, not a folder" if p.exists() else "does not exist"
+        raise ConfigError(f"models.{i}.path = {m.path!r}: no local folder {str(p)!r} ({what})")
+    return None
+
+
+def model_shape(i: int, model_cfg: ModelConfig, base: Path | None = None) -> MoEShape:
     """The shape from the config alone, checked against the configured family (dense and unsupported
-    models are refused here)."""
+    models are refused here). A reference that is neither a local folder nor on the hub names both readings."""
+    base = Path(base or Path.cwd())
+    folder = model_folder(i, model_cfg, base)
+    m = model_cfg if folder is None else model_cfg.model_copy(update={"path": str(folder)})
+    hub = folder is None and preset_family(m.path) is None and synthetic.parse_scheme(m.path) is None
     try:
-        return checked_shape(model_cfg, model_hf_config(model_cfg))
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"models.{i} ({model_cfg.name}): {e}") from None
+        return checked_shape(m, model_hf_config(m))
+    except OSError as e:
+        if hub:
+            raise ConfigError(f"models.{i}.path = {m.path!r}: no local folder {str(_local_path(m.path, base))!r}; "
+                              f"as a hub id: {hub_reason(e)}") from None
+        raise ConfigError(f"models.{i} ({m.name}): {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"models.{i} ({m.name}): {e}") from None
 
 
 def check_knobs(cfg: RunConfig, name: str, shape: MoEShape) -> None:
@@ -128,31 +166,68 @@ def check_knobs(cfg: RunConfig, name: str, shape: MoEShape) -> None:
     for j, band in enumerate(cfg.knobs.bands):
         resolve_band(band, shape, f"knobs.bands.{j} (on model {name!r})")
     cap = len(shape.moe_layers) * shape.num_experts
-    if cfg.rise.budget > cap:
+    if cfg.rise.budget_for(cap) > cap:  # the default (2 % of cap) always fits
         raise ConfigError(f"rise.budget = {cfg.rise.budget}: larger than the {cap} (layer, expert) pairs of "
                           f"model {name!r}; allowed: 1..{cap}")
+
+
+def check_folder(field: str, value: str | os.PathLike | None) -> None:
+    """``value`` (of the config field or option ``field``) is a folder, or can be made: no file on its path."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"lies under the file {str(blocker)!r}"
+        raise ConfigError(f"{field} = {str(value)!r}: {what}; give a folder (it is created if missing)")
 
 
 def check_folders(cfg: RunConfig) -> None:
     """cache_dir, output_dir and sweep.storage_path are folders, or can be made: no file on their path."""
     for field, value in (("cache_dir", cfg.cache_dir), ("output_dir", cfg.output_dir),
                          ("sweep.storage_path", cfg.sweep.storage_path)):
-        if value is None:
+        check_folder(field, value)
+
+
+def check_tasks(cfg: RunConfig, base: Path) -> None:
+    """Every local task source is a folder holding parallel data for English and each language of the
+    config (``tasks.load_parallel``). Hub sources are read when used (no download here), synthetic ones
+    once the world is built."""
+    for i, t in enumerate(cfg.tasks):
+        if synthetic.parse_scheme(t.source) is not None:
             continue
-        path = Path(value).expanduser()
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            what = "is a file" if blocker == path else f"lies under the file {str(blocker)!r}"
-            raise ConfigError(f"{field} = {value!r}: {what}; give a folder (it is created if missing)")
+        try:
+            if locate(t.source, base)[0] == "local":
+                load_parallel(t, cfg.languages, root=base)
+        except (TaskDataError, OSError) as e:
+            raise ConfigError(f"tasks.{i}.source = {t.source!r}: {e}") from None
 
 
-def check(cfg: RunConfig) -> dict[str, MoEShape]:
-    """Every check that needs no build or download (module docstring); returns the models' shapes."""
+def check_general_text(cfg: RunConfig, base: str | os.PathLike | None = None) -> None:
+    """Every task has English general text, as the experts stage (``ramoe experts``, ``train``, the sweep)
+    needs: a synthetic-world task the world's, any other its ``general_source``, a file here."""
+    base = Path(base or Path.cwd())
+    for i, t in enumerate(cfg.tasks):
+        if t.general_source is None and synthetic.parse_scheme(t.source) is None:
+            raise ConfigError(f"tasks.{i}.general_source: not set; the experts stage contrasts task routing with "
+                              "English general text: give a local .jsonl (one {\"text\": ...} per line) or .txt "
+                              "(one document per line)")
+        if t.general_source is not None and not _local_path(t.general_source, base).is_file():
+            raise ConfigError(f"tasks.{i}.general_source = {t.general_source!r}: no file "
+                              f"{str(_local_path(t.general_source, base))!r}")
+
+
+def check(cfg: RunConfig, base: str | os.PathLike | None = None) -> dict[str, MoEShape]:
+    """Every check that needs no build or download (module docstring); returns the models' shapes.
+    ``base``: the folder relative paths are read from (default: the current one)."""
+    base = Path(base or Path.cwd())
     check_folders(cfg)
+    check_tracking_scheme(cfg.mlflow_uri)
     check_references(cfg)
+    check_tasks(cfg, base)
     shapes = {}
     for i, m in enumerate(cfg.models):
-        shapes[m.name] = model_shape(i, m)
+        shapes[m.name] = model_shape(i, m, base)
         check_knobs(cfg, m.name, shapes[m.name])
     return shapes
 
@@ -238,7 +313,7 @@ def resolve_model(i: int, m: ModelConfig, base: Path, cfg: RunConfig) -> ModelCo
 def resolve(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
     """The config with every reference concrete (module docstring); ``base`` is the folder relative
     paths are read from (default: the current one). Checks first (``check``), then builds what is missing."""
-    check(cfg)
+    check(cfg, base)
     return build(cfg, base)
 
 

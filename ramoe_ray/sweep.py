@@ -30,21 +30,21 @@ The report (``ramoe report``, report.py) reads only MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ramoe_ray import experts, grid, losses, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
-from ramoe_ray.config import ConfigError, RunConfig, band_json
+from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, check_tracking_scheme, differing_keys, result_fields
 from ramoe_ray.grid import SELECT_METRIC, Trial
-
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-
 
 # ---------------------------------------------------------------------------------------------- checks
 
@@ -81,12 +81,7 @@ def _probe_server(uri: str) -> None:
 def check_tracking(cfg: RunConfig) -> str:
     """The MLflow URI is usable (an unreachable server fails here, in seconds); returns it."""
     uri = cfg.mlflow_uri
-    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise ConfigError(f"tracking.mlflow_uri = {uri!r}: not a database or server URI; allowed: sqlite:///PATH, "
-                          f"http(s)://HOST:PORT (a tracking server), postgresql://, mysql://, databricks "
-                          f"(MLflow 3 refuses the plain file store)")
-    if scheme == "sqlite":
+    if check_tracking_scheme(uri) == "sqlite":
         _check_sqlite(uri)
     else:
         _probe_server(uri)
@@ -114,6 +109,7 @@ def plan_sweep(cfg: RunConfig) -> SweepPlan:
         raise ConfigError("the sweep's grid is empty: methods x knobs give no trial")
     uri = check_tracking(cfg)
     shapes = sources.check(cfg)
+    sources.check_general_text(cfg)  # the sweep's stage 2 needs it: refused before the world is built
     cfg = sources.build(cfg)  # concrete local paths: trials run in their own folders
     # stage 1's plan of every (model, task): checks the data of every cell and the tokenizer; run_stages runs them
     plans = [taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True) for m in cfg.models for t in cfg.tasks]
@@ -225,16 +221,24 @@ def _open_experiment(cfg: RunConfig, uri: str):
     return client, tracking.experiment_id(client, cfg.tracking.experiment, artifacts)
 
 
-def _resumed_parent(client, exp_id: str, cfg: RunConfig, uri: str) -> str:
-    """--resume: the newest sweep of this name, begun with the same config."""
+def _resumed_parent(client, exp_id: str, cfg: RunConfig, uri: str, log=print) -> str:
+    """--resume: the newest sweep of this name, begun with the same settings, whose driver is not running."""
     parent_id = tracking.find_parent(client, exp_id, cfg.name)
     if parent_id is None:
         raise ConfigError(f"--resume: no sweep named {cfg.name!r} in experiment {cfg.tracking.experiment!r} "
                           f"({uri}); run it without --resume")
+    state, said = tracking.driver_state(client.get_run(parent_id))
+    if state == "alive":
+        raise ConfigError(f"--resume: {said}; stop it first (a sweep has one driver), or wait for it to end")
+    if state in ("stopped", "unknown"):
+        log(f"--resume: {said}; this run continues it")
     old = client.get_run(parent_id).data.tags.get("ramoe.config_hash")
     if old != grid.config_hash(cfg):
-        raise ConfigError(f"--resume: the config changed since sweep {parent_id} began (hash {old} vs "
-                          f"{grid.config_hash(cfg)}); resume with the same config or start a new sweep without --resume")
+        before = tracking.sweep_identity(client, parent_id)
+        changed = differing_keys(before, result_fields(cfg)) if before is not None else f"hash {old} vs {grid.config_hash(cfg)}"
+        raise ConfigError(f"--resume: sweep {parent_id} began with other settings that change results ({changed}); "
+                          "resume with the same settings, or start a new sweep without --resume (another name keeps "
+                          f"both). Left out of this check, as they change no result: {', '.join(NON_RESULT)}")
     return parent_id
 
 
@@ -245,7 +249,7 @@ def parent_params(cfg: RunConfig, n_trials: int) -> dict:
     out.update({f"rule.sweep.{k}": v for k, v in grid.RULES.items()})
     out.update({f"rule.stats.{k}": v for k, v in routing_stats.RULES.items()})
     out.update({f"training.{k}": v for k, v in cfg.training.model_dump().items()})
-    out["rise.budget"] = cfg.rise.budget
+    out.update({f"rise.{k}": v for k, v in cfg.rise.model_dump().items()})  # budget None: 2 % (K in experts.json)
     out = {k: str(v)[:6000] for k, v in out.items()}
     out.update({"models": ",".join(m.name for m in cfg.models), "tasks": ",".join(t.name for t in cfg.tasks),
                 "languages": ",".join(cfg.languages), "methods": ",".join(cfg.methods),
@@ -379,7 +383,7 @@ def _prepare(cfg: RunConfig, resume: bool, t0: float, log) -> tuple[_Sweep, dict
     client, exp_id = _open_experiment(cfg, plan.uri)
     sw = _Sweep(cfg=cfg, plan=plan, client=client, exp_id=exp_id, t0=t0, phases=phases)
     if resume:
-        sw.parent_id = _resumed_parent(client, exp_id, cfg, plan.uri)
+        sw.parent_id = _resumed_parent(client, exp_id, cfg, plan.uri, log)
     log(f"sweep {cfg.name!r}: {len(plan.trials)} trials over {len(cfg.models)} models x {len(cfg.tasks)} tasks x "
         f"{len(cfg.languages)} languages; MLflow {plan.uri}")
     log("stages 1-2 (once per cell, cached):")
@@ -399,6 +403,8 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
                                              n_trials=len(trials), cells=stages["cells"], run_dir=run_dir)
     else:
         client.update_run(sw.parent_id, status="RUNNING")
+        for k, v in tracking.driver_tags().items():
+            client.set_tag(sw.parent_id, k, v)
     done, stale = _done_trials(client, sw.exp_id, sw.parent_id)
     for rid in stale:
         client.delete_run(rid)
@@ -432,7 +438,8 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
         summary["stage12_recomputed_in_trials"] = int(df["metrics.stage12_recomputed"].fillna(0).sum())
     if interrupted:
         client.set_terminated(sw.parent_id, "KILLED")
-        log(f"interrupted: {summary['finished']} of {summary['trials']} trials finished; continue with --resume")
+        log(f"interrupted: {summary['finished']} of {summary['trials']} trials finished; parent run {sw.parent_id} "
+            f"marked KILLED")
         return {**summary, "interrupted": True, "seconds": time.time() - sw.t0}
     log("selection on the validation split, test split for the selected trials:")
     t_sel = time.time()
@@ -445,11 +452,42 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     return {**summary, "interrupted": False}
 
 
-def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
-    """The whole sweep (module docstring). Returns a summary dict (parent run id, counts, timings)."""
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(sw: _Sweep, resume_hint: str, log):
+    """SIGTERM (``ray job stop``, Kubernetes deleting a pod) stops the sweep as Ctrl-C does. A hard kill
+    may follow within seconds (``ray job stop``: RAY_JOB_STOP_WAIT_TIME_S, 3 s by default), so first the
+    parent is marked KILLED (from a thread, at most 2 s: the main thread may hold MLflow's store) and the
+    resume command printed."""
+    def on_sigterm(signum, frame):
+        marker = threading.Thread(target=sw.client.set_terminated, args=(sw.parent_id, "KILLED"), daemon=True)
+        marker.start()
+        marker.join(2.0)
+        log(f"SIGTERM: stopping the sweep; parent run {sw.parent_id} marked KILLED. Continue it with: {resume_hint}")
+        ctrl_c = signal.getsignal(signal.SIGINT)  # Ray Tune's own during tuner.fit: it stops the trials cleanly
+        if callable(ctrl_c):
+            ctrl_c(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, resume_hint: str = "ramoe sweep CONFIG --resume") -> dict:
+    """The whole sweep (module docstring). Returns a summary dict (parent run id, counts, timings).
+    ``resume_hint``: the exact command that continues this sweep (printed when it is stopped)."""
     t0 = time.time()
     sw, stages = _prepare(cfg, resume, t0, log)
     run_dir = Path(sw.cfg.run_dir).resolve()
     todo = _open_parent(sw, stages, run_dir, log)
-    interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
-    return _finish(sw, interrupted, log)
+    if todo:
+        ensure_ray(sw.cfg)  # before the handler: ray.init sets its own for SIGTERM (sys.exit), which would win
+    with _sigterm_as_ctrl_c(sw, resume_hint, log):
+        interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
+        return _finish(sw, interrupted, log)

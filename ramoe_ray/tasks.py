@@ -13,28 +13,39 @@ The three task formats differ in one table, ``FORMATS``: prompt function, how a 
 scored, and how a native hub row becomes a record. The choices follow lm-evaluation-harness
 (EleutherAI/lm-evaluation-harness), read from:
 
-- ``lm_eval/tasks/mgsm/direct/direct_yaml`` (version 3.0): ``generate_until`` (greedy, until "\\n"),
-  filter "flexible-extract" = regex ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` with ``group_select: -1``;
+- ``lm_eval/tasks/mgsm/direct/direct_yaml`` (mgsm_direct, versions 3.0 and 4.0 alike):
+  ``generate_until`` (greedy), filter "flexible-extract" = regex ``(-?[$0-9.,]{2,})|(-?[0-9]+)``
+  with ``group_select: -1``, then metric ``exact_match`` with ``ignore_case: true``,
+  ``ignore_punctuation: true`` and no ``regexes_to_ignore`` (those are gsm8k's, not mgsm's); the
+  target is ``str(answer_number)`` (``direct/mgsm_direct_<lang>.yaml``);
 - ``lm_eval/filters/extraction.py`` (``RegexFilter``): ``findall``, take match ``[group_select]``,
   from a tuple of groups the first non-empty one, ``strip()``; no match -> "[invalid]";
+- ``lm_eval/api/metrics.py`` (``exact_match_hf_evaluate``): to BOTH prediction and reference, in
+  order: ``re.sub`` each of ``regexes_to_ignore`` away, lower-case, delete ``string.punctuation``;
+  then string equality. Our ``scoring: numeric`` (``TaskConfig.scoring``) is a named alternative,
+  off by default: equal numbers after the same extraction;
 - ``lm_eval/tasks/global_mmlu/default/en/_en_template_yaml`` (and ``global_mmlu/_default_yaml``):
   ``"{{question.strip()}}\\nA. {{option_a}}\\nB. ...\\nD. {{option_d}}\\nAnswer:"``,
   ``doc_to_choice: ["A", "B", "C", "D"]``, metric ``acc``;
 - ``lm_eval/tasks/belebele/_default_template_yaml``:
   ``"P: {{flores_passage}}\\nQ: {{question.strip()}}\\nA: {{mc_answer1}}\\n...\\nD: {{mc_answer4}}\\nAnswer："``,
-  ``doc_to_choice: ["A", "B", "C", "D"]``, target = index of ``correct_answer_num`` in "1".."4", metric ``acc``.
+  ``doc_to_choice: ["A", "B", "C", "D"]``, target = index of ``correct_answer_num`` in "1".."4", metric ``acc``;
+- ``lm_eval/api/task.py`` (``process_results``, multiple_choice): ``acc`` = ``np.argmax(lls) == gold``
+  over the summed log-likelihoods, the first maximum on ties (``score_choices``).
 
-Loading reads and checks; it never writes into the data folder (hub and local jsonl/parquet go
-through ``datasets`` in streaming mode, which keeps no copy; tsv is parsed here, strictly, so
-that a bad row is reported by its line number).
+Loading reads and checks; it never writes into the data folder (hub and local parquet go through
+``datasets`` in streaming mode, which keeps no copy; tsv and jsonl are parsed here, strictly, so
+that a bad row is reported by the line number an editor shows).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
+import string
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -65,8 +76,15 @@ class TaskDataError(ValueError):
 
 # ------------------------------------------------------------------------------------------ numbers
 
-# lm-eval's MGSM "flexible-extract" pattern (lm_eval/tasks/mgsm/direct/direct_yaml, version 3.0).
+# lm-eval's MGSM "flexible-extract" pattern (lm_eval/tasks/mgsm/direct/direct_yaml).
 FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+INVALID = "[invalid]"  # lm-eval RegexFilter's fallback when nothing matches
+# The exact_match settings of lm-eval's mgsm_direct (direct_yaml metric_list): no regexes_to_ignore.
+MGSM_EXACT_MATCH = {"regexes_to_ignore": (), "ignore_case": True, "ignore_punctuation": True}
+# How a generated answer is scored: "exact" = lm-eval's flexible-extract + exact_match (the default:
+# accuracies comparable with published ones); "numeric" = the same extraction, then equal numbers
+# ("18.0" = "18", "3.50" = "3.5"; but "-3" != "3" and "1.8" != "18", which "exact" accepts).
+SCORINGS = ("exact", "numeric")
 
 
 def canonical_number(text: Any) -> str | None:
@@ -75,9 +93,8 @@ def canonical_number(text: Any) -> str | None:
     Rule: strip spaces; drop every ``$`` and ``,`` (commas are thousands separators, ``.`` is the
     decimal point: "1,000" -> "1000", "1.000" -> "1"); drop one trailing ``.`` (end of sentence);
     then the exact decimal value without a trailing zero or exponent: "18.0" -> "18",
-    "3.50" -> "3.5", "-0" -> "0", "007" -> "7". The ``$``/``,``/trailing-``.`` removal is what
-    lm-eval's gsm8k ``regexes_to_ignore`` does; the decimal normalisation is ours (lm-eval's MGSM
-    compares strings, so there "18.0" != "18" and "$18" != "18").
+    "3.50" -> "3.5", "-0" -> "0", "007" -> "7". Used for stored answers and by the ``numeric``
+    scoring (lm-eval's MGSM compares strings: there "18.0" != "18").
     """
     if isinstance(text, bool) or text is None:
         return None
@@ -95,28 +112,61 @@ def canonical_number(text: Any) -> str | None:
     return format(d.normalize(), "f")
 
 
-def extract_number(text: str) -> str | None:
-    """The number a generated answer gives, as lm-eval's MGSM "flexible-extract" finds it.
-
-    The LAST match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` (``group_select: -1``; of the two groups the
-    non-empty one), made canonical by ``canonical_number``. None when nothing matches or when the
-    last match is not a number: like lm-eval, "It is 18. Done..." gives the last match "..." and
-    so no number (lm-eval would compare "..." with the target and score it wrong, as we do).
-    """
+def flexible_extract(text: str) -> str | None:
+    """lm-eval's MGSM "flexible-extract" filter (``RegexFilter``): the LAST match of
+    ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` (``group_select: -1``), of its two groups the first non-empty
+    one, stripped; the raw text ("18.", "$1,000", "..."). None where lm-eval gives "[invalid]"."""
     matches = FLEXIBLE_EXTRACT.findall(text or "")
     if not matches:
         return None
-    last = [g for g in matches[-1] if g][0].strip()
-    return canonical_number(last)
+    return [g for g in matches[-1] if g][0].strip()
 
 
-def score_generative(predictions: list[str], answers: list[str]) -> list[bool]:
+def extract_number(text: str) -> str | None:
+    """The number ``flexible_extract`` finds, made canonical (``canonical_number``). None when nothing
+    matches or when the last match is not a number ("It is 18. Done..." -> last match "...")."""
+    got = flexible_extract(text)
+    return None if got is None else canonical_number(got)
+
+
+def exact_match(prediction: str, reference: str, *, regexes_to_ignore=(), ignore_case: bool = False,
+                ignore_punctuation: bool = False) -> bool:
+    """lm-eval's ``exact_match`` (``exact_match_hf_evaluate``, lm_eval/api/metrics.py) of one pair.
+    In this order, to BOTH strings: delete every match of each of ``regexes_to_ignore``; lower-case;
+    delete every ASCII punctuation character (``string.punctuation``, so "-", "." and "," go too:
+    "-3" = "3", "1.8" = "18", "18.0" != "18"). Then equal strings."""
+    for pattern in regexes_to_ignore:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        prediction, reference = prediction.translate(table), reference.translate(table)
+    return prediction == reference
+
+
+def _check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring {scoring!r}; allowed: {', '.join(SCORINGS)}")
+
+
+def generative_prediction(text: str, scoring: str = "exact") -> str:
+    """What is compared with the answer: ``exact``: ``flexible_extract`` (raw match); ``numeric``:
+    ``extract_number`` (canonical number). "" when there is none."""
+    _check_scoring(scoring)
+    got = flexible_extract(text) if scoring == "exact" else extract_number(text)
+    return got or ""
+
+
+def score_generative(predictions: list[str], answers: list[str], scoring: str = "exact") -> list[bool]:
     """Correctness of generated texts against canonical answers, element-wise (a batch function).
 
-    A prediction is correct when ``extract_number(prediction)`` equals ``canonical_number(answer)``
-    (exact match of the normalised number). No number -> incorrect. A prediction that is already a
-    number scores the same as the number in a sentence ("18" and "The answer is 18." both match 18).
+    ``exact`` (the default, lm-eval's mgsm_direct): ``exact_match(flexible_extract(text) or
+    "[invalid]", answer, **MGSM_EXACT_MATCH)``. ``numeric``: ``extract_number(text)`` equals
+    ``canonical_number(answer)``; no number -> incorrect. The answer is lm-eval's target
+    (``str(answer_number)``): for MGSM an integer such as "18".
     """
+    _check_scoring(scoring)
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
     out = []
@@ -124,8 +174,11 @@ def score_generative(predictions: list[str], answers: list[str]) -> list[bool]:
         gold = canonical_number(ans)
         if gold is None:
             raise ValueError(f"answer {ans!r} is not a number")
-        got = extract_number(pred)
-        out.append(got is not None and got == gold)
+        got = generative_prediction(pred, scoring)
+        if scoring == "exact":
+            out.append(exact_match(got or INVALID, gold, **MGSM_EXACT_MATCH))
+        else:
+            out.append(got == gold)
     return out
 
 
@@ -344,39 +397,72 @@ def example_from_row(row: dict, fmt: str, language: str, index: int) -> dict:
 # Belebele: flores_passage, question, mc_answer1..4, correct_answer_num [, link, question_number]).
 # Rows without an id are numbered by position, "<mgsm|mmlu|belebele>-{index:04d}".
 #
-# Hub: any other ``source`` of the form owner/name is a hub dataset, read split "test" in streaming
-# mode; its config is the language code (juletxara/mgsm, CohereLabs/Global-MMLU) or, for
-# Belebele, the FLORES-200 code from BELEBELE_FLORES.
+# "row N" in a message is the line N an editor shows for a text file (tsv: the header is line 1, so
+# the first example of a headed tsv is row 2; jsonl: blank lines count), and the N-th row counted
+# from 1 for parquet and hub data.
+#
+# Hub: a ``source`` of the form owner/name that is not a local folder, and that is not path-like
+# (``local_only``), is a hub dataset, read split "test" in streaming mode; its config is the
+# language code (juletxara/mgsm, CohereLabs/Global-MMLU) or, for Belebele, the FLORES-200 code from
+# BELEBELE_FLORES.
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+OFFLINE_MISS = "not in the local HF cache (offline)"
+
+
+def local_only(ref: str, root: str | os.PathLike | None = None) -> bool:
+    """A reference (task source, model path) that can only be a local path: it starts with '.', '/'
+    or '~', is not of the hub form owner/name, or its parent folder exists under ``root`` (default:
+    the current folder): 'data/mgsm' with a folder 'data' is a path typo, never a hub id."""
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(ref):
+        return True
+    return (Path(root or ".") / ref).parent.is_dir()
+
+
+def hub_reason(error: Exception) -> str:
+    """Why a hub id could not be read, for a message that also names the local reading: with the hub
+    offline (HF_HUB_OFFLINE) it is not in the local cache; otherwise the hub's own first line."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return OFFLINE_MISS
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def locate(task_source: str, root: str | os.PathLike | None = None) -> tuple[str, Path | str]:
-    """("local", folder) or ("hub", dataset id). A source that exists under ``root`` (default: the
-    current folder), starts with '.', '/' or '~', or is not of the form owner/name is a local folder."""
+    """("local", folder) or ("hub", dataset id). A folder under ``root`` (default: the current folder)
+    is local; a missing ``local_only`` source is refused here (no hub lookup); anything else is a hub id."""
     p = Path(task_source).expanduser()
     if not p.is_absolute():
         p = Path(root or ".") / p
-    if p.exists() or task_source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(task_source):
-        if not p.is_dir():
-            raise TaskDataError(f"source {task_source!r}: no folder {str(p)!r} "
-                                "(a local source is a folder of per-language files)")
+    if p.is_dir():
         return "local", p
+    if p.exists() or local_only(task_source, root):
+        what = "is a file, not a folder" if p.exists() else "does not exist"
+        raise TaskDataError(f"no local folder {str(p.absolute())!r} ({what}; a local source is a folder of "
+                            "per-language files)")
     return "hub", task_source
+
+
+def _languages_in(folder: Path) -> list[str]:
+    names = [f.name for f in folder.iterdir() if f.suffix in (".tsv", ".jsonl", ".parquet")]
+    return sorted({n.removeprefix("mgsm_").rsplit(".", 1)[0] for n in names})
 
 
 def language_file(folder: Path, language: str) -> Path:
     names = [f"mgsm_{language}.tsv", f"{language}.jsonl", f"{language}.parquet", f"{language}.tsv"]
     found = [folder / n for n in names if (folder / n).is_file()]
     if not found:
-        raise TaskDataError(f"{folder}: no file for language {language!r}; expected one of {', '.join(names)}")
+        raise TaskDataError(f"{folder}: no file for language {language!r}; expected one of {', '.join(names)} "
+                            f"(languages in the folder: {', '.join(_languages_in(folder)) or 'none'})")
     if len(found) > 1:
         raise TaskDataError(f"{folder}: several files for language {language!r} ({', '.join(f.name for f in found)}); keep one")
     return found[0]
 
 
-def _read_tsv(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs; strict: every row has exactly as many columns as expected."""
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines (a last empty one dropped), read as UTF-8 without a byte-order mark."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first field
     except UnicodeDecodeError as e:
@@ -384,12 +470,18 @@ def _read_tsv(path: Path) -> list[tuple[int, dict]]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def _read_tsv(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs; strict: every row has exactly as many columns as expected."""
+    lines = _text_lines(path)
     headerless = path.name.startswith("mgsm_")
-    columns = ["question", "answer"] if headerless else lines[0].rstrip("\r").split("\t") if lines else []
+    columns = ["question", "answer"] if headerless else lines[0].split("\t") if lines else []
     first = 1 if headerless else 2
     rows = []
     for n, line in enumerate(lines[0 if headerless else 1:], start=first):
-        cells = line.rstrip("\r").split("\t")
+        cells = line.split("\t")
         if len(cells) != len(columns):
             raise TaskDataError(
                 f"{path}: row {n}: {len(cells)} tab-separated columns, expected {len(columns)} "
@@ -402,8 +494,27 @@ def _read_tsv(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs, one JSON object per non-blank line (parsed here, not by pyarrow, so that
+    a bad line is reported by the line number an editor shows)."""
+    rows = []
+    for n, line in enumerate(_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}: row {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}: row {n}: a JSON {type(row).__name__}, expected an object {{...}}")
+        rows.append((n, row))
+    return rows
+
+
 def _read_datasets(kind: str, data_files: str | None = None, hub_id: str | None = None,
-                   config: str | None = None, label: str = "") -> list[tuple[int, dict]]:
+                   config: str | None = None, label: str = "", local: Path | None = None) -> list[tuple[int, dict]]:
+    """(row number from 1, row) pairs of a local parquet file or a hub dataset; ``local``: the folder a
+    hub id would have been, named when the hub does not have it either."""
     import datasets
 
     try:
@@ -414,6 +525,10 @@ def _read_datasets(kind: str, data_files: str | None = None, hub_id: str | None 
         return [(i + 1, dict(row)) for i, row in enumerate(ds)]
     except TaskDataError:
         raise
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        if hub_id is None:
+            raise TaskDataError(f"{label}: cannot read ({type(e).__name__}: {e})") from None
+        raise TaskDataError(f"no local folder {str(local)!r}; as a hub id: {hub_reason(e)}") from None
     except Exception as e:  # datasets / pyarrow / network errors: say which file
         raise TaskDataError(f"{label}: cannot read ({type(e).__name__}: {e})") from None
 
@@ -424,15 +539,18 @@ def _rows(task_source: str, language: str, root) -> tuple[str, list[tuple[int, d
         config = BELEBELE_FLORES.get(language) if "belebele" in str(where).lower() else language
         if config is None:
             raise TaskDataError(f"{where}: language {language!r} has no FLORES-200 code in BELEBELE_FLORES")
-        label = f"{where}[{config}]"
-        return label, _read_datasets("hub", hub_id=str(where), config=config, label=label)
+        label, local = f"{where}[{config}]", (Path(root or ".") / task_source).absolute()
+        return label, _read_datasets("hub", hub_id=str(where), config=config, label=label, local=local)
     path = language_file(where, language)
     if path.suffix == ".tsv":
         return str(path), _read_tsv(path)
-    return str(path), _read_datasets("json" if path.suffix == ".jsonl" else "parquet", data_files=str(path), label=str(path))
+    if path.suffix == ".jsonl":
+        return str(path), _read_jsonl(path)
+    return str(path), _read_datasets("parquet", data_files=str(path), label=str(path))
 
 
-def _load(task_cfg, language: str, root) -> tuple[str, list[dict]]:
+def _load(task_cfg, language: str, root) -> tuple[str, list[dict], list[int]]:
+    """(label, checked records, the row number of each: see "row N" above)."""
     label, rows = _rows(task_cfg.source, language, root)
     out, seen = [], {}
     for index, (n, row) in enumerate(rows):
@@ -446,7 +564,7 @@ def _load(task_cfg, language: str, root) -> tuple[str, list[dict]]:
         out.append(ex)
     if not out:
         raise TaskDataError(f"{label}: no examples")
-    return label, out
+    return label, out, [n for n, _ in rows]
 
 
 def load_examples(task_cfg, language: str, *, root: str | os.PathLike | None = None) -> list[dict]:
@@ -466,12 +584,12 @@ def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike
     """
     langs = ["en"] + [l for l in dict.fromkeys(languages) if l != "en"]
     loaded = {l: _load(task_cfg, l, root) for l in langs}
-    en_label, en = loaded["en"]
+    en_label, en, _ = loaded["en"]
     en_ids = [ex["id"] for ex in en]
     en_answer = {ex["id"]: ex["answer"] for ex in en}
     out = {"en": en}
     for lang in langs[1:]:
-        label, recs = loaded[lang]
+        label, recs, rows = loaded[lang]
         by_id = {ex["id"]: ex for ex in recs}
         problems = []
         missing = [i for i in en_ids if i not in by_id]
@@ -480,7 +598,7 @@ def load_parallel(task_cfg, languages: Iterable[str], *, root: str | os.PathLike
             problems.append(f"missing ids (in {Path(en_label).name} but not here): {_few(missing)}")
         if extra:
             problems.append(f"extra ids (not in {Path(en_label).name}): {_few(extra)}")
-        for n, ex in enumerate(recs, start=1):
+        for n, ex in zip(rows, recs):
             if ex["id"] in en_answer and ex["answer"] != en_answer[ex["id"]]:
                 problems.append(
                     f"row {n} (id {ex['id']!r}), field 'answer': {ex['answer']!r} but English has "

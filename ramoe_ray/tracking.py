@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
 from ramoe_ray.cache import write_json_atomic
-from ramoe_ray.config import ConfigError, RunConfig, save_resolved
+from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolved
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
 
 CELLS_ARTIFACT = "cells"
+DRIVER_TAG, DRIVER_START_TAG = "ramoe.driver", "ramoe.driver_started"  # pid@host, its start time
+IDENTITY_ARTIFACT = "identity.json"  # the parent's config.result_fields: a resume names what changed
 SWEEP_FILTER = "tags.`ramoe.kind` = 'sweep'"
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
 CURVES = ("loss", "ce", "align", "routing_kl")
@@ -143,6 +146,52 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i : i + 90])
 
 
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def driver_tags() -> dict:
+    """The parent's record of the process driving it (set at start and at each resume): a parent left
+    RUNNING can then be told from a live sweep."""
+    import psutil
+
+    me = psutil.Process()
+    return {DRIVER_TAG: f"{me.pid}@{socket.gethostname()}", DRIVER_START_TAG: f"{me.create_time():.2f}"}
+
+
+def driver_state(run) -> tuple[str, str]:
+    """For a parent run: ("alive" | "stopped" | "unknown" | "ended", a sentence a person can act on).
+    A parent RUNNING whose driver is gone was stopped hard (kill -9, out of memory, a lost node): nothing
+    could mark it KILLED."""
+    import psutil
+
+    if run.info.status != "RUNNING":
+        return "ended", f"parent run {run.info.run_id} is {run.info.status}"
+    pid, _, host = run.data.tags.get(DRIVER_TAG, "").partition("@")
+    started = run.data.tags.get(DRIVER_START_TAG, "")
+    who = f"pid {pid} on host {host}" if pid else "a driver that left no record"
+    if pid.isdigit() and host == socket.gethostname():
+        try:
+            alive = f"{psutil.Process(int(pid)).create_time():.2f}" == started
+        except psutil.NoSuchProcess:
+            alive = False
+        if alive:
+            return "alive", f"parent run {run.info.run_id} is RUNNING: its driver ({who}) is still running"
+        return "stopped", (f"parent run {run.info.run_id} was left RUNNING by a stopped driver ({who} no longer "
+                           "runs: it was killed hard, e.g. kill -9, out of memory or a lost node)")
+    return "unknown", (f"parent run {run.info.run_id} is RUNNING; its driver ({who}) cannot be checked from this "
+                       "host: if it no longer runs, it was stopped hard and the status is stale")
+
+
+def sweep_identity(client, run_id: str) -> dict | None:
+    """The parent's ``IDENTITY_ARTIFACT`` (None for a sweep begun before it was logged)."""
+    import mlflow
+
+    try:
+        return mlflow.artifacts.load_dict(f"{client.get_run(run_id).info.artifact_uri}/{IDENTITY_ARTIFACT}")
+    except Exception:  # noqa: BLE001 - absent or unreadable: the caller falls back to the hash alone
+        return None
+
+
 def log_metrics(client, run_id: str, values: dict, step: int = 0) -> None:
     """Scalar metrics at ``step``, one timestamp."""
     from mlflow.entities import Metric
@@ -156,10 +205,11 @@ def start_parent(client, exp_id: str, cfg: RunConfig, *, params: dict, n_trials:
     """The sweep's parent run: tags, ``params``, the resolved config and cells.json as artifacts."""
     run = client.create_run(exp_id, run_name=f"sweep {cfg.name}", tags={
         "ramoe.kind": "sweep", "ramoe.sweep": cfg.name, "ramoe.config_hash": config_hash(cfg),
-        "ramoe.expected_trials": str(n_trials)})
+        "ramoe.expected_trials": str(n_trials), **driver_tags()})
     rid = run.info.run_id
     log_params(client, rid, params)
     client.log_artifact(rid, str(save_resolved(cfg, run_dir)))
+    client.log_dict(rid, result_fields(cfg), IDENTITY_ARTIFACT)
     cells_file = run_dir / "cells.json"
     write_json_atomic(cells_file, cells)
     client.log_artifact(rid, str(cells_file), CELLS_ARTIFACT)
@@ -187,7 +237,9 @@ def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str
     return {"mlflow.parentRunId": parent_id, "ramoe.kind": "trial", "model": trial.model, "task": trial.task,
             "language": trial.language, "method": trial.method, "trial_key": trial.key,
             "trial_index": str(trial.index), "tune_trial_id": trial_id, "selected": "false",
-            "ramoe.trial_dir": str(_trial_folder(record)) if record else ""}
+            "ramoe.trial_dir": str(_trial_folder(record)) if record else "",
+            # a training reused from the trial folder (a resumed sweep whose trial had finished training)
+            "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower()}
 
 
 def _child_params(trial: Trial, record: dict | None) -> dict:

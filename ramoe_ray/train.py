@@ -16,8 +16,9 @@ This module is the driver; ``train_worker`` is the recipe each worker runs. The 
    plain process and inside a Ray Tune trial alike), its checkpoints kept in the run folder;
 4. the result: the worker's result file + the plan's summary.
 
-Methods (``config.METHODS``): ``ramoe`` (λ as given), ``sft`` (λ forced to 0), ``rise`` (λ = 0, LoRA
-masked to the RISE experts), ``steering`` (no training: the result holds the evaluation-time steering
+Methods (``config.METHODS``): ``ramoe`` (λ as given), ``sft`` (λ forced to 0), ``rise`` (λ = 0; the full
+weights of the RISE experts train, ``rise.train: full``, or LoRA masked to them, ``rise.train: lora``),
+``steering`` (no training: the result holds the evaluation-time steering
 spec — band layers' task experts and the strength — for ``evaluate.evaluate_cell``).
 
 Every choice the design leaves open is named in ``RULES`` (logged with the result).
@@ -39,8 +40,18 @@ import pandas as pd
 import torch
 
 from ramoe_ray import experts, models, taxonomy, train_worker
-from ramoe_ray.cache import atomic_dir, write_json_atomic
-from ramoe_ray.config import METHODS, BandSpec, ConfigError, band_label, parse_band, resolve_band
+from ramoe_ray.cache import atomic_dir, content_key, write_json_atomic
+from ramoe_ray.config import (
+    METHODS,
+    BandSpec,
+    ConfigError,
+    band_label,
+    differing_keys,
+    flatten,
+    parse_band,
+    resolve_band,
+    result_fields,
+)
 from ramoe_ray.tasks import LETTERS, build_prompt, choice_continuations, load_parallel, split_ids
 from ramoe_ray.train_worker import RESULT, TrainPlan, check_checkpoint, ray_env
 
@@ -65,7 +76,14 @@ RULES: dict[str, str] = {
         "per step: ce, align (λ > 0), loss, routing_kl = alignment KL on the batch's ci examples (nan without one); "
         "averaged over workers; at the end routing_kl_ci(_base) = the KL over every ci train example after (before) training"
     ),
-    "checkpoint": "DeepSpeed engine checkpoint (LoRA factors + optimizer + step) + ramoe_meta.json, every checkpoint_every steps",
+    "checkpoint": "DeepSpeed engine checkpoint (adapter + optimizer + step) + ramoe_meta.json, every checkpoint_every steps",
+    "rise_train": (
+        "rise.train = full: the selected experts' full weights (every parameter of the expert: gate, up, down "
+        "projections, GPT-OSS biases) train, as RISE's model_freezer, through a zero full-rank delta per expert "
+        "(expert_delta; optimizer state ~ K); rise.train = lora: expert LoRA masked to them (RISE-LoRA). Either way "
+        "with this module's LM target, schedule, seed, lr, epochs and AdamW (weight decay 0) of every method, not "
+        "RISE's trainer (causal LM on whole target texts, lr 2e-5, 3 epochs, effective batch 16, warmup 5 %)"
+    ),
 }
 
 SPEC = "train_spec.json"  # in the run folder: the identity of the training it holds
@@ -108,13 +126,36 @@ def _checked_knobs(cfg, model_cfg, *, method: str, lam: float | None, band: Any,
     return CheckedKnobs(lam=lam, band=band, top_k=top_k, shape=shape)
 
 
-def _identity(cfg, model_cfg, model_path: str, method: str, knobs: CheckedKnobs) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
-    t, shape = cfg.training, knobs.shape
-    return {"model": model_cfg.name, "model_path": str(model_path), "family": shape.family,
-            "num_layers": shape.num_layers, "num_experts": shape.num_experts, "lora_rank": t.lora_rank,
-            "lora_alpha": t.lora_alpha, "seed": t.seed, "method": method, "lam": float(knobs.lam),
-            "band": band_label(knobs.band), "top_k": int(knobs.top_k)}
+def _identity(cfg, model_cfg, task_cfg, language: str, method: str, knobs: CheckedKnobs, *, workers: int,
+              batch_size: int) -> dict:
+    """Everything in the config that determines one training's result, flat: the model, the task and
+    language, the method and its knobs, the training settings (``config.NON_RESULT`` left out), the worker
+    count and per-worker batch (together the global batch) and the device kind. ``plan_training`` adds
+    ``inputs``, the digest of what stages 1-2 hand the training. A run folder holds one identity; a
+    checkpoint resumes only into its own."""
+    shape = knobs.shape
+    training = {k: v for k, v in result_fields(cfg).items() if k.startswith("training.") and k != "training.seeds"}
+    training["split_seed"] = cfg.training.seed  # plan_training adds this training's own "seed"
+    out = {"model": model_cfg.name, "model_path": str(model_cfg.path), "family": shape.family,
+           "num_layers": shape.num_layers, "num_experts": shape.num_experts,
+           **flatten(model_cfg.model_dump(mode="json"), "model."), **flatten(task_cfg.model_dump(mode="json"), "task."),
+           "language": language, "method": method, "lam": float(knobs.lam), "band": band_label(knobs.band),
+           "top_k": int(knobs.top_k), **training, "training.batch_size": int(batch_size), "workers": int(workers),
+           "gpu": cfg.resources.gpus_per_worker > 0}
+    if method == "rise":
+        out.update(flatten(cfg.rise.model_dump(mode="json"), "rise."))
+    return out
+
+
+def _inputs_digest(records: list[dict], stage2: dict) -> str:
+    """What stages 1-2 hand one training: its records (prompts, continuations, ci labels) and the selection."""
+    return content_key([records, stage2["band_layers"], stage2["task_experts"], stage2["experts_mask"]], 24)
+
+
+def adapter_kind(cfg, method: str) -> str:
+    """What trains (``RULES["rise_train"]``): "full" (the RISE experts' full weights) for ``rise`` with
+    ``rise.train: full``, else "lora" (expert LoRA, masked to the RISE experts for ``rise``)."""
+    return "full" if method == "rise" and cfg.rise.train == "full" else "lora"
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -186,30 +227,37 @@ def _lam_used(lam: float, n_ci: int, where: str) -> tuple[float, list[str]]:
 
 def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float | None = None,
                   band: Any = None, top_k: int | None = None, resume_from: str | os.PathLike | None = None,
-                  num_workers: int | None = None, batch_size: int | None = None) -> TrainPlan:
+                  num_workers: int | None = None, batch_size: int | None = None, seed: int | None = None) -> TrainPlan:
     """Checks the inputs, runs/reuses stages 1-2 and returns the plan of one training. All ConfigErrors
-    are raised before any model runs."""
+    are raised before any model runs. ``seed``: the training's seed (default ``training.seeds[0]``; the
+    data split always uses that one)."""
     knobs = _checked_knobs(cfg, model_cfg, method=method, lam=lam, band=band, top_k=top_k)
     workers = cfg.resources.num_workers if num_workers is None else int(num_workers)
-    identity = _identity(cfg, model_cfg, model_cfg.path, method, knobs)
+    if workers < 0:
+        raise ConfigError(f"num_workers = {workers}: allowed 0 (train in this process) or more")
+    t = cfg.training
+    bs = batch_size or t.batch_size
+    seed = t.seed if seed is None else int(seed)
+    identity = _identity(cfg, model_cfg, task_cfg, language, method, knobs, workers=workers, batch_size=bs)
+    identity["seed"] = seed
     if resume_from is not None:
-        check_checkpoint(resume_from, identity)
+        check_checkpoint(resume_from, identity)  # the config part now; the inputs when the checkpoint loads
     p, (cell, taxonomy_hit), (experts_json, experts_hit) = _stages_1_2(cfg, model_cfg, task_cfg, language, knobs)
     stage2 = _stage2(cfg, language, experts_json, experts_hit, method)
     records = train_records(cfg, task_cfg, language, cell)
+    identity["inputs"] = _inputs_digest(records, stage2)
     n_ci = sum(r["ci"] for r in records)
     lam_used, notes = _lam_used(knobs.lam, n_ci, f"{model_cfg.name}/{task_cfg.name}/{language}")
-    t = cfg.training
-    bs = batch_size or t.batch_size
-    sched = schedule(len(records), batch_size=bs, workers=max(1, workers), epochs=t.epochs, seed=t.seed,
+    sched = schedule(len(records), batch_size=bs, workers=max(1, workers), epochs=t.epochs, seed=seed,
                      max_steps=t.max_steps)
     if not sched:
         raise ConfigError(f"no training step: {len(records)} train examples for {max(1, workers)} workers")
     return TrainPlan(
         identity=identity, method=method, lam=knobs.lam, lam_used=lam_used, language=language,
         model_path=p.model_path, experts_json=stage2["experts_json"], band_layers=stage2["band_layers"],
-        task_experts=stage2["task_experts"], experts_mask=stage2["experts_mask"], steering=stage2["steering"],
-        records=records, n_ci=n_ci, schedule=sched, workers=workers, training=t, batch_size=bs, notes=notes,
+        task_experts=stage2["task_experts"], experts_mask=stage2["experts_mask"],
+        adapter_kind=adapter_kind(cfg, method), steering=stage2["steering"],
+        records=records, n_ci=n_ci, schedule=sched, workers=workers, training=t, seed=seed, batch_size=bs, notes=notes,
         rules=dict(RULES), stage_cache={"experts": stage2["experts_hit"], "taxonomy": bool(taxonomy_hit)})
 
 
@@ -217,26 +265,31 @@ def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: 
 
 
 def run_name(model_cfg, task_cfg, language: str, plan: TrainPlan) -> str:
+    """Readable, and unique per identity: a changed setting trains afresh in a folder of its own."""
     i = plan.identity
-    return f"{model_cfg.name}-{task_cfg.name}-{language}-{plan.method}-lam{i['lam']:g}-band{i['band']}-top{i['top_k']}"
+    return (f"{model_cfg.name}-{task_cfg.name}-{language}-{plan.method}-lam{i['lam']:g}-band{i['band']}-top{i['top_k']}"
+            f"-{content_key(i, 8)}")
 
 
 def _run_folder(cfg, plan: TrainPlan, name: str, run_dir: str | os.PathLike | None) -> Path:
-    """The run folder (default: run_dir/train/<run name>); ConfigError when it holds another training."""
+    """The run folder (default: run_dir/train/<run name>); ConfigError naming the differing settings when
+    it holds a training of another identity."""
     folder = (Path(run_dir) if run_dir is not None else Path(cfg.run_dir) / "train" / name).resolve()
     spec_file = folder / SPEC
     if spec_file.is_file():
-        old = json.loads(spec_file.read_text()).get("identity")
+        old = json.loads(spec_file.read_text()).get("identity") or {}
         if old != plan.identity:
-            raise ConfigError(f"run folder {folder} holds a training of another model/configuration "
-                              f"({old} vs {plan.identity}); use another run_dir")
+            raise ConfigError(f"run folder {folder} holds a training with other settings "
+                              f"({differing_keys(old, plan.identity)}); give another --run-dir, or none (each "
+                              "setting then gets a folder of its own)")
     return folder
 
 
 def _summary(plan: TrainPlan, run_dir: Path) -> dict:
     """The plan's part of the result."""
     return {"method": plan.method, "lam": plan.lam, "lam_used": plan.lam_used, "band_layers": plan.band_layers,
-            "task_experts": plan.task_experts, "experts_mask": plan.experts_mask, "n_ci": plan.n_ci,
+            "task_experts": plan.task_experts, "experts_mask": plan.experts_mask,
+            "adapter_kind": plan.adapter_kind, "n_ci": plan.n_ci,
             "n_train": len(plan.records), "steps": len(plan.schedule), "notes": plan.notes,
             "experts_json": plan.experts_json, "identity": plan.identity, "rules": plan.rules,
             "run_dir": str(run_dir), "stage_cache": plan.stage_cache}
@@ -308,13 +361,24 @@ def _fit_worker_group(cfg, plan: TrainPlan, name: str, run_dir: Path, probe: lis
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    _drop_unkept_checkpoints(result)
     return result.checkpoint.path if result.checkpoint else None
+
+
+def _drop_unkept_checkpoints(result) -> list[Path]:
+    """Removes the checkpoint folders of the run that Ray Train does not keep: those a driver stopped hard
+    had written but not yet registered (its keep-2 never sees them). Returns them."""
+    kept = {Path(c.path).resolve() for c, _ in (result.best_checkpoints or [])}
+    stale = [d for d in Path(result.path).glob("checkpoint_*") if d.is_dir() and d.resolve() not in kept]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
 
 
 def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float | None = None, band: Any = None,
                top_k: int | None = None, run_dir: str | os.PathLike | None = None,
                resume_from: str | os.PathLike | None = None, num_workers: int | None = None,
-               batch_size: int | None = None, probe: list[str] | None = None) -> dict:
+               batch_size: int | None = None, probe: list[str] | None = None, seed: int | None = None) -> dict:
     """Trains one cell with one method; returns {"adapter", "final", "history", ...} (module docstring).
 
     num_workers: Ray Train workers (default ``cfg.resources.num_workers``); 0 = the training runs in this
@@ -325,7 +389,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
     """
     t_called = time.time()
     plan = plan_training(cfg, model_cfg, task_cfg, language, method=method, lam=lam, band=band, top_k=top_k,
-                         resume_from=resume_from, num_workers=num_workers, batch_size=batch_size)
+                         resume_from=resume_from, num_workers=num_workers, batch_size=batch_size, seed=seed)
     t_planned = time.time()
     name = run_name(model_cfg, task_cfg, language, plan)
     run_dir = _run_folder(cfg, plan, name, run_dir)
@@ -333,7 +397,8 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
     if method == "steering":
         return {**summary, "adapter": None, "steering": plan.steering, "final": {}, "history": []}
     result_file = run_dir / RESULT
-    if result_file.is_file():  # the same training finished before: reuse it
+    if result_file.is_file():  # the same training (same identity) finished before: reuse it, and say so
+        print(f"reusing the finished training in {run_dir} (the same settings and inputs)", flush=True)
         return {**summary, **json.loads(result_file.read_text()), "cached": True}
     write_json_atomic(run_dir / SPEC, {"identity": plan.identity})
     if plan.workers > 0:

@@ -15,12 +15,15 @@ Two callers:
 
 1. ``setup``: the process group (Ray Train's; else a world of one, created once per process and kept
    for every later training), DeepSpeed's config, the model built partitioned (``HfDeepSpeedConfig``;
-   bf16 on GPU, fp32 on CPU), expert LoRA on every MoE layer (mask = the RISE selection for ``rise``),
-   the MoE block a ZeRO-3 leaf, ``deepspeed.initialize``;
+   bf16 on GPU, fp32 on CPU), the expert adapter (``TrainPlan.adapter_kind``: expert LoRA on every MoE layer,
+   masked to the RISE selection for ``rise`` with ``rise.train: lora``; or, for ``rise`` with
+   ``rise.train: full``, a full-rank delta on the selected experts, ``expert_delta``), the MoE block a
+   ZeRO-3 leaf, ``deepspeed.initialize``;
 2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model;
 3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
    ``save_checkpoint`` every ``checkpoint_every`` steps and at the end;
-4. ``finish``: the final passes, the probe logits, the adapter (peft format) and the result file;
+4. ``finish``: the final passes, the probe logits, the adapter (peft format; ``full``: the selected
+   experts' trained weights) and the result file;
 5. ``teardown``: ``engine.destroy()`` and transformers' ZeRO-3 switch off, so the next training of the
    process starts clean (the process group stays).
 """
@@ -42,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ramoe_ray import lora, models
+from ramoe_ray import expert_delta, lora, models
 from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.config import ConfigError, TrainingConfig
 from ramoe_ray.inference import continuation_ids
@@ -69,13 +72,15 @@ class TrainPlan:
     experts_json: str  # stage 2's artefact
     band_layers: list[int]
     task_experts: dict[str, list[int]]  # band layer -> its English task experts
-    experts_mask: dict[str, list[int]] | None  # rise: layer -> the experts LoRA may train; else None (all)
+    experts_mask: dict[str, list[int]] | None  # rise: layer -> the experts that train; else None (all, LoRA)
+    adapter_kind: str  # "lora" (expert LoRA, masked by experts_mask) or "full" (delta on experts_mask's experts)
     steering: dict  # {"experts": {layer: experts}, "strength"}: the steering method's spec
     records: list[dict]  # train examples: id, prompt, continuation, prompt_en, ci
     n_ci: int
     schedule: list[list[int]]  # global batches of record indices (``train.schedule``)
     workers: int  # Ray Train workers; 0 = in the caller's process
     training: TrainingConfig
+    seed: int  # this training's seed (LoRA init, torch): one of training.seeds
     batch_size: int  # per worker
     notes: list[str]
     rules: dict[str, str]
@@ -99,7 +104,7 @@ class WorkerContext:
 class Trainee:
     """What ``setup`` builds on one rank."""
 
-    engine: Any  # the DeepSpeed engine (``engine.module``: the model with its LoRA)
+    engine: Any  # the DeepSpeed engine (``engine.module``: the model with its expert adapter)
     tok: Any
     device: torch.device
     hf_ds_config: Any  # transformers' ZeRO-3 switch: held as long as the engine lives
@@ -205,6 +210,17 @@ def load_tokenizer(model_path: str):
     return tok
 
 
+def apply_adapter(model, plan: TrainPlan) -> list:
+    """The plan's expert adapter on ``model`` (everything else frozen); returns its trainable parameters."""
+    t, mask = plan.training, plan.experts_mask
+    mask = {int(k): v for k, v in mask.items()} if mask is not None else None
+    if plan.adapter_kind == "full":
+        expert_delta.apply_expert_delta(model, experts=mask)
+        return expert_delta.delta_parameters(model)
+    lora.apply_expert_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, seed=plan.seed, experts_mask=mask)
+    return lora.lora_parameters(model)
+
+
 def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     """Step 1 (module docstring): from the process group to ``deepspeed.initialize``."""
     prepare_process()
@@ -215,8 +231,7 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     join_process_group(on_gpu)
-    t = plan.training
-    torch.manual_seed(t.seed)
+    torch.manual_seed(plan.seed)
     phases.mark("imports_and_process_group")
     config = ds_config(plan, on_gpu)
     hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained builds the model partitioned
@@ -224,11 +239,9 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     model.config.output_router_logits = False
     phases.mark("model_load")
     tok = load_tokenizer(plan.model_path)
-    mask = plan.experts_mask
-    lora.apply_expert_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, seed=t.seed,
-                           experts_mask={int(k): v for k, v in mask.items()} if mask is not None else None)
+    trainable = apply_adapter(model, plan)
     deepspeed.utils.set_z3_leaf_modules(model, [type(next(iter(models.moe_blocks(model).values())))])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=lora.lora_parameters(model), config=config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     phases.mark("lora_and_deepspeed_initialize")
     return Trainee(engine=engine, tok=tok, device=device, hf_ds_config=hf_ds_config)
 
@@ -324,8 +337,8 @@ def mean_ce(engine, tok, records: list[dict], batch_size: int, device) -> float:
 
 
 def base_passes(trainee: Trainee, plan: TrainPlan) -> Baseline:
-    """Step 2: the English targets and the ci KL / train CE of the BASE model (B = 0: the adapted model
-    is the base model). No-grad passes in few large batches (ZeRO-3's per-forward cost is fixed)."""
+    """Step 2: the English targets and the ci KL / train CE of the BASE model (LoRA B = 0, delta = 0: the
+    adapted model is the base model). No-grad passes in few large batches (ZeRO-3's per-forward cost is fixed)."""
     engine, tok, device = trainee.engine, trainee.tok, trainee.device
     ebs = plan.training.eval_batch_size
     engine.eval()
@@ -430,7 +443,7 @@ def check_checkpoint(path: str | os.PathLike, identity: dict) -> dict:
 
 
 def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None) -> Progress:
-    """The engine state (LoRA factors, optimizer, step) and the progress of a checkpoint folder; a fresh
+    """The engine state (adapter parameters, optimizer, step) and the progress of a checkpoint folder; a fresh
     Progress without one. Every rank loads (ZeRO-3: each its own partition)."""
     if resume_dir is None:
         return Progress()
@@ -464,14 +477,16 @@ def _save_probe_logits(trainee: Trainee, probe: list[str], path: Path, rank: int
 
 
 def _save_adapter(trainee: Trainee, plan: TrainPlan, adapter: Path, context: WorkerContext) -> None:
-    """The adapter in peft format (a collective: every rank gathers, rank 0 writes)."""
+    """The adapter in peft format, or the trained experts' weights (``full``); a collective: every rank
+    gathers, rank 0 writes."""
     import torch.distributed as dist
 
     if adapter.exists() and context.rank == 0:  # a finished attempt's adapter (only when the result file was lost)
         shutil.rmtree(adapter)
     if context.world_size > 1:
         dist.barrier()
-    lora.save_adapter(trainee.engine.module, adapter, plan.model_path)
+    save = expert_delta.save_experts if plan.adapter_kind == "full" else lora.save_adapter
+    save(trainee.engine.module, adapter, plan.model_path)
 
 
 def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, progress: Progress, run_dir: Path,

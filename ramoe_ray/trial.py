@@ -28,6 +28,7 @@ from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
 TRAIN_KEYS = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_ci", "n_train", "steps",
               "notes", "adapter", "history", "final", "cached", "stage_cache")
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
+PREDICTIONS = "test/predictions.json"  # a tested child's artefact: {language, ids, correct, predictions, answers}
 
 
 # ---------------------------------------------------------------------------------------------- resources
@@ -65,7 +66,8 @@ def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path) -> dict:
     """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result."""
     m, t = _cell_objects(cfg, trial)
     return train.train_cell(cfg, m, t, trial.language, method=trial.method, lam=trial.lam, band=trial.band_spec(),
-                            top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg))
+                            top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg),
+                            seed=trial.seed)
 
 
 def _steering(trial: Trial, result: dict) -> dict | None:
@@ -198,4 +200,15 @@ def evaluate_on_test(cfg_json: dict, folder: str) -> dict:
                                 batch_size=cfg.training.eval_batch_size)
     vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
     vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
-    return vals
+    return {"metrics": vals, "predictions": test_predictions(Path(ev["path"]).parent / "rows.parquet", lang)}
+
+
+def test_predictions(rows_parquet: Path, language: str) -> dict:
+    """The target language's per-example test results, by id (``PREDICTIONS``): what the report's paired
+    statistics are computed from."""
+    import pandas as pd
+
+    df = pd.read_parquet(rows_parquet, columns=["id", "language", "prediction", "answer", "correct"])
+    df = df[df.language == language].sort_values("id", kind="stable")
+    return {"language": language, "ids": [str(i) for i in df.id], "correct": [int(bool(c)) for c in df.correct],
+            "predictions": [str(x) for x in df.prediction], "answers": [str(x) for x in df.answer]}

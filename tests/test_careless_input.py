@@ -1,8 +1,10 @@
-"""Careless input (hardening issue, item 4, first part): each refused with the field, the value and what is
-allowed, before anything is built or written. Each of these was accepted, or failed late, before."""
+"""Careless input (hardening issue, item 4): each refused with the field, the value and what is allowed,
+before anything is built or written. Each of these was accepted, failed late, or said something misleading,
+before (or is pinned here because a careless user would try it)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import yaml
 from ramoe_ray import sources
 from ramoe_ray.cli import main
 from ramoe_ray.config import ConfigError, TaskConfig, config_from_dict, load_config, parse_band
-from ramoe_ray.tasks import load_examples, load_parallel
+from ramoe_ray.tasks import TaskDataError, load_examples, load_parallel
 
 MGSM = Path(__file__).parents[2] / "shared/data/mgsm"
 
@@ -23,7 +25,7 @@ def mgsm_task(source) -> TaskConfig:
 BASE = {
     "name": "t",
     "models": [{"name": "tiny", "path": "preset:olmoe", "family": "olmoe"}],
-    "tasks": [{"name": "mgsm", "format": "generative_numeric", "source": "somewhere"}],
+    "tasks": [{"name": "mgsm", "format": "generative_numeric", "source": str(MGSM)}],
     "languages": ["de"],
 }
 
@@ -128,3 +130,229 @@ def test_a_sweep_checks_everything_before_building_the_world(tmp_path):
     with pytest.raises(ConfigError, match="tracking.mlflow_uri"):
         sweep.run_sweep(cfg)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------- second part (item 4, rest)
+
+
+def config_file(tmp_path, **fields) -> Path:
+    """BASE (preset model, the MGSM folder, German) with its cache and runs in ``tmp_path``."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(dict(BASE, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs"), **fields)))
+    return p
+
+
+def refused(tmp_path, capsys, argv) -> str:
+    """``ramoe ARGV`` exits with 2 (an argparse refusal included) having written nothing; returns its stderr."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists(), "written before refusing"
+    return err
+
+
+def _no_hub(*args, **kwargs):
+    raise AssertionError("a hub lookup for a path-like reference")
+
+
+@pytest.mark.parametrize("field, value", [("tasks.0.source", "data/mgsm"), ("tasks.0.source", "./mgsm"),
+                                          ("models.0.path", "modles/olmoe-1b"), ("models.0.path", "./olmoe")])
+def test_a_path_typo_is_no_local_folder_without_a_hub_lookup(tmp_path, monkeypatch, capsys, field, value):
+    """'data/mgsm' where a folder 'data' exists is a path (it used to become "Couldn't reach 'data/mgsm' on
+    the Hub"; 'modles/olmoe-1b' "couldn't connect to huggingface.co"): refused as a missing folder."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "modles").mkdir()
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    if field.startswith("models"):
+        monkeypatch.setattr(sources, "model_hf_config", _no_hub)
+    err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), f"{field}={value}"])
+    assert f"{field} = '{value}': no local folder '{tmp_path / Path(value)}' (does not exist" in err, err
+    if field.startswith("tasks"):  # the loader applies the same rule
+        with pytest.raises(TaskDataError, match=f"no local folder '{tmp_path / Path(value)}'"):
+            load_examples(mgsm_task(value), "de")
+
+
+@pytest.mark.parametrize("offline, reason", [(True, "not in the local HF cache (offline)"),
+                                             (False, "Repository Not Found for url")])
+def test_a_reference_found_nowhere_names_both_readings(tmp_path, monkeypatch, capsys, offline, reason):
+    """owner/name with no local folder 'owner' may be a hub id: when the hub lacks it too, both readings."""
+    import datasets
+    from huggingface_hub import constants
+
+    def missing(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Repository Not Found for url: https://huggingface.co/x")
+
+    def missing_model(model_cfg):
+        raise OSError("Repository Not Found for url: https://huggingface.co/x\nmore detail")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    monkeypatch.setattr(sources, "model_hf_config", missing_model)
+    with pytest.raises(TaskDataError) as e:
+        load_examples(mgsm_task("nowhere/mgsm"), "de")
+    assert f"no local folder '{tmp_path / 'nowhere/mgsm'}'; as a hub id: {reason}" in str(e.value)
+    err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), "models.0.path=nowhere/olmoe"])
+    assert f"models.0.path = 'nowhere/olmoe': no local folder '{tmp_path / 'nowhere/olmoe'}'; as a hub id: {reason}" in err
+
+
+def test_an_empty_model_folder_names_the_missing_config_json(tmp_path, capsys):
+    """It used to say "Should have a model_type key in its config.json" of a folder with no config.json."""
+    (tmp_path / "m").mkdir()
+    err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), f"models.0.path={tmp_path / 'm'}"])
+    assert f"models.0.path = '{tmp_path / 'm'}': the folder '{tmp_path / 'm'}' has no config.json" in err
+
+
+def _rows(n: int, change: dict | None = None) -> list[dict]:
+    """n canonical generative rows; ``change``: {row index: fields to replace}."""
+    return [{"id": f"q{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1), **(change or {}).get(i, {})}
+            for i in range(n)]
+
+
+def _jsonl(rows: list) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_row_numbers_are_the_lines_an_editor_shows(tmp_path):
+    """Row N is line N of the file (a tsv's header is line 1): pyarrow's messages counted from 0 (bad JSON
+    on line 3 was "row 2"), blank jsonl lines shifted the count, and the parallel check counted examples."""
+    folder = tmp_path / "t"
+    folder.mkdir()
+    task = TaskConfig(name="t", format="generative_numeric", source=str(folder))
+    lines = _jsonl(_rows(4)).splitlines()
+    (folder / "en.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[3:]) + "\n")
+    with pytest.raises(TaskDataError, match=r"en\.jsonl: row 3: not valid JSON"):
+        load_examples(task, "en")
+    (folder / "en.jsonl").write_text("\n".join([lines[0], ""] + _jsonl(_rows(2, {1: {"answer": "x"}})).splitlines()[1:]))
+    with pytest.raises(TaskDataError, match=r"en\.jsonl: row 3 \(id 'q1'\), field 'answer': 'x' is not a number"):
+        load_examples(task, "en")
+    (folder / "en.jsonl").write_text(_jsonl(_rows(3)))
+    (folder / "de.tsv").write_text("id\tquestion\tanswer\nq0\tWas ist 0 plus 1?\t1\nq1\tWas ist 1 plus 1?\t3\n"
+                                   "q2\tWas ist 2 plus 1?\t3\n")
+    with pytest.raises(TaskDataError, match=r"de\.tsv.*row 3 \(id 'q1'\), field 'answer': '3' but English has '2'"):
+        load_parallel(task, ["de"])
+
+
+def test_a_mis_indented_key_is_reported_at_its_own_line(tmp_path):
+    """yaml's message began with the block the fault broke ("while parsing a block mapping ... line 1"): the
+    top of the file. The fault's own line comes first now, with the line itself."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(BASE) + "training:\n  lr: 0.001\n max_steps: 40\n")
+    line = p.read_text().splitlines().index(" max_steps: 40") + 1
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"config file '{p}' is not valid YAML: line {line}, column 2: this line is indented "
+                          "differently from the keys above it"), msg
+    assert "\n     max_steps: 40\n     ^" in msg
+
+
+GENERAL = "general.jsonl"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--method", "ramoe", "--lam", "-1"], "argument --lam: -1: allowed a finite number >= 0"),
+    (["train", "--method", "ramoe", "--lam", "nan"], "argument --lam: nan: allowed a finite number >= 0"),
+    (["train", "--method", "sft", "--workers", "-1"], "argument --workers: -1: allowed 0 or more"),
+    (["train", "--method", "sft", "--top-k", "0"], "argument --top-k: 0: allowed 1 or more"),
+    (["train", "--method", "sft", "--top-k", "9"], "--top-k 9: larger than the 8 experts of model 'tiny'; allowed: 1..8"),
+    (["train", "--method", "sft", "--band", "0.9-0.95"], "[0.9, 0.95]: holds no MoE layer of the model"),
+    (["train", "--method", "sft", "--language", "sw"], "--language 'sw' is not in the config; choose one of de"),
+    (["train", "--method", "sft", "--task", "mgsn"], "--task 'mgsn' is not in the config; choose one of mgsm"),
+    (["train", "--method", "sft", "--resume-from", "/no/such/checkpoint"],
+     "--resume-from '/no/such/checkpoint': not a folder"),
+    (["train", "--method", "sft", "tasks.0.general_source=null"], "tasks.0.general_source: not set"),
+    (["train", "--method", "sft", f"tasks.0.general_source=typo-{GENERAL}"],
+     f"tasks.0.general_source = 'typo-{GENERAL}': no file"),
+    (["experts", "tasks.0.general_source=null"], "tasks.0.general_source: not set"),
+    (["taxonomy", "--batch-size", "0"], "argument --batch-size: 0: allowed 1 or more"),
+    (["evaluate", "--adapter", "/no/such/adapter"], "--adapter '/no/such/adapter': not a folder"),
+    (["evaluate", "--language", "sw"], "--language ['sw']: not in the config's languages ['de']"),
+    (["evaluate", "--method", "steering", "--strength", "nan"], "argument --strength: nan: allowed a finite number"),
+])
+def test_command_arguments_are_refused_before_anything_is_built_or_written(tmp_path, monkeypatch, capsys, argv, words):
+    """`ramoe train ... --lam -1` wrote config.resolved.yaml and built the preset before refusing; --workers -1
+    and taxonomy's --batch-size 0 were not refused at all."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / GENERAL).write_text(_jsonl([{"text": "Some English text."}]))
+    command, *rest = argv
+    err = refused(tmp_path, capsys, [command, config_file(tmp_path, tasks=[dict(BASE["tasks"][0], general_source=GENERAL)]),
+                                     *rest])
+    assert words in err, err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("training.max_steps=0", "training.max_steps = 0: Input should be greater than or equal to 1"),
+    ("training.lr=0", "training.lr = 0: Input should be greater than 0"),
+    ("training.lrr=1", "training.lrr = 1: unknown field (check its spelling)"),
+    ("training.max_steps=abc", "training.max_steps = 'abc': Input should be a valid integer"),
+    ("training.epochs=1.5", "training.epochs = 1.5: Input should be a valid integer, got a number with a fractional part"),
+    ("training.lr=.inf", "training.lr = inf: Input should be a finite number"),
+    ("knobs.lambdas=[.nan]", "knobs.lambdas.0 = nan: Input should be a finite number"),
+    ("methods=[sft, foo]", "methods.1 = 'foo': Input should be 'sft', 'steering', 'rise' or 'ramoe'"),
+    ("languages=[]", "languages = []: List should have at least 1 item"),
+    ("languages=[de, sw, de]", "languages = ['de', 'sw', 'de']: 'de' listed more than once; list each target language once"),
+    ("languages=[en, de]", "languages = ['en', 'de']: 'en' is the source language; list only target languages"),
+    ("languages=[it]", "no file for language 'it'; expected one of mgsm_it.tsv, it.jsonl, it.parquet, it.tsv "
+                       "(languages in the folder: bn, de, en, es, fr, ja, ru, sw, te, th, zh)"),
+    ("knobs.bands=[[0.5]]", "band 0 = [0.5] is not allowed; a band is [start, end] (fractions of depth) or 'auto'"),
+    ("knobs.top_k=[0]", "knobs.top_k = [0]: top_k 0 must be >= 1"),
+    ("steering.strengths=[]", "steering.strengths = []: List should have at least 1 item"),
+    ("rise.budget=0", "rise.budget = 0: Input should be greater than or equal to 1"),
+    ("resources.num_workers=0", "resources.num_workers = 0: Input should be greater than or equal to 1"),
+    ("models.0.dtype=fp8", "models.0.dtype = 'fp8': Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("tasks.0.format=mcq", "tasks.0.format = 'mcq': Input should be 'generative_numeric', 'multiple_choice' or"),
+    ("tasks.0.choices=numbers", "tasks.0.choices = 'numbers': Input should be 'letters' or 'texts'"),
+    ("tracking.mlflow_uri=ftp://host/x", "tracking.mlflow_uri = 'ftp://host/x': not a database or server URI; "
+                                         "allowed: sqlite:///PATH"),
+    ("tracking.mlflow_uri=file:///tmp/mlruns", "tracking.mlflow_uri = 'file:///tmp/mlruns': not a database or server "
+                                               "URI; allowed: sqlite:///PATH"),
+    ("models.3.path=x", "override models.3.path: models.3: a list of 1, use an index 0..0"),
+    ("name.x=1", "override name.x: name is a value, not a section"),
+    ("training.lr", "override 'training.lr' is not of the form key.sub=value"),
+])
+def test_validate_refuses_careless_overrides_naming_field_value_and_allowed(tmp_path, capsys, override, words):
+    """nan/inf, a language the task folder lacks and a tracking URI MLflow refuses used to pass validation."""
+    err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), override])
+    assert words in err, err
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "is empty"),
+    (b"- name: t\n- languages: [de]\n", "the top level must be a mapping, got list"),
+    (b"name: t\nmodels: caf\xe9\n", "line 2: not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    (None, "is a folder; give a YAML file"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_refused(tmp_path, capsys, content, words):
+    """A Latin-1 file used to end in a UnicodeDecodeError traceback; a folder was said not to exist."""
+    p = tmp_path / "c.yaml"
+    p.mkdir() if content is None else p.write_bytes(content)
+    assert words in refused(tmp_path, capsys, ["validate", p])
+    assert "does not exist" in refused(tmp_path, capsys, ["validate", tmp_path / "typo.yaml"])
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"en.tsv": "id\tquestion\nq0\tWhat is 0 plus 1?\n"}, "en.tsv: row 2 (id 'q0'), field 'answer': missing"),
+    ({"mgsm_en.tsv": "Q0?\t1\nQ1?\t\n"}, "mgsm_en.tsv: row 2 (id 'mgsm-0001'), field 'answer': missing"),
+    ({"mgsm_en.tsv": "Q0?\t1\nQ1?\t2\nQ2?\t3\n", "mgsm_de.tsv": "F0?\t1\nF1?\t2\n"},
+     "mgsm_de.tsv (language 'de') is not parallel to English (2 examples, English 3): missing ids (in mgsm_en.tsv "
+     "but not here): mgsm-0002"),
+    ({"en.jsonl": "[1, 2]\n"}, "en.jsonl: row 1: a JSON list, expected an object"),
+    ({"en.jsonl": _jsonl(_rows(2)), "de.jsonl": _jsonl(_rows(2, {1: {"id": "q0"}}))},
+     "de.jsonl: row 2, field 'id': 'q0' repeats row 1"),
+])
+def test_validate_reads_local_task_data(tmp_path, capsys, files, words):
+    """`ramoe validate` did not read a local task folder: these failed only when a stage loaded the data.
+    (English is read first: a fault in it needs no German file.)"""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), f"tasks.0.source={folder}"])
+    assert f"tasks.0.source = '{folder}': " in err and words in err, err

@@ -11,11 +11,12 @@ from ramoe_ray.config import ConfigError, TaskConfig, band_layers_of, load_confi
 from ramoe_ray.models import build_tiny, shape_of_config, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
+MGSM = REPO.parent / "shared/data/mgsm"  # sources.check reads a local task's data
 
 BASE = {
     "name": "t",
     "models": [{"name": "tiny", "path": "preset:olmoe", "family": "olmoe"}],
-    "tasks": [{"name": "mgsm", "format": "generative_numeric", "source": "somewhere"}],
+    "tasks": [{"name": "mgsm", "format": "generative_numeric", "source": str(MGSM)}],
     "languages": ["de", "sw"],
     "knobs": {"lambdas": [0.0, 0.5], "bands": [[0.25, 0.75], "auto"], "top_k": [1, 2]},
 }
@@ -43,7 +44,7 @@ def test_valid_config_with_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["training.seed=7"])
+    cfg = load_config(write(tmp_path, BASE), ["training.seeds=[7, 8]"])
     out = save_resolved(cfg, cfg.run_dir)
     assert out.parent == Path(cfg.run_dir)
     assert load_config(out) == cfg

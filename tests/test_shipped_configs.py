@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -448,7 +449,13 @@ def test_submit_sends_the_sweep_with_storage_tracking_and_secrets_in_the_environ
     runtime_env = json.loads(Path(env["FAKE_RAY_ARGS"] + ".env").read_text())
     assert Path(env["FAKE_RAY_ARGS"] + ".mode").read_text().strip() == "600"
     assert not Path(opts["--runtime-env"]).exists()
+    resume = runtime_env["env_vars"].pop("RAMOE_RESUME_COMMAND")
     assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.test", "HF_TOKEN": "hf-secret-value"}
+    # the command the sweep prints when it is stopped: this submission again, with --resume and the overrides
+    assert shlex.split(resume) == ["RAY_ADDRESS=http://127.0.0.1:8265", "MLFLOW_TRACKING_URI=https://mlflow.test",
+                                   "RAMOE_STORAGE=/mnt/x/", "CONFIG=sweeps/paper.yaml", "cluster/submit.sh", "--resume",
+                                   "training.lr=1e-4"]
+    assert "hf-secret-value" not in resume
     assert {".venv", "runs", ".ramoe_cache", ".git", "mlruns"} <= set(runtime_env["excludes"])
     assert Path(env["FAKE_RAY_ARGS"] + ".auth").read_text() == "token"
 
@@ -470,6 +477,7 @@ def test_submit_defaults_and_exit_status(submit_env):
     assert re.fullmatch(r"ramoe-synthetic-grid-\d{8}-\d{6}", sid)
     assert args[args.index("--") + 1:][:3] == ["ramoe", "sweep", "sweeps/synthetic-grid.yaml"]
     runtime_env = json.loads(Path(env["FAKE_RAY_ARGS"] + ".env").read_text())
+    assert shlex.split(runtime_env["env_vars"].pop("RAMOE_RESUME_COMMAND"))[-2:] == ["cluster/submit.sh", "--resume"]
     assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.test", "MLFLOW_TRACKING_TOKEN": "mlflow-secret"}
     assert "Ctrl-C" in res.stdout  # without --no-wait it streams the logs
 
@@ -490,5 +498,5 @@ def test_submit_env_vars_never_collide_with_the_sweeps_own_runtime_env(submit_en
     secrets = {k: "x" for k in ("HF_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     assert run_submit(dict(submit_env, **secrets)).returncode == 0
     env_vars = json.loads(Path(submit_env["FAKE_RAY_ARGS"] + ".env").read_text())["env_vars"]
-    assert set(env_vars) == {"MLFLOW_TRACKING_URI", *secrets}
+    assert set(env_vars) == {"MLFLOW_TRACKING_URI", "RAMOE_RESUME_COMMAND", *secrets}
     assert not set(env_vars) & set(TR.ray_env())

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).parents[1] / "ramoe_ray"
 ORDER = [
     "cache", "config",                                    # keys and atomic writes; the typed config
     "models", "tasks", "tokenizer", "losses",             # the family table; task formats and data; loss math
-    "routing_stats", "lora", "inference",                 # stage-2 math; expert LoRA; running a model over prompts
+    "routing_stats", "stats", "lora", "expert_delta",     # stage-2 math; paired comparison statistics; expert LoRA;
+    "inference",                                          # full-weight expert delta (RISE); running a model over prompts
     "synthetic", "sources",                               # the synthetic world; references -> local paths
     "taxonomy", "experts",                                # stage 1; stage 2
     "train_worker", "train", "evaluate",                  # stage 3 (per worker, driver); stage 4

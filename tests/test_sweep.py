@@ -279,5 +279,5 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
     # a resume of a finished sweep runs nothing; a changed config is refused
     assert sweep.run_sweep(cfg, resume=True)["ran"] == 0
     changed = config_from_dict({**d, "training": {**d["training"], "lr": 1e-3}})
-    with pytest.raises(ConfigError, match="config changed"):
+    with pytest.raises(ConfigError, match=r"began with other settings that change results \(training.lr: 0.005 -> 0.001\)"):
         sweep.run_sweep(changed, resume=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sweep import _finished
 
 from ramoe_ray import grid
 from ramoe_ray.config import load_config
@@ -338,3 +339,63 @@ def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
     local = Path(ml.download_artifacts(pid, "cells/cells.json", str(tmp_path / "dl")))
     cells = json.loads(local.read_text())
     assert len(cells) == 1, cells
+
+
+def _parent(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    if not db.is_file():
+        return None, []
+    ml = MlflowClient(f"sqlite:///{db}")
+    exp = ml.get_experiment_by_name("ramoe")
+    runs = ml.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    parents = [r for r in runs if r.data.tags.get("ramoe.kind") == "sweep"]
+    kids = [r for r in runs if parents and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return (parents[0] if parents else None), kids
+
+
+def test_ray_job_stop_leaves_the_parent_killed_and_resume_finishes_it(ray_cluster, cache_dir, tmp_path):
+    config = tiny_sweep(tmp_path, cache_dir)
+    d = yaml.safe_load(config.read_text())
+    d["knobs"]["lambdas"] = [1.0, 5.0, 10.0]  # 6 trials: time to stop it in the middle
+    config.write_text(yaml.safe_dump(d, sort_keys=False))
+    cfg = load_config(config, [])
+    expected = len(grid.trials(cfg))
+    db = Path(cfg.output_dir) / cfg.name / "mlflow.db"
+    client = ray_cluster.client()
+
+    def submit(job_id: str, *extra: str) -> None:
+        sub = ray_cluster.ray_cli(
+            "job", "submit", "--address", ray_cluster.address, "--submission-id", job_id, "--no-wait",
+            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+            "--", "python", "-m", "ramoe_ray.cli", "sweep", str(config), *extra)
+        assert sub.returncode == 0, f"`ray job submit` failed:\n{sub.stdout}\n{sub.stderr}"
+
+    job = f"ramoe-stop-{secrets.token_hex(4)}"
+    submit(job, "training.log_every=2")  # an override: the printed resume command must carry it
+    deadline = time.time() + JOB_TIMEOUT_S
+    while time.time() < deadline:
+        if _finished(db) >= 1:  # read-only sqlite3: an MlflowClient would race the job creating the tables
+            break
+        assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-5000:]
+        time.sleep(1.0)
+    stop = ray_cluster.ray_cli("job", "stop", "--address", ray_cluster.address, job, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert wait_for(client, job, 120) == "STOPPED"
+    parent, kids = _parent(db)
+    finished = sum(k.info.status == "FINISHED" for k in kids)
+    assert parent.info.status == "KILLED", client.get_job_logs(job)[-5000:]
+    assert 1 <= finished < expected
+    logs = client.get_job_logs(job)
+    hint = f"ramoe sweep {config} --resume training.log_every=2"
+    assert "SIGTERM: stopping the sweep" in logs and hint in logs, _tail(logs)
+
+    # the printed command, as a job: it continues the same parent and finishes it
+    again = f"ramoe-resume-{secrets.token_hex(4)}"
+    submit(again, "--resume", "training.log_every=2")
+    assert wait_for(client, again, JOB_TIMEOUT_S) == "SUCCEEDED", _tail(client.get_job_logs(again))
+    resumed, kids = _parent(db)
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert sorted(k.data.tags["trial_key"] for k in kids) == sorted(t.key for t in grid.trials(cfg))
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert f"{finished} trials already finished, {expected - finished} to run" in client.get_job_logs(again)
