@@ -313,7 +313,7 @@ def select(client, exp_id: str, parent_id: str) -> list:
     df = tracking.children(client, exp_id, parent_id)
     if df.empty:
         return []
-    df = df[df.status == "FINISHED"].copy()
+    df = df[(df.status == "FINISHED") & ~_replicate_rows(df)].copy()  # the grid, at the first seed
     df["_index"] = df["tags.trial_index"].astype(int)
     chosen = []
     for _, g in df.groupby(["tags.model", "tags.task", "tags.language", "tags.method"], sort=False):
@@ -325,8 +325,16 @@ def select(client, exp_id: str, parent_id: str) -> list:
     return sorted(chosen, key=lambda b: int(b["_index"]))
 
 
+def _replicate_rows(df):
+    """The rows of ``tracking.children`` that are replicates (another seed of a selected trial)."""
+    col = "tags.ramoe.replicate_of"
+    return df[col].fillna("").astype(str).ne("") if col in df else df.status.ne(df.status)
+
+
 def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=print) -> list[dict]:
-    """The test evaluations of the selected trials in parallel, as Ray tasks with a trial's resources."""
+    """The test evaluations of the selected trials (and their replicates) in parallel, as Ray tasks with
+    a trial's resources; each child gets its test metrics, its per-example predictions
+    (``trial.PREDICTIONS``) and the test split as a dataset input."""
     import ray
 
     ensure_ray(cfg)
@@ -335,11 +343,19 @@ def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=
     refs = [task_fn.remote(cfg.model_dump(mode="json"), folder) for _, folder in todo]
     out = []
     for (row, _), ref in zip(todo, refs):
-        vals = ray.get(ref)
-        tracking.log_metrics(client, row["run_id"], vals)
+        got = ray.get(ref)
+        vals = got["metrics"]
+        client.log_dict(row["run_id"], got["predictions"], trial.PREDICTIONS)
+        source = next(t.source for t in cfg.tasks if t.name == row["task"])
+        tracking.log_dataset(client, row["run_id"], source, row["task"], row["language"], "test", got["predictions"]["ids"])
+        model_id = None
+        if row.get("adapter"):  # the tested adapters are logged models, their test metrics linked to them
+            model_id = tracking.log_adapter(client, row["exp_id"], row["run_id"], f"{row['method']}-{row['model']}-"
+                                            f"{row['task']}-{row['language']}", row["adapter"], {"trial_key": row["key"]})
+        tracking.log_metrics(client, row["run_id"], vals, model_id=model_id)
         key = row.pop("key")
         out.append({**row, "test_acc": vals["test_acc"]})
-        log(f"  selected {key}: val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
+        log(f"  {key}: val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")
     return out
 
 
@@ -347,10 +363,14 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, *, log=
     """Module docstring, 5.: the selected child per (cell, method), evaluated on the test split (once:
     a resumed sweep keeps the test numbers it has)."""
     out, todo = [], []
-    for best in select(client, exp_id, parent_id):
+    chosen = select(client, exp_id, parent_id)
+    df = tracking.children(client, exp_id, parent_id)
+    replicas = [r for _, r in df[(df.status == "FINISHED") & _replicate_rows(df)].iterrows()] if not df.empty else []
+    for best in chosen + replicas:
         row = {"run_id": best.run_id, "model": best["tags.model"], "task": best["tags.task"],
                "language": best["tags.language"], "method": best["tags.method"],
-               "val_acc": float(best[f"metrics.{SELECT_METRIC}"])}
+               "val_acc": float(best[f"metrics.{SELECT_METRIC}"]), "exp_id": exp_id,
+               "adapter": best.get("tags.ramoe.adapter") or None}
         if not math.isnan(best.get("metrics.test_acc", math.nan)):  # tested before (a resumed sweep)
             out.append({**row, "test_acc": float(best["metrics.test_acc"])})
         else:
@@ -400,7 +420,8 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
     client, cfg, trials = sw.client, sw.cfg, sw.plan.trials
     if not sw.parent_id:
         sw.parent_id = tracking.start_parent(client, sw.exp_id, cfg, params=parent_params(cfg, len(trials)),
-                                             n_trials=len(trials), cells=stages["cells"], run_dir=run_dir)
+                                             n_trials=len(trials) + grid.n_replicates(cfg), cells=stages["cells"],
+                                             run_dir=run_dir)
     else:
         client.update_run(sw.parent_id, status="RUNNING")
         for k, v in tracking.driver_tags().items():
@@ -411,22 +432,36 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
     todo = [t for t in trials if t.key not in done]
     log(f"parent run {sw.parent_id}: {len(done)} trials already finished, {len(todo)} to run")
     sw.summary = {"parent_run_id": sw.parent_id, "experiment_id": sw.exp_id, "tracking_uri": sw.plan.uri,
-                  "trials": len(trials), "ran": 0, "finished": len(done), "failed": 0,
+                  "trials": len(trials) + grid.n_replicates(cfg), "ran": 0, "finished": len(done), "failed": 0,
                   "stage1_computed": stages["stage1_computed"], "stage2_computed": stages["stage2_computed"],
                   "stage12_recomputed_in_trials": 0}
     return todo
 
 
-def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, log) -> bool:
+def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, log, phase: str = "trials") -> bool:
     """The trials still to run, through Tune; counts them into the summary. True if interrupted."""
     storage = Path(sw.cfg.sweep.storage_path or run_dir / "tune").resolve()
-    logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, len(sw.plan.trials), sw.summary["finished"])
+    logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"], sw.summary["finished"],
+                                  task_sources={t.name: t.source for t in sw.cfg.tasks})
     ran = run_trials(sw.cfg, todo, cells, logger, storage=storage, root=storage / "trials" / sw.parent_id, log=log)
-    sw.phases["seconds_trials"] = ran["seconds"]
-    sw.summary["ran"] = logger.finished + logger.failed
-    sw.summary["failed"] = logger.failed
+    sw.phases[f"seconds_{phase}"] = ran["seconds"]
+    sw.summary["ran"] += logger.finished + logger.failed
+    sw.summary["failed"] += logger.failed
     sw.summary["finished"] += logger.finished
     return ran["interrupted"]
+
+
+def _run_replicates(sw: _Sweep, cells: list[dict], run_dir: Path, log) -> bool:
+    """The selected configuration of every (cell, trained method) again with each other seed
+    (``grid.RULES["seeds"]``), the ones not finished yet. True if interrupted."""
+    chosen = [grid.Trial(**json.loads((Path(b["tags.ramoe.trial_dir"]) / grid.TRIAL_JSON).read_text())["spec"])
+              for b in select(sw.client, sw.exp_id, sw.parent_id)]
+    done, _ = _done_trials(sw.client, sw.exp_id, sw.parent_id)
+    todo = [r for r in grid.replicates(sw.cfg, chosen, len(sw.plan.trials)) if r.key not in done]
+    if not todo:
+        return False
+    log(f"seeds {sw.cfg.training.seeds[1:]}: {len(todo)} retrainings of the selected configurations")
+    return _run_todo(sw, todo, cells, run_dir, log, phase="replicates")
 
 
 def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
@@ -486,8 +521,10 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, resume_hint: s
     sw, stages = _prepare(cfg, resume, t0, log)
     run_dir = Path(sw.cfg.run_dir).resolve()
     todo = _open_parent(sw, stages, run_dir, log)
-    if todo:
+    if todo or len(sw.cfg.training.seeds) > 1:
         ensure_ray(sw.cfg)  # before the handler: ray.init sets its own for SIGTERM (sys.exit), which would win
     with _sigterm_as_ctrl_c(sw, resume_hint, log):
         interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
+        if not interrupted and len(sw.cfg.training.seeds) > 1:
+            interrupted = _run_replicates(sw, stages["cells"], run_dir, log)
         return _finish(sw, interrupted, log)

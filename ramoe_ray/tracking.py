@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from ramoe_ray.cache import write_json_atomic
+from ramoe_ray.cache import content_key, write_json_atomic
 from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolved
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
 
@@ -126,11 +126,12 @@ def child_runs(client, exp_id: str, parent_id: str) -> list:
 
 def children(client, exp_id: str, parent_id: str):
     """The parent's child runs (not deleted) as a DataFrame with mlflow.search_runs' column names
-    (run_id, status, tags.*, metrics.*)."""
+    (run_id, status, tags.*, params.*, metrics.*)."""
     import pandas as pd
 
     return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status,
                           **{f"tags.{k}": v for k, v in r.data.tags.items()},
+                          **{f"params.{k}": v for k, v in r.data.params.items()},
                           **{f"metrics.{k}": v for k, v in r.data.metrics.items()}}
                          for r in child_runs(client, exp_id, parent_id)])
 
@@ -192,12 +193,37 @@ def sweep_identity(client, run_id: str) -> dict | None:
         return None
 
 
-def log_metrics(client, run_id: str, values: dict, step: int = 0) -> None:
-    """Scalar metrics at ``step``, one timestamp."""
+def log_metrics(client, run_id: str, values: dict, step: int = 0, model_id: str | None = None) -> None:
+    """Scalar metrics at ``step``, one timestamp (linked to a logged model when ``model_id`` is given)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()])
+
+
+def log_dataset(client, run_id: str, source: str, task: str, language: str, split: str, ids: list[str]) -> None:
+    """The examples a run used, as an MLflow dataset input (the runs table's Dataset column): named
+    task-language-split, its digest the hash of the example ids, its source the task's reference."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=f"{task}-{language}-{split}", digest=content_key(sorted(ids), 16),
+                 source_type="local" if Path(source).exists() else "hub",
+                 source=json.dumps({"uri": source, "language": language, "split": split}),
+                 profile=json.dumps({"num_rows": len(ids)}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", split)])])
+
+
+def log_adapter(client, exp_id: str, run_id: str, name: str, adapter_dir: str, params: dict) -> str:
+    """A trained adapter as an MLflow logged model of ``run_id`` (the Models view lists it; metrics logged
+    with its id link to it); returns the model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    model = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="ramoe-expert-adapter",
+                                       params={k: str(v) for k, v in params.items()})
+    client.log_model_artifacts(model.model_id, adapter_dir)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    return model.model_id
 
 
 def start_parent(client, exp_id: str, cfg: RunConfig, *, params: dict, n_trials: int, cells: list,
@@ -239,7 +265,9 @@ def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str
             "trial_index": str(trial.index), "tune_trial_id": trial_id, "selected": "false",
             "ramoe.trial_dir": str(_trial_folder(record)) if record else "",
             # a training reused from the trial folder (a resumed sweep whose trial had finished training)
-            "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower()}
+            "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower(),
+            "ramoe.replicate_of": trial.replicate_of,
+            "ramoe.adapter": str((record or {}).get("train", {}).get("adapter") or "")}
 
 
 def _child_params(trial: Trial, record: dict | None) -> dict:
@@ -248,7 +276,8 @@ def _child_params(trial: Trial, record: dict | None) -> dict:
     the RISE mask is in trial.json: the comparison stays readable."""
     params = {"model": trial.model, "task": trial.task, "language": trial.language, "method": trial.method,
               "lam": trial.lam, "band": trial.band_label(), "top_k": trial.top_k,
-              "strength": trial.strength if trial.strength is not None else "none"}
+              "strength": trial.strength if trial.strength is not None else "none",
+              "seed": trial.seed if trial.seed is not None else "none"}
     if record is None:
         return {k: str(v) for k, v in params.items()}
     tr = record["train"]
@@ -276,9 +305,17 @@ def _child_metrics(trial: Trial, record: dict) -> list:
     return metrics
 
 
+def _ids(rows_parquet: Path, language: str) -> list[str]:
+    import pandas as pd
+
+    df = pd.read_parquet(rows_parquet, columns=["id", "language"])
+    return sorted(str(i) for i in df[df.language == language].id)
+
+
 def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict | None, error: str | None,
-              trial_id: str) -> str:
-    """One trial as a child run: FINISHED with its record (trial.json), or FAILED with its error."""
+              trial_id: str, task_source: str = "") -> str:
+    """One trial as a child run: FINISHED with its record (trial.json) and its validation split as a
+    dataset input, or FAILED with its error."""
     started = int(1000 * record["started"]) if record and record.get("started") else None
     run = client.create_run(exp_id, run_name=run_name(trial), tags=_child_tags(parent_id, trial, record, trial_id),
                             start_time=started)
@@ -289,6 +326,8 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
         client.set_terminated(rid, "FAILED")
         return rid
     log_params(client, rid, _child_params(trial, record))
+    validation = Path(record["eval"]["path"]).parent / "rows.parquet"
+    log_dataset(client, rid, task_source, trial.task, trial.language, "validation", _ids(validation, trial.language))
     metrics = _child_metrics(trial, record)
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
@@ -309,8 +348,10 @@ class ChildLogger:
     Tune pickles its callbacks with the experiment state: this holds only plain values (the MLflow client
     is made on first use, progress goes to print looked up at call time)."""
 
-    def __init__(self, uri: str, exp_id: str, parent_id: str, total: int, done_before: int):
+    def __init__(self, uri: str, exp_id: str, parent_id: str, total: int, done_before: int,
+                 task_sources: dict[str, str] | None = None):
         self.uri, self.exp_id, self.parent_id, self.total, self.done_before = uri, exp_id, parent_id, total, done_before
+        self.task_sources = task_sources or {}
         self.finished, self.failed, self._client = 0, 0, None
 
     def __getstate__(self):
@@ -335,7 +376,7 @@ class ChildLogger:
         trial = Trial(**tune_trial.config["trial"])
         record = json.loads(Path(path).read_text())
         log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None,
-                  trial_id=tune_trial.trial_id)
+                  trial_id=tune_trial.trial_id, task_source=self.task_sources.get(trial.task, ""))
         self.finished += 1
         tm = record["timing"]
         self._line(trial, f"val acc {100 * res['val_acc']:.1f}% (en {100 * res['val_acc_en']:.1f}%), "

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -115,7 +116,9 @@ def failing_trial(key: str):
 @pytest.fixture(scope="module")
 def swept(shared_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    cfg = config_from_dict(sweep_dict(shared_cache, out))
+    d = sweep_dict(shared_cache, out)
+    d["training"]["seeds"] = [0, 1]  # the selected configurations are retrained with seed 1 and tested
+    cfg = config_from_dict(d)
     fail = next(t.key for t in grid.trials(cfg) if t.method == "rise" and t.language == "syn4")
     with failing_trial(fail):
         summary = sweep.run_sweep(cfg)
@@ -127,7 +130,9 @@ def swept(shared_cache, tmp_path_factory):
 def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     cfg, summary, client, kids, fail = swept
     trials = grid.trials(cfg)
-    assert len(trials) == 3 * 4 == summary["trials"]
+    replicas = kids[kids["tags.ramoe.replicate_of"].fillna("") != ""]
+    kids = kids[kids["tags.ramoe.replicate_of"].fillna("") == ""]
+    assert len(trials) == 3 * 4 and summary["trials"] == 3 * 4 + 3 * 3  # + one replicate per cell x trained method
     assert sorted(kids["tags.trial_key"]) == sorted(t.key for t in trials)
     failed = kids[kids.status == "FAILED"]
     assert list(failed["tags.trial_key"]) == [fail] and "injected failure" in failed["tags.error"].iloc[0]
@@ -135,7 +140,13 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     assert len(ok) == len(trials) - 1 and summary["failed"] == 1
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
-    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(len(trials))
+    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 4 + 3 * 3)
+    # seed 1: each selected configuration of a trained method, once (the failed RISE cell has none)
+    selected = ok[(ok["tags.selected"] == "true") & (ok["tags.method"] != "steering")]
+    assert sorted(replicas["tags.trial_key"]) == sorted(f"{k}/seed=1" for k in selected["tags.trial_key"])
+    assert (replicas.status == "FINISHED").all() and (replicas["params.seed"] == "1").all()
+    assert (ok[ok["tags.method"] != "steering"]["params.seed"] == "0").all()
+    assert (ok[ok["tags.method"] == "steering"]["params.seed"] == "none").all()
     # every rule of the method's definitions is a param of the parent
     for k in train.RULES:
         assert parent.data.params[f"rule.train.{k}"] == train.RULES[k]
@@ -154,6 +165,8 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
             assert m["routing_kl_ci"] >= 0 and m["routing_kl_ci_base"] >= 0
             assert len(client.get_metric_history(row.run_id, "train_loss")) == 3  # max_steps, log_every 1
         assert {a.path for a in client.list_artifacts(row.run_id)} >= {"trial.png", "trial.json"}
+        inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+        assert (f"{spec.task}-{spec.language}-validation", "validation") in inputs
     # RA-MoE (λ = 10) pulls ci routing to the English pattern more than SFT in every cell
     for lang in LANGS:
         kl = {r["tags.method"]: r["metrics.routing_kl_ci"] for _, r in ok[ok["tags.language"] == lang].iterrows()
@@ -175,7 +188,8 @@ def test_stages_1_2_run_once_per_cell(swept):
 def test_selection_on_validation_and_test_only_for_the_selected(swept):
     cfg, summary, client, kids, _ = swept
     kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
-    ok = kids[kids.status == "FINISHED"]
+    replicas = kids[kids["tags.ramoe.replicate_of"].fillna("") != ""]
+    ok = kids[(kids.status == "FINISHED") & (kids["tags.ramoe.replicate_of"].fillna("") == "")]
     for (lang, method), g in ok.groupby(["tags.language", "tags.method"]):
         chosen = g[g["tags.selected"] == "true"]
         assert len(chosen) == 1, (lang, method)
@@ -183,8 +197,20 @@ def test_selection_on_validation_and_test_only_for_the_selected(swept):
         assert 0 <= chosen["metrics.test_acc"].iloc[0] <= 1
         others = g[g["tags.selected"] != "true"]
         assert others.get("metrics.test_acc", others["metrics.val_acc"] * math.nan).isna().all()
-    # the failed cell x method has no selection; every other one has
-    assert len(summary["selected"]) == 3 * 4 - 1
+    # the failed cell x method has no selection; every other one has, and each replicate is tested too
+    assert len(summary["selected"]) == 3 * 4 - 1 + len(replicas)
+    for rid in list(replicas.run_id) + list(ok[ok["tags.selected"] == "true"].run_id):
+        run = client.get_run(rid)
+        assert 0 <= run.data.metrics["test_acc"] <= 1
+        pred = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{trial.PREDICTIONS}")
+        assert len(pred["ids"]) == len(pred["correct"]) == int(run.data.metrics["n_test"])
+        assert sum(pred["correct"]) / len(pred["correct"]) == pytest.approx(run.data.metrics["test_acc"])
+        assert ("test" in {d.tags[0].value for d in run.inputs.dataset_inputs})
+        if run.data.tags["method"] != "steering":  # the tested adapter is a logged model, test_acc linked to it
+            model = client.search_logged_models([summary["experiment_id"]],
+                                                filter_string=f"source_run_id = '{rid}'")[0]
+            assert any(m.key == "test_acc" for m in model.metrics)
+            assert {a.path for a in client.list_logged_model_artifacts(model.model_id)}
 
 
 def test_report_numbers_are_mlflows(swept):
