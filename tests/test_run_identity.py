@@ -140,3 +140,14 @@ def test_a_changed_setting_never_returns_an_older_training(shared_cache, tmp_pat
         cfg = cfg_for(shared_cache, max_steps=4)
         train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="sft", band=BAND, top_k=TOP_K,
                          num_workers=2, run_dir=first["run_dir"])
+
+
+def test_the_printed_resume_command_carries_every_override(monkeypatch):
+    monkeypatch.delenv("RAMOE_RESUME_COMMAND", raising=False)
+    parser = cli.build_parser()
+    args = parser.parse_args(["sweep", "my sweeps/c.yaml", "training.lr=1e-4", "name=run 2"])
+    assert cli.resume_command(args) == "ramoe sweep 'my sweeps/c.yaml' --resume training.lr=1e-4 'name=run 2'"
+    assert cli.resume_command(parser.parse_args(["demo", cli.DEMO_CONFIG, "knobs.top_k=[1]"])) == \
+        "ramoe demo --resume 'knobs.top_k=[1]'"
+    monkeypatch.setenv("RAMOE_RESUME_COMMAND", "CONFIG=sweeps/paper.yaml cluster/submit.sh --resume")
+    assert cli.resume_command(args) == "CONFIG=sweeps/paper.yaml cluster/submit.sh --resume"
