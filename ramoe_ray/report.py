@@ -3,15 +3,24 @@
 A sweep (ramoe_ray/sweep.py, logging through tracking.py) logs one *parent* run (tags ``ramoe.kind =
 sweep``, ``ramoe.sweep = NAME``; artefacts ``config.resolved.yaml`` and ``cells/cells.json``) and one
 *child* run per Tune trial (tags ``mlflow.parentRunId``, ``ramoe.kind = trial``, ``model``, ``task``, ``language``,
-``method``, ``selected``; metrics ``val_acc``, ..., and on the selected child of each cell × method
-``test_acc`` and ``test_div_L<layer>``). This module reads those runs and writes, into one folder
-(default ``<run folder>/report/``):
+``method``, ``selected``; param ``seed``; metrics ``val_acc``, ..., and on the selected child of each cell ×
+method ``test_acc`` and ``test_div_L<layer>``). The selected configuration of a trained method is retrained
+with each other seed: *replicate* children (tag ``ramoe.replicate_of`` = the selected child's ``trial_key``,
+``selected = false``, their own ``seed``, ``test_acc``). Every child with ``test_acc`` also logs
+``test/predictions.json`` (``language``, sorted ``ids``, 0/1 ``correct``, ...): the same test examples for
+every method and seed of a cell. This module reads those runs and writes, into one folder (default
+``<run folder>/report/``):
 
-- ``report.md``: per model × task a table (rows = languages; test accuracy of the selected trial of
-  SFT, Steering, RISE, RA-MoE; Δ = RA-MoE − SFT in accuracy points; the cell's ci proportion), the
-  ci-proportion-vs-gain correlation (Pearson r, Spearman ρ, percentile-bootstrap 95 % intervals),
-  the figures, the failed trials;
-- ``scatter.png``: ci proportion (x) against Δ (y), one colour per model;
+- ``report.md``: at the top one headline per baseline (``stats.headline``: RA-MoE − baseline over cells);
+  per model × task a table (rows = languages; test accuracy mean ± sd over seeds of SFT, Steering, RISE,
+  RA-MoE; Δ = RA-MoE − SFT of the seed means in points, marked ▲ / ▼ when its paired interval excludes 0;
+  the cell's ci proportion); per baseline the paired comparison (Δ with a bootstrap interval over test
+  examples, McNemar's exact p per seed, and across cells the mean Δ, wins / ties / losses, Wilcoxon p;
+  ``ramoe_ray.stats``); the ci-proportion-vs-gain correlation (Pearson r, Spearman ρ, percentile-bootstrap
+  95 % intervals), the figures, the failed trials. A cell whose runs lack predictions says its intervals
+  are unavailable;
+- ``scatter.png``: ci proportion (x) against Δ vs SFT (y) with its paired interval, one colour per model;
+- ``delta.png``: per baseline each cell's Δ and interval, and the mean over cells (forest plot);
 - ``divergence_<model>.png``: routing divergence to English by MoE layer, per language, base model
   (dashed, from cells.json) and the selected RA-MoE trials (solid, their ``test_div_L*``);
 - ``report.json``: the numbers of the tables.
@@ -33,16 +42,21 @@ from typing import Any
 
 import numpy as np
 
-from ramoe_ray import tracking
+from ramoe_ray import stats, tracking, trial
 from ramoe_ray.cache import write_text_atomic
 from ramoe_ray.config import METHODS, ConfigError, RunConfig
 
 LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE (best)"}
-N_RESAMPLES = 2000
+N_RESAMPLES = 2000  # correlation intervals (resampling cells)
+N_BOOT_EXAMPLES = stats.N_BOOT  # paired Δ intervals (resampling test examples)
 SEED = 0
 CONFIDENCE = 0.95
 NA_CORR = "n/a (needs ≥3 cells with varying values)"
 DASH = "—"
+REPLICATE_TAG = "ramoe.replicate_of"  # on a selected configuration retrained with another seed: its trial_key
+PREDICTIONS_ARTIFACT = trial.PREDICTIONS  # test/predictions.json: {language, ids, correct, ...} per test run
+RAMOE = "RA-MoE"
+MARKS = {1: "▲", -1: "▼", 0: ""}  # the paired interval above 0 / below 0 / containing 0
 
 
 
@@ -114,8 +128,42 @@ def _trial(run) -> dict:
         "run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time or 0,
         "model": t.get("model"), "task": t.get("task"), "language": t.get("language"), "method": t.get("method"),
         "trial_key": t.get("trial_key"), "selected": str(t.get("selected", "")).lower() == "true",
+        "replicate_of": t.get(REPLICATE_TAG) or None, "seed": d.params.get("seed"),
         "error": t.get("error"), "metrics": dict(d.metrics), "params": dict(d.params),
     }
+
+
+def _read_predictions(path: Path | None) -> dict:
+    """A ``test/predictions.json`` as {language, ids, correct (0/1 array)}, or {error} saying what is wrong."""
+    if path is None:
+        return {"error": f"no {PREDICTIONS_ARTIFACT} artefact"}
+    try:
+        raw = json.loads(path.read_text())
+        ids, correct = [str(i) for i in raw["ids"]], np.asarray(raw["correct"], dtype=float)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {"error": f"unreadable {PREDICTIONS_ARTIFACT} ({type(e).__name__}: {e})"}
+    if correct.ndim != 1 or len(correct) != len(ids) or len(set(ids)) != len(ids) or not np.isin(correct, (0, 1)).all():
+        return {"error": f"malformed {PREDICTIONS_ARTIFACT}: ids and 0/1 correct must be equal-length, ids distinct"}
+    return {"language": raw.get("language"), "ids": ids, "correct": correct}
+
+
+def _needs_predictions(tr: dict) -> bool:
+    """A finished test evaluation of a selected configuration: the selected child or one of its replicates."""
+    return (tr["status"] == "FINISHED" and _finite(tr["metrics"].get("test_acc"))
+            and (tr["selected"] or tr["replicate_of"] is not None))
+
+
+def _predictions(uri: str, trials: list[dict]) -> dict:
+    """run id -> ``_read_predictions`` of each run that needs them (downloaded through MLflow)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ramoe-report-pred-") as tmp:
+        for tr in trials:
+            if _needs_predictions(tr):
+                dst = Path(tmp) / tr["run_id"]
+                dst.mkdir()
+                out[tr["run_id"]] = _read_predictions(tracking.download_artifact(uri, tr["run_id"],
+                                                                                 PREDICTIONS_ARTIFACT, str(dst)))
+    return out
 
 
 def collect(cfg: RunConfig, sweep_run_id: str | None = None) -> dict:
@@ -143,8 +191,10 @@ def collect(cfg: RunConfig, sweep_run_id: str | None = None) -> dict:
     return {
         "client": client, "tracking_uri": uri, "experiment": exp.name if exp else cfg.tracking.experiment,
         "parent": {"run_id": pid, "name": parent.data.tags.get("ramoe.sweep", parent.info.run_name),
-                   "status": parent.info.status, "start_time": parent.info.start_time},
+                   "status": parent.info.status, "start_time": parent.info.start_time,
+                   "driver": tracking.driver_state(parent)},  # RUNNING: a live sweep, or one stopped hard
         "expected_trials": expected, "cells_json": cells_json, "resolved": resolved, "trials": trials,
+        "predictions": _predictions(uri, trials),
     }
 
 
@@ -201,15 +251,135 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+# ------------------------------------------------------------------------------------------ seeds, paired
+
+
+def _seed_key(tr: dict) -> tuple:
+    s = str(tr["seed"])
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def _seed_runs(trials: list[dict], sel: dict) -> dict:
+    """(cell, method) -> the test runs of the selected configuration, one per seed: the selected trial
+    first, then its finished replicates (tag ramoe.replicate_of = its trial_key; the newest of a seed) by seed."""
+    reps: dict = {}
+    for tr in sorted(trials, key=lambda t: t["start_time"]):
+        if tr["replicate_of"] and tr["status"] == "FINISHED" and _finite(tr["metrics"].get("test_acc")):
+            reps.setdefault((tr["model"], tr["task"], tr["language"], tr["method"], tr["replicate_of"]), {})[
+                str(tr["seed"])] = tr
+    out = {}
+    for (cell, method), chosen in sel.items():
+        by_seed = dict(reps.get((*cell, method, chosen["trial_key"]), {}))
+        by_seed.pop(str(chosen["seed"]), None)
+        out[(cell, method)] = [chosen] + sorted(by_seed.values(), key=_seed_key)
+    return out
+
+
+def _correct_by_id(run: dict, preds: dict, language: str) -> dict | str:
+    """{example id: 0/1} of one run's test predictions, or why they are unavailable."""
+    p = preds.get(run["run_id"]) or {"error": f"no {PREDICTIONS_ARTIFACT} artefact"}
+    who = f"run {run['run_id']}, {LABELS[run['method']]} seed {run['seed']}"
+    if "error" in p:
+        return f"{p['error']} ({who})"
+    if p["language"] != language:
+        return f"{PREDICTIONS_ARTIFACT} is in language {p['language']!r}, not {language!r} ({who})"
+    return dict(zip(p["ids"], p["correct"]))
+
+
+def _aligned(runs_a: list, runs_b: list, preds: dict, language: str) -> tuple | str:
+    """(A, B, n left out): (seeds, examples) correctness matrices of the examples every run holds, in id
+    order; or why there are none."""
+    tables = [_correct_by_id(r, preds, language) for r in runs_a + runs_b]
+    if why := next((t for t in tables if isinstance(t, str)), None):
+        return why
+    ids = sorted(set.intersection(*(set(t) for t in tables)))
+    if len(ids) < 2:
+        return "fewer than 2 test examples common to every run"
+    mat = np.array([[t[i] for i in ids] for t in tables], dtype=float)
+    return mat[:len(runs_a)], mat[len(runs_a):], max(len(t) for t in tables) - len(ids)
+
+
+def _seed_pairs(runs_a: list, runs_b: list) -> list[tuple[int, int]]:
+    """(baseline run, RA-MoE run) index pairs for McNemar: equal seeds; a baseline without a seed
+    (steering) against every RA-MoE seed."""
+    if len(runs_a) == 1 and _seed_key(runs_a[0])[0] == 1:
+        return [(0, j) for j in range(len(runs_b))]
+    index = {str(r["seed"]): i for i, r in enumerate(runs_a)}
+    return [(index[str(r["seed"])], j) for j, r in enumerate(runs_b) if str(r["seed"]) in index]
+
+
+def _compare(runs_a: list, runs_b: list, preds: dict, language: str) -> dict:
+    """RA-MoE (B) against one baseline (A) in one cell: ``paired`` (stats.PairedDelta, fractions), the
+    sign of its interval, McNemar per seed pair; or ``available`` False and why."""
+    got = _aligned(runs_a, runs_b, preds, language)
+    if isinstance(got, str):
+        return {"available": False, "note": got, "seeds": [len(runs_a), len(runs_b)]}
+    a, b, left_out = got
+    pd = stats.paired_bootstrap(a, b, n_boot=N_BOOT_EXAMPLES, seed=SEED)
+    mc = [{"ramoe_seed": runs_b[j]["seed"], "baseline_seed": runs_a[i]["seed"], "p": m.p, "b01": m.b01, "b10": m.b10}
+          for i, j in _seed_pairs(runs_a, runs_b) for m in [stats.mcnemar_exact(a[i], b[j])]]
+    return {"available": True, "paired": pd, "sign": 1 if pd.low > 0 else -1 if pd.high < 0 else 0,
+            "mcnemar": mc, "seeds": [len(runs_a), len(runs_b)],
+            "note": f"{left_out} examples not held by every run left out" if left_out else None}
+
+
+def _comparisons(cells_order: list, seeds: dict, preds: dict, baselines: list[str]) -> dict:
+    """cell -> {baseline: ``_compare``} for every cell where RA-MoE and the baseline both have test runs."""
+    out: dict = {}
+    for key in cells_order:
+        ours = seeds.get((key, "ramoe"))
+        out[key] = {b: _compare(seeds[(key, b)], ours, preds, key[2]) for b in baselines
+                    if ours and (key, b) in seeds}
+    return out
+
+
+def _comparison_record(c: dict) -> dict:
+    """A ``_compare`` result for report.json and the tables: Δ and its interval in points."""
+    if not c["available"]:
+        return {k: c[k] for k in ("available", "note", "seeds")}
+    pd = c["paired"]
+    return {"available": True, "delta": 100 * pd.delta, "low": 100 * pd.low, "high": 100 * pd.high, "n": pd.n,
+            "sign": c["sign"], "mark": MARKS[c["sign"]], "mcnemar": c["mcnemar"], "seeds": c["seeds"],
+            "note": c["note"]}
+
+
+def _summary(baseline: str, comps: dict) -> dict:
+    """Across cells, RA-MoE against ``baseline``: stats.across_cells in points, its headline, the cells
+    left out (predictions unavailable)."""
+    mine = [(k, c[baseline]) for k, c in comps.items() if baseline in c]
+    ok = [c["paired"] for _, c in mine if c["available"]]
+    out = {"baseline": baseline, "unavailable": ["/".join(k) for k, c in mine if not c["available"]]}
+    if not ok:
+        why = "no cell with RA-MoE and this baseline" if not mine else "test predictions unavailable in every cell"
+        return out | {"cells": 0, "headline": f"{RAMOE} vs {LABELS[baseline]}: no paired comparison ({why})"}
+    s = stats.across_cells([p.delta for p in ok], [p.low for p in ok], [p.high for p in ok], seed=SEED)
+    pts = {k: (None if v is None else 100 * v) for k, v in (("mean", s.mean), ("low", s.low), ("high", s.high))}
+    return out | pts | {"cells": s.n, "wins": s.wins, "ties": s.ties, "losses": s.losses,
+                        "wilcoxon_p": s.wilcoxon_p, "level": s.level, "note": s.note,
+                        "headline": stats.headline(RAMOE, LABELS[baseline], s)}
+
+
+def _mismatches(seeds: dict, preds: dict) -> list[str]:
+    """Runs whose predictions' accuracy differs from their test_acc metric (the two should be one number)."""
+    out = []
+    for runs in seeds.values():
+        for r in runs:
+            p = preds.get(r["run_id"]) or {}
+            if "correct" in p and abs(p["correct"].mean() - r["metrics"]["test_acc"]) > 1e-6:
+                out.append(f"run {r['run_id']}: {PREDICTIONS_ARTIFACT} gives {100 * p['correct'].mean():.2f} %, "
+                           f"test_acc is {100 * r['metrics']['test_acc']:.2f} %")
+    return out
+
+
 def _corr(x: np.ndarray, y: np.ndarray, kind: str) -> dict:
     """r (or ρ), p-value and a percentile-bootstrap interval (paired resampling of cells; resamples in
     which x or y is constant have no correlation and are dropped, their count reported)."""
-    from scipy import stats
+    from scipy import stats as sps
 
     n = len(x)
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"r": None, "p": None, "low": None, "high": None, "n": n, "dropped": None, "note": NA_CORR}
-    fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
+    fn = sps.pearsonr if kind == "pearson" else sps.spearmanr
 
     def stat(a, b):
         if np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -219,7 +389,7 @@ def _corr(x: np.ndarray, y: np.ndarray, kind: str) -> dict:
     res = fn(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate resamples (nan) make scipy warn about its own interval
-        boot = stats.bootstrap((x, y), stat, paired=True, vectorized=False, n_resamples=N_RESAMPLES,
+        boot = sps.bootstrap((x, y), stat, paired=True, vectorized=False, n_resamples=N_RESAMPLES,
                                confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(SEED))
     dist = np.asarray(boot.bootstrap_distribution, dtype=float)
     ok = dist[np.isfinite(dist)]
@@ -239,17 +409,21 @@ def _ci_proportion(key: tuple, info: dict, trials: list[dict]) -> float | None:
     return float(ci) if ci is not None else None
 
 
-def _cell_row(key: tuple, sel: dict, info: dict, trials: list[dict]) -> dict:
-    """One table row: test accuracy (and run) of each method's selected trial, Δ, ci proportion, RA-MoE's knobs."""
+def _cell_row(key: tuple, seeds: dict, info: dict, trials: list[dict]) -> dict:
+    """One table row: per method the test accuracy over seeds (mean, sd, each seed's run), Δ = RA-MoE − SFT
+    of the seed means in points, the ci proportion, the selected RA-MoE trial's knobs."""
     row: dict = {}
     for m in METHODS:
-        tr = sel.get((key, m))
-        row[m] = float(tr["metrics"]["test_acc"]) if tr else None
-        row[f"{m}_run"] = tr["run_id"] if tr else None
+        runs = seeds.get((key, m)) or []
+        ms = stats.mean_sd([r["metrics"]["test_acc"] for r in runs]) if runs else None
+        row[m], row[f"{m}_sd"] = (ms.mean, ms.sd) if ms else (None, None)
+        row[f"{m}_run"] = runs[0]["run_id"] if runs else None  # the selected trial
+        row[f"{m}_seeds"] = [{"seed": r["seed"], "run_id": r["run_id"], "test_acc": r["metrics"]["test_acc"]}
+                             for r in runs]
     row["delta"] = (100.0 * (row["ramoe"] - row["sft"])) if row["ramoe"] is not None and row["sft"] is not None \
         else None
     row["ci_proportion"] = _ci_proportion(key, info, trials)
-    rm = sel.get((key, "ramoe"))
+    rm = (seeds.get((key, "ramoe")) or [None])[0]
     row["ramoe_params"] = ({k: rm["params"].get(k) for k in ("lam", "band", "top_k")} | {
         "val_acc": rm["metrics"].get("val_acc")} if rm else None)
     return row
@@ -289,42 +463,81 @@ def _counts(trials: list[dict], expected: int | None) -> dict:
             "expected": expected}
 
 
+def _paired(cells_order: list, methods: list, seeds: dict, preds: dict) -> dict:
+    """RA-MoE against each baseline the sweep has: per cell (``_comparison_record``), across cells
+    (``_summary``), the headline lines, and runs whose predictions disagree with their test_acc."""
+    baselines = [m for m in METHODS if m != "ramoe" and m in methods] if "ramoe" in methods else []
+    comps = _comparisons(cells_order, seeds, preds, baselines)
+    summaries = {b: _summary(b, comps) for b in baselines}
+    return {"cells": {k: {b: _comparison_record(c) for b, c in v.items()} for k, v in comps.items()},
+            "summary": summaries, "headline": [s["headline"] for s in summaries.values()],
+            "mismatches": _mismatches(seeds, preds),
+            "bootstrap": {"n_resamples": N_BOOT_EXAMPLES, "seed": SEED, "level": stats.LEVEL,
+                          "method": "percentile", "resampled": "test examples (cells: across cells)"}}
+
+
+def _scatter_points(cells: dict) -> list[dict]:
+    """Cells with a ci proportion and Δ vs SFT: (ci, Δ), and Δ's paired interval where there is one."""
+    out = []
+    for k, v in cells.items():
+        if v["delta"] is None or v["ci_proportion"] is None:
+            continue
+        c = v["vs"].get("sft") or {}
+        out.append({"model": k[0], "task": k[1], "language": k[2], "ci_proportion": float(v["ci_proportion"]),
+                    "delta": float(v["delta"]), "low": c.get("low"), "high": c.get("high"), "mark": c.get("mark", "")})
+    return out
+
+
+def _config_seeds(resolved: Any) -> list | None:
+    """The sweep's ``training.seeds`` from its resolved config (None when not logged)."""
+    seeds = ((resolved or {}).get("training") or {}).get("seeds") if isinstance(resolved, dict) else None
+    return list(seeds) if isinstance(seeds, list) and seeds else None
+
+
+def _failed(trials: list[dict]) -> list[dict]:
+    return [{"run_id": tr["run_id"], "cell": f"{tr['model']}/{tr['task']}/{tr['language']}", "method": tr["method"],
+             "trial_key": tr["trial_key"], "replicate_of": tr["replicate_of"], "seed": tr["seed"],
+             "error": tr["error"]} for tr in trials if tr["status"] == "FAILED"]
+
+
 def compute(data: dict, cfg: RunConfig) -> dict:
     """The report's numbers from what ``collect`` read (no MLflow access)."""
     cells_order, methods, planned = _ordered_cells(data, cfg)
     info = {(c.get("model"), c.get("task"), c.get("language")): c for c in data["cells_json"] or []}
     sel = _selected(data["trials"])
-    cells = {key: _cell_row(key, sel, info, data["trials"]) for key in cells_order}
+    seeds = _seed_runs(data["trials"], sel)
+    cells = {key: _cell_row(key, seeds, info, data["trials"]) for key in cells_order}
+    paired = _paired(cells_order, methods, seeds, data.get("predictions") or {})
+    for key, row in cells.items():
+        row["vs"] = paired["cells"][key]
     missing = [f"{'/'.join(map(str, key))} {m}" for key in cells_order for m in METHODS
                if (key, m) not in sel and m in methods]
-
-    pts = [(k, v["ci_proportion"], v["delta"]) for k, v in cells.items()
-           if v["delta"] is not None and v["ci_proportion"] is not None]
-    x = np.array([p[1] for p in pts], dtype=float)
-    y = np.array([p[2] for p in pts], dtype=float)
-    pearson, spearman = _corr(x, y, "pearson"), _corr(x, y, "spearman")
+    pts = _scatter_points(cells)
+    x, y = (np.array([p[f] for p in pts], dtype=float) for f in ("ci_proportion", "delta"))
     divergence = {model: d for model in dict.fromkeys(k[0] for k in cells_order)
                   if (d := _model_divergence(model, cells_order, info, sel)) is not None}
-
     counts = _counts(data["trials"], data["expected_trials"])
     partial = bool(missing) or not planned or (counts["expected"] is not None
                                                 and counts["finished"] + counts["failed"] < counts["expected"])
-    failed = [{"run_id": tr["run_id"], "cell": f"{tr['model']}/{tr['task']}/{tr['language']}", "method": tr["method"],
-               "trial_key": tr["trial_key"], "error": tr["error"]} for tr in data["trials"] if tr["status"] == "FAILED"]
     return {
         "sweep": dict(data["parent"], experiment=data["experiment"], tracking_uri=data["tracking_uri"]),
         "counts": counts, "methods": methods, "partial": partial, "missing": missing, "planned": planned,
-        "cells": cells,
-        "scatter": {"points": [{"model": k[0], "task": k[1], "language": k[2], "ci_proportion": float(a),
-                                "delta": float(b)} for k, a, b in pts]},
-        "pearson": pearson, "spearman": spearman,
+        "cells": cells, "headline": paired["headline"], "seeds": _config_seeds(data["resolved"]),
+        "paired": {k: v for k, v in paired.items() if k not in ("cells", "headline")},
+        "scatter": {"points": pts}, "pearson": _corr(x, y, "pearson"), "spearman": _corr(x, y, "spearman"),
         "bootstrap": {"n_resamples": N_RESAMPLES, "seed": SEED, "confidence": CONFIDENCE, "method": "percentile",
                       "paired": True},
-        "divergence": divergence, "failed": failed,
+        "divergence": divergence, "failed": _failed(data["trials"]),
     }
 
 
 # ------------------------------------------------------------------------------------------ figures
+
+
+def _wtl(s: dict, adjective: str = "") -> str:
+    """'3 significant wins, 4 ties, 1 loss' of a ``_summary``."""
+    return ", ".join(f"{s[k]} {adjective * (k != 'ties')}{one if s[k] == 1 else k}"
+                     for k, one in (("wins", "win"), ("ties", "tie"), ("losses", "loss")))
 
 
 def _safe(name: str) -> str:
@@ -349,18 +562,24 @@ def _plt():
     return plt
 
 
-def scatter_figure(report: dict, path: Path) -> Path:
-    """ci proportion (x) against Δ = RA-MoE − SFT in points (y), one colour per model."""
+def draw_scatter(report: dict):
+    """The scatter as a matplotlib figure: ci proportion (x) against Δ = RA-MoE − SFT in points (y, seed
+    means), Δ's paired 95 % interval as error bars where the predictions allow one, one colour per model."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = report["scatter"]["points"]
     models = list(dict.fromkeys(p["model"] for p in pts))
-    colours = plt.get_cmap("tab10")
     for i, m in enumerate(models):
         mp = [p for p in pts if p["model"] == m]
-        ax.scatter([p["ci_proportion"] for p in mp], [p["delta"] for p in mp], color=colours(i % 10), label=m, s=36)
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.scatter([p["ci_proportion"] for p in mp], [p["delta"] for p in mp], color=colour, label=m, s=36, zorder=3)
+        bars = [p for p in mp if p["low"] is not None]
+        if bars:
+            ax.errorbar([p["ci_proportion"] for p in bars], [p["delta"] for p in bars], fmt="none", ecolor=colour,
+                        yerr=[[p["delta"] - p["low"] for p in bars], [p["high"] - p["delta"] for p in bars]],
+                        capsize=3, linewidth=1)
         for p in mp:
-            ax.annotate(f"{p['task']}/{p['language']}", (p["ci_proportion"], p["delta"]), fontsize=7,
+            ax.annotate(f"{p['task']}/{p['language']}{p['mark']}", (p["ci_proportion"], p["delta"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.0, color="tab:gray", linewidth=0.8)
     if not pts:
@@ -369,11 +588,46 @@ def scatter_figure(report: dict, path: Path) -> Path:
     pr, sr = report["pearson"], report["spearman"]
     sub = (f"Pearson r = {pr['r']:.2f}, Spearman ρ = {sr['r']:.2f} (n = {pr['n']})" if pr["r"] is not None
            else f"n = {pr['n']}: correlation n/a")
-    ax.set_title(f"ci proportion vs RA-MoE gain over SFT\n{sub}", fontsize=10)
+    ax.set_title(f"ci proportion vs RA-MoE gain over SFT\n{sub}; bars: paired 95 % CI", fontsize=10)
     ax.set_xlabel("ci proportion (train split)")
-    ax.set_ylabel("Δ test accuracy, RA-MoE − SFT (points)")
+    ax.set_ylabel("Δ test accuracy, RA-MoE − SFT (points, mean over seeds)")
     if models:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_figure(report: dict, path: Path) -> Path:
+    """``draw_scatter`` saved as a PNG."""
+    return _save(draw_scatter(report), path)
+
+
+def delta_figure(report: dict, path: Path) -> Path | None:
+    """Forest plot: per baseline, each cell's Δ = RA-MoE − baseline with its paired 95 % interval (green:
+    above 0, red: below, grey: contains 0), and the mean over cells with its interval; None when no cell
+    has one."""
+    bases = [b for b, s in report["paired"]["summary"].items() if s["cells"]]
+    if not bases:
+        return None
+    plt = _plt()
+    keys = [k for k, row in report["cells"].items() if any(row["vs"].get(b, {}).get("available") for b in bases)]
+    fig, axes = plt.subplots(1, len(bases), figsize=(3.2 * len(bases) + 1.5, 0.32 * len(keys) + 1.6),
+                             sharey=True, squeeze=False)
+    colour = {1: "tab:green", -1: "tab:red", 0: "tab:gray"}
+    for ax, b in zip(axes[0], bases):
+        for y, k in enumerate(keys):
+            c = report["cells"][k]["vs"].get(b, {})
+            if c.get("available"):
+                ax.errorbar(c["delta"], y, xerr=[[c["delta"] - c["low"]], [c["high"] - c["delta"]]], fmt="o",
+                            color=colour[c["sign"]], capsize=2, markersize=4)
+        s = report["paired"]["summary"][b]
+        ax.errorbar(s["mean"], len(keys), fmt="D", color="black", markersize=5, capsize=3,
+                    xerr=None if s["low"] is None else [[s["mean"] - s["low"]], [s["high"] - s["mean"]]])
+        ax.axvline(0.0, color="tab:gray", linewidth=0.8)
+        ax.set_title(f"RA-MoE − {LABELS[b]}\n{_wtl(s)}", fontsize=9)
+        ax.set_xlabel("Δ test accuracy (points)")
+    axes[0][0].set_yticks(range(len(keys) + 1), ["/".join(k) for k in keys] + ["mean over cells"], fontsize=7)
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     return _save(fig, path)
 
@@ -433,12 +687,25 @@ def _missing_text(report: dict, limit: int = 20) -> str:
     return "; ".join(items[:limit]) + more
 
 
+def _headline_lines(report: dict) -> list[str]:
+    """One bold line per baseline (stats.headline), what the numbers mean, where the details are."""
+    if not report["headline"]:
+        return []
+    lines = [f"- **{h}**" for h in report["headline"]]
+    return lines + ["", "Δ = RA-MoE − baseline in test-accuracy points, mean over cells (95 % CI: bootstrap over "
+                        "cells); a significant win / loss is a cell whose paired 95 % interval lies above / below 0 "
+                        "(section \"RA-MoE against each baseline\").", ""]
+
+
 def _summary_lines(report: dict) -> list[str]:
     """Title, the sweep run, the trial counts, what is partial."""
     s, n = report["sweep"], report["counts"]
-    lines = [f"# RA-MoE sweep report: {s['name']}", ""]
+    lines = [f"# RA-MoE sweep report: {s['name']}", ""] + _headline_lines(report)
     lines.append(f"- sweep run: `{s['run_id']}` ({s['status']}), experiment `{s['experiment']}`, "
                  f"tracking `{s['tracking_uri']}`")
+    state, said = s["driver"]
+    if state in ("stopped", "unknown", "alive"):
+        lines.append(f"- **status: {said}**" + ("; `--resume` continues it" if state != "alive" else ""))
     exp = f" of {n['expected']} expected" if n["expected"] is not None else ""
     extra = "".join(f", {n[k]} {k}" for k in ("running", "killed") if n[k])
     lines.append(f"- trials: {n['finished']} finished, {n['failed']} failed{extra} ({n['total']} logged{exp})")
@@ -454,22 +721,39 @@ def _summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def _acc(row: dict, m: str, n_max: int) -> str:
+    """'45.0 ± 1.2' (mean ± sd over seeds, %), '45.0 (1 seed)' where a trained method has fewer seeds."""
+    if row[m] is None:
+        return DASH
+    sd = "" if row[f"{m}_sd"] is None else f" ± {100 * row[f'{m}_sd']:.1f}"
+    n = len(row[f"{m}_seeds"])
+    few = f" ({n} seed{'s' * (n != 1)})" if m != "steering" and n < n_max else ""
+    return f"{100 * row[m]:.1f}{sd}{few}"
+
+
 def _accuracy_lines(report: dict) -> list[str]:
-    """Per model × task a table: rows = languages, the selected trials' test accuracy, Δ, ci proportion."""
-    lines = ["", "## Test accuracy (%) of the selected trial per cell and method", "",
-             "Selected = best validation accuracy among the trials of the cell and method. "
-             f"Δ = RA-MoE − SFT in accuracy points; {DASH} = no result (not run, failed or not selected yet).", ""]
-    groups = list(dict.fromkeys((k[0], k[1]) for k in report["cells"]))
-    for model, task in groups:
+    """Per model × task a table: rows = languages, test accuracy mean ± sd over seeds, Δ vs SFT, ci proportion."""
+    seeds = report["seeds"] or []
+    n_max = max([len(seeds)] + [len(r[f"{m}_seeds"]) for r in report["cells"].values() for m in METHODS])
+    said = f"training.seeds = {', '.join(map(str, seeds))}" if seeds else f"{n_max} seed{'s' * (n_max != 1)}"
+    lines = ["", "## Test accuracy (%) per cell and method, mean ± sd over seeds", "",
+             "Selected = best validation accuracy among the trials of the cell and method (first seed); the "
+             f"selected configuration is then retrained with each other seed ({said}: mean ± sample sd, and "
+             f"\"(k seeds)\" where fewer finished; Steering has no seed: one value). Δ = RA-MoE − SFT of the seed "
+             f"means, in accuracy points; {MARKS[1]} / "
+             f"{MARKS[-1]}: its paired 95 % interval lies above / below 0; {DASH} = no result (not run, failed or "
+             "not selected yet).", ""]
+    for model, task in dict.fromkeys((k[0], k[1]) for k in report["cells"]):
         lines += [f"### {model} / {task}", "",
-                  "| language | " + " | ".join(LABELS[m] for m in METHODS) + " | Δ (points) | ci proportion |",
+                  "| language | " + " | ".join(LABELS[m] for m in METHODS) + " | Δ vs SFT (points) | ci proportion |",
                   "|---|" + "---:|" * (len(METHODS) + 2)]
         for (m, t, lang), row in report["cells"].items():
             if (m, t) != (model, task):
                 continue
-            delta = DASH if row["delta"] is None else f"{row['delta']:+.1f}"
+            mark = row["vs"].get("sft", {}).get("mark", "")
+            delta = DASH if row["delta"] is None else f"{row['delta']:+.1f}{' ' * bool(mark)}{mark}"
             ci = DASH if row["ci_proportion"] is None else f"{row['ci_proportion']:.3f}"
-            lines.append(f"| {lang} | " + " | ".join(_pct(row[x]) for x in METHODS) + f" | {delta} | {ci} |")
+            lines.append(f"| {lang} | " + " | ".join(_acc(row, x, n_max) for x in METHODS) + f" | {delta} | {ci} |")
         lines.append("")
     return lines
 
@@ -486,11 +770,68 @@ def _knob_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _mcnemar_text(c: dict) -> str:
+    """'7: 2.4e-05 (+40/−10); 8: …': per RA-MoE seed, McNemar's p and the discordant examples."""
+    return "; ".join(f"{m['ramoe_seed']}: {m['p']:.2g} (+{m['b01']}/−{m['b10']})" for m in c["mcnemar"]) or DASH
+
+
+def _paired_row(key: tuple, row: dict, b: str) -> str:
+    c = row["vs"][b]
+    seeds = f"{c['seeds'][1]} / {c['seeds'][0]}"
+    if not c["available"]:
+        d = 100 * (row["ramoe"] - row[b])
+        return f"| {'/'.join(key)} | {DASH} | {seeds} | {d:+.1f} | unavailable: {c['note']} | {DASH} |"
+    note = f"; {c['note']}" if c["note"] else ""
+    mark = f" {c['mark']}" if c["mark"] else ""
+    return (f"| {'/'.join(key)} | {c['n']} | {seeds} | {c['delta']:+.1f}{mark} | [{c['low']:+.1f}, {c['high']:+.1f}]"
+            f"{note} | {_mcnemar_text(c)} |")
+
+
+def _across_line(s: dict) -> str:
+    if not s["cells"]:
+        return f"- {s['headline']}"
+    ci = "no interval" if s["low"] is None else f"95 % CI [{s['low']:+.1f}, {s['high']:+.1f}]"
+    w = "n/a" if s["wilcoxon_p"] is None else f"{s['wilcoxon_p']:.2g}"
+    note = f" ({s['note']})" if s["note"] else ""
+    return (f"- across {s['cells']} cells: mean Δ {s['mean']:+.1f} points ({ci}); {_wtl(s, 'significant ')}; "
+            f"Wilcoxon signed-rank p = {w}{note}")
+
+
+def _paired_lines(report: dict, paths: dict) -> list[str]:
+    """Per baseline a table of cells (Δ, interval, mark, McNemar per seed) and the across-cells line."""
+    pr = report["paired"]
+    if not pr["summary"]:
+        return []
+    b = pr["bootstrap"]
+    lines = ["## RA-MoE against each baseline, paired on the test examples", "",
+             "Δ = RA-MoE − baseline in accuracy points on the same test examples, each example's correctness "
+             f"averaged over its method's seeds; 95 % CI: {b['method']} bootstrap resampling test examples "
+             f"({b['n_resamples']} resamples, seed {b['seed']}); {MARKS[1]} / {MARKS[-1]}: the interval lies above / "
+             "below 0 (a significant win / loss; otherwise a tie). McNemar: exact two-sided p of each RA-MoE seed "
+             "against the baseline's run of the same seed (Steering has no seed: every RA-MoE seed against its one "
+             "run), with the discordant examples (+ only RA-MoE right, − only the baseline right). Across cells: "
+             "mean Δ with a percentile-bootstrap interval resampling cells; Wilcoxon signed-rank p of the cell Δs.", ""]
+    for base, s in pr["summary"].items():
+        lines += [f"### RA-MoE vs {LABELS[base]}", "",
+                  f"| cell | examples | seeds (RA-MoE / {LABELS[base]}) | Δ (points) | 95 % CI | "
+                  "McNemar p by RA-MoE seed (+/−) |", "|---|---:|---:|---:|---|---|"]
+        lines += [_paired_row(k, row, base) for k, row in report["cells"].items() if base in row["vs"]]
+        lines += ["", _across_line(s)]
+        if s["unavailable"]:
+            lines.append(f"- intervals unavailable (no usable test predictions), left out: {', '.join(s['unavailable'])}")
+        lines.append("")
+    if paths.get("delta"):
+        lines += [f"![Δ per cell]({Path(paths['delta']).name})", ""]
+    lines += [f"- **warning**: {m}" for m in pr["mismatches"]] + ([""] if pr["mismatches"] else [])
+    return lines
+
+
 def _correlation_lines(report: dict, paths: dict) -> list[str]:
     b = report["bootstrap"]
     lines = ["## ci proportion vs gain", "",
-             f"Cells with both RA-MoE and SFT results: {report['pearson']['n']} "
-             f"(x = ci proportion of the train split, y = Δ in points).", "",
+             f"Cells with both RA-MoE and SFT results: {report['pearson']['n']} (x = ci proportion of the train "
+             "split, y = Δ = RA-MoE − SFT in test-accuracy points, each the mean over its seeds; error bars in the "
+             "figure: Δ's paired 95 % interval, where the test predictions allow one).", "",
              _corr_line("Pearson r", report["pearson"]), _corr_line("Spearman ρ", report["spearman"]), "",
              f"Intervals: {b['method']} bootstrap, {b['n_resamples']} paired resamples of cells "
              f"(scipy.stats.bootstrap, seed {b['seed']}).", ""]
@@ -519,14 +860,15 @@ def _failed_lines(report: dict) -> list[str]:
     lines = ["## Failed trials", "", "| run | cell | method | error |", "|---|---|---|---|"]
     for f in report["failed"]:
         err = re.sub(r"\s+", " ", str(f["error"] or "")).replace("|", "\\|")[:160] or DASH
-        lines.append(f"| `{f['run_id']}` | {f['cell']} | {f['method']} | {err} |")
+        method = f"{f['method']} (seed {f['seed']} replicate)" if f.get("replicate_of") else f["method"]
+        lines.append(f"| `{f['run_id']}` | {f['cell']} | {method} | {err} |")
     return lines + [""]
 
 
 def render_markdown(report: dict) -> str:
     """report.md from the dict ``compute`` returns (figures named by ``report['paths']`` when present)."""
     paths = report.get("paths", {})
-    lines = (_summary_lines(report) + _accuracy_lines(report) + _knob_lines(report)
+    lines = (_summary_lines(report) + _accuracy_lines(report) + _knob_lines(report) + _paired_lines(report, paths)
              + _correlation_lines(report, paths) + _divergence_lines(report, paths) + _failed_lines(report))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -589,16 +931,22 @@ def render_html(markdown: str, folder: Path) -> str:
 
 def build_report(cfg: RunConfig, sweep_run_id: str | None = None, out_dir: Any = None) -> dict:
     """Reads the sweep (``sweep_run_id`` or the config's newest sweep) from MLflow, writes report.md,
-    report.json, scatter.png and divergence_<model>.png into ``out_dir`` (default
+    report.html, report.json, scatter.png, delta.png and divergence_<model>.png into ``out_dir`` (default
     ``<run folder>/report``), logs them to the parent run under ``report/`` and returns the numbers:
-    ``cells`` {(model, task, language): {sft, steering, rise, ramoe (test accuracy 0..1 or None), delta
-    (points or None), ci_proportion, ...}}, ``pearson`` / ``spearman`` {r, p, low, high, n, ...},
-    ``paths``, ``markdown`` and the rest of what the markdown shows."""
+    ``cells`` {(model, task, language): {sft, steering, rise, ramoe (test accuracy 0..1, mean over seeds,
+    or None), ``<method>_sd``, ``<method>_seeds`` [{seed, run_id, test_acc}], delta (RA-MoE − SFT of the
+    seed means, points, or None), ci_proportion, vs {baseline: {available, delta, low, high (points), n,
+    sign, mark, mcnemar [{ramoe_seed, baseline_seed, p, b01, b10}], seeds, note}}, ...}}, ``headline``
+    (lines), ``paired`` {summary {baseline: {cells, mean, low, high (points), wins, ties, losses,
+    wilcoxon_p, unavailable, headline, ...}}, mismatches, bootstrap}, ``pearson`` / ``spearman`` {r, p,
+    low, high, n, ...}, ``paths``, ``markdown`` and the rest of what the markdown shows."""
     data = collect(cfg, sweep_run_id)
     report = compute(data, cfg)
     out = Path(out_dir) if out_dir is not None else cfg.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     paths: dict = {"scatter": str(scatter_figure(report, out / "scatter.png")), "divergence": {}}
+    delta = delta_figure(report, out / "delta.png")
+    paths["delta"] = str(delta) if delta else None
     for model, div in report["divergence"].items():
         paths["divergence"][model] = str(divergence_figure(model, div, out / f"divergence_{_safe(model)}.png"))
     paths["markdown"] = str(out / "report.md")
@@ -609,6 +957,7 @@ def build_report(cfg: RunConfig, sweep_run_id: str | None = None, out_dir: Any =
     paths["html"] = str(write_text_atomic(out / "report.html", render_html(report["markdown"], out)))
     write_text_atomic(out / "report.json", json.dumps(_jsonable(report), indent=2, default=str))
     client, pid = data["client"], report["sweep"]["run_id"]
-    for p in [paths["markdown"], paths["html"], paths["json"], paths["scatter"], *paths["divergence"].values()]:
+    for p in [paths["markdown"], paths["html"], paths["json"], paths["scatter"], *paths["divergence"].values(),
+              *([paths["delta"]] if paths["delta"] else [])]:
         client.log_artifact(pid, p, "report")
     return report
