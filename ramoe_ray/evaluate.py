@@ -76,19 +76,32 @@ def load_adapter(model, adapter: str | os.PathLike):
 
 
 class EvalPredictor(inference.Predictor):
-    """``inference.Predictor`` with an adapter loaded and/or steering applied to every forward."""
+    """``inference.Predictor`` with an adapter loaded and/or steering applied to every forward. With
+    ``settings`` (several steering specs), each row's ``setting`` column picks its spec: every setting of a
+    cell in one model load."""
+
+    loads = 0  # models loaded in this process (tests count the loads of a cell's steering settings)
 
     def __init__(self, model_path: str, model_cfg: dict, k: int, max_new_tokens: int, device: str = "cpu",
-                 threads: int | None = None, adapter: str | None = None, steering: dict | None = None):
+                 threads: int | None = None, adapter: str | None = None, steering: dict | None = None,
+                 settings: list[dict] | None = None):
         super().__init__(model_path, model_cfg, k, max_new_tokens, device, threads)
+        type(self).loads += 1
         if adapter:
             load_adapter(self.model, adapter)
         self.steering = _steering_spec(steering)
+        self.settings = [_steering_spec(x) for x in settings] if settings is not None else None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        s = self.steering
+    def _steered(self, batch: pd.DataFrame, s: dict | None) -> pd.DataFrame:
         with models.steer(self.model, s["experts"], s["strength"]) if s else contextlib.nullcontext():
             return super().__call__(batch)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.settings is None:
+            return self._steered(batch, self.steering)
+        parts = [self._steered(g.drop(columns="setting"), self.settings[int(i)]).assign(setting=int(i))
+                 for i, g in batch.groupby("setting", sort=False)]
+        return pd.concat(parts, ignore_index=True)
 
 
 def _label(adapter, steering) -> str:
@@ -98,24 +111,34 @@ def _label(adapter, steering) -> str:
     return ("adapter" if adapter else "steering") + "-" + h
 
 
+def _checked_steering(steering: dict | None, plan, model_cfg) -> dict | None:
+    """A steering spec as JSON (layer keys as strings), its layers checked to be MoE layers of the model."""
+    if steering is None:
+        return None
+    steering = {"experts": {str(l): list(v) for l, v in _steering_spec(steering)["experts"].items()},
+                "strength": float(steering["strength"])}
+    bad = sorted(int(l) for l in steering["experts"] if int(l) not in plan.shape.moe_layers)
+    if bad:
+        raise ConfigError(f"steering layers {bad} are not MoE layers of {model_cfg.name!r} ({list(plan.shape.moe_layers)})")
+    return steering
+
+
+def _languages(languages) -> list[str]:
+    languages = [languages] if isinstance(languages, str) else languages
+    return [l for l in dict.fromkeys(languages) if l != "en"]
+
+
 def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.PathLike | None = None,
                   steering: dict | None = None, split: str = "test", out_dir: str | os.PathLike | None = None,
                   num_actors: int | None = None, batch_size: int | None = None) -> dict:
     """Accuracy per language (English included) and the divergence to English per MoE layer, for the base
     model, base + ``adapter`` or base under ``steering`` (module docstring). Returns the eval.json content
     plus "path"."""
-    if isinstance(languages, str):
-        languages = [languages]
-    languages = [l for l in dict.fromkeys(languages) if l != "en"]
+    languages = _languages(languages)
     if adapter is not None and not Path(adapter).is_dir():
         raise ConfigError(f"adapter {str(adapter)!r} is not a folder")
     plan = taxonomy.plan(cfg, model_cfg, task_cfg, languages, split)
-    if steering is not None:
-        steering = {"experts": {str(l): list(v) for l, v in _steering_spec(steering)["experts"].items()},
-                    "strength": float(steering["strength"])}
-        bad = sorted(int(l) for l in steering["experts"] if int(l) not in plan.shape.moe_layers)
-        if bad:
-            raise ConfigError(f"steering layers {bad} are not MoE layers of {model_cfg.name!r} ({list(plan.shape.moe_layers)})")
+    steering = _checked_steering(steering, plan, model_cfg)
     num_actors = cfg.resources.inference_actors if num_actors is None else num_actors
     batch_size = batch_size or inference.BATCH_SIZE
     langs = ["en"] + languages
@@ -130,20 +153,45 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
                                  cpus_per_actor=cfg.resources.cpus_per_worker)
         if len(out) != len(rows):
             raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
+    out_dir = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval" / f"{model_cfg.name}-{task_cfg.name}-{split}-{_label(adapter, steering)}"
+    return _written(out, plan, langs, split, out_dir, adapter=adapter, steering=steering)
+
+
+def evaluate_steering(cfg, model_cfg, task_cfg, languages, settings: list[dict], out_dirs: list, *,
+                      split: str = "validation", num_actors: int | None = None, batch_size: int | None = None) -> list[dict]:
+    """``evaluate_cell`` for several steering settings of one cell in ONE pass of the predictor (one model
+    load per actor): the rows are repeated once per setting and each carries its setting's index.
+    Returns one eval.json content (plus "path") per setting, written to ``out_dirs[i]``."""
+    languages = _languages(languages)
+    plan = taxonomy.plan(cfg, model_cfg, task_cfg, languages, split)
+    settings = [_checked_steering(x, plan, model_cfg) for x in settings]
+    langs = ["en"] + languages
+    rows = taxonomy.rows_frame(plan, langs, False)
+    every = pd.concat([rows.assign(setting=i) for i in range(len(settings))], ignore_index=True)
+    kwargs = {**taxonomy.predictor_kwargs(plan), "settings": settings}
+    out = inference.map_rows(every, EvalPredictor, kwargs, batch_size=batch_size or inference.BATCH_SIZE,
+                             num_actors=cfg.resources.inference_actors if num_actors is None else num_actors,
+                             cpus_per_actor=cfg.resources.cpus_per_worker)
+    if len(out) != len(every):
+        raise RuntimeError(f"predictor returned {len(out)} rows for {len(every)}")
+    return [_written(out[out.setting == i].drop(columns="setting"), plan, langs, split, Path(d), adapter=None, steering=st)
+            for i, (st, d) in enumerate(zip(settings, out_dirs))]
+
+
+def _written(out: pd.DataFrame, plan, langs: list[str], split: str, out_dir: Path, *, adapter, steering) -> dict:
+    """The evaluation's numbers from the predictor's rows; eval.json and rows.parquet written to ``out_dir``."""
     out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
-    layers = list(plan.shape.moe_layers)
     by_lang = {l: out[out.language == l].sort_values("id") for l in langs}
     imp = {l: taxonomy.routing_array(df, "importance") for l, df in by_lang.items()}
     result = {
-        "model": model_cfg.name, "task": task_cfg.name, "scoring": plan.inputs["en"]["task"]["scoring"],
+        "model": plan.model_cfg.name, "task": plan.task_cfg.name, "scoring": plan.inputs["en"]["task"]["scoring"],
         "split": split, "languages": langs,
-        "adapter": str(adapter) if adapter else None, "steering": steering, "moe_layers": layers,
+        "adapter": str(adapter) if adapter else None, "steering": steering, "moe_layers": list(plan.shape.moe_layers),
         "n": {l: int(len(df)) for l, df in by_lang.items()},
         "accuracy": {l: float(df.correct.mean()) for l, df in by_lang.items()},
-        "divergence": {l: [float(x) for x in divergence_curve(imp["en"], imp[l])] for l in languages},
+        "divergence": {l: [float(x) for x in divergence_curve(imp["en"], imp[l])] for l in langs[1:]},
         "importance_mean": {l: imp[l].mean(axis=0).tolist() for l in langs},
     }
-    out_dir = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval" / f"{model_cfg.name}-{task_cfg.name}-{split}-{_label(adapter, steering)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out.drop(columns=[c for c in ("continuations",) if c in out]).copy()
     for c in ("importance", "frequency"):  # (L, E) per row, whether from the predictor or read back from parquet

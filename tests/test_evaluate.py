@@ -3,6 +3,7 @@ per layer; steering raises the band's task experts' share and leaves the layers 
 saved adapter is evaluated as the model it was saved from."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,27 @@ def test_steering_raises_band_task_experts_share_only_there(shared_cache, tmp_pa
         assert np.allclose(zero["importance_mean"][lang], base["importance_mean"][lang], atol=1e-6)
     with pytest.raises(ConfigError, match="not MoE layers"):
         evaluate_cell(cfg, steering={"experts": {"9": [0]}, "strength": 1.0})
+
+
+def test_every_steering_setting_of_a_cell_in_one_model_load_equals_each_alone(shared_cache, tmp_path):
+    cfg = cfg_for(shared_cache, tmp_path)
+    spec = train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method="steering", top_k=1, num_workers=0)["steering"]
+    settings = [{**spec, "strength": s} for s in (0.0, 3.0, 8.0)]
+    before = evaluate.EvalPredictor.loads
+    together = evaluate.evaluate_steering(cfg, cfg.models[0], cfg.tasks[0], [LANG], settings,
+                                          [tmp_path / f"s{i}" for i in range(3)], split="validation", batch_size=5)
+    assert evaluate.EvalPredictor.loads - before == 1  # one model for the three settings
+    alone = [evaluate_cell(cfg, steering=x, split="validation", out_dir=tmp_path / f"a{i}")
+             for i, x in enumerate(settings)]
+    assert evaluate.EvalPredictor.loads - before == 4
+    for t, a in zip(together, alone):
+        assert t["accuracy"] == a["accuracy"] and t["n"] == a["n"] and t["steering"] == a["steering"]
+        for lang in ("en", LANG):
+            assert np.allclose(t["importance_mean"][lang], a["importance_mean"][lang], atol=1e-6)
+        rows_t, rows_a = (pd.read_parquet(Path(d).parent / "rows.parquet") for d in (t["path"], a["path"]))
+        assert list(rows_t.prediction) == list(rows_a.prediction)
+    assert together[0]["accuracy"] != together[2]["accuracy"] or \
+        not np.allclose(together[0]["importance_mean"][LANG], together[2]["importance_mean"][LANG])
 
 
 def test_a_saved_adapter_is_evaluated_as_the_model_it_was_saved_from(shared_cache, tmp_path):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
@@ -33,7 +34,7 @@ def sweep_dict(cache, out, **extra) -> dict:
         name="t", models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
         tasks=[dict(name="passage", format="passage_multiple_choice", source="synthetic-small:passage")],
         languages=list(LANGS), methods=["sft", "steering", "rise", "ramoe"],
-        knobs=dict(lambdas=[10.0], bands=[[0.25, 1.0]], top_k=[1]), steering=dict(strengths=[4.0]),
+        knobs=dict(lambdas=[10.0], bands=[[0.25, 1.0]], top_k=[1]), steering=dict(strengths=[2.0, 4.0]),
         training=dict(lr=5e-3, batch_size=12, epochs=1, max_steps=3, lora_rank=4, lora_alpha=8, checkpoint_every=1000,
                       log_every=1),
         resources=dict(num_workers=1, cpus_per_worker=1, inference_actors=0), sweep=dict(train_workers=0),
@@ -132,7 +133,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     trials = grid.trials(cfg)
     replicas = kids[kids["tags.ramoe.replicate_of"].fillna("") != ""]
     kids = kids[kids["tags.ramoe.replicate_of"].fillna("") == ""]
-    assert len(trials) == 3 * 4 and summary["trials"] == 3 * 4 + 3 * 3  # + one replicate per cell x trained method
+    assert len(trials) == 3 * 5 and summary["trials"] == 3 * 5 + 3 * 3  # + one replicate per cell x trained method
     assert sorted(kids["tags.trial_key"]) == sorted(t.key for t in trials)
     failed = kids[kids.status == "FAILED"]
     assert list(failed["tags.trial_key"]) == [fail] and "injected failure" in failed["tags.error"].iloc[0]
@@ -140,13 +141,17 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     assert len(ok) == len(trials) - 1 and summary["failed"] == 1
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
-    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 4 + 3 * 3)
+    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 5 + 3 * 3)
     # seed 1: each selected configuration of a trained method, once (the failed RISE cell has none)
     selected = ok[(ok["tags.selected"] == "true") & (ok["tags.method"] != "steering")]
     assert sorted(replicas["tags.trial_key"]) == sorted(f"{k}/seed=1" for k in selected["tags.trial_key"])
     assert (replicas.status == "FINISHED").all() and (replicas["params.seed"] == "1").all()
     assert (ok[ok["tags.method"] != "steering"]["params.seed"] == "0").all()
     assert (ok[ok["tags.method"] == "steering"]["params.seed"] == "none").all()
+    # steering: both strengths of a cell evaluated in one model load
+    steer = ok[ok["tags.method"] == "steering"]
+    assert len(steer) == 3 * 2 and (steer["metrics.eval_settings"] == 2).all()
+    assert (steer["metrics.eval_model_loads"] == 1).all()
     # every rule of the method's definitions is a param of the parent
     for k in train.RULES:
         assert parent.data.params[f"rule.train.{k}"] == train.RULES[k]
@@ -182,6 +187,11 @@ def test_stages_1_2_run_once_per_cell(swept):
     assert summary["stage2_computed"] == 3  # one (band, top-k) per cell
     ok = kids[kids.status == "FINISHED"]
     assert (ok["metrics.stage12_recomputed"] == 0).all() and summary["stage12_recomputed_in_trials"] == 0
+    # the base passes (English targets, base KL and CE): the first training of each cell computes them, every
+    # other training of the cell (methods, seeds; concurrent ones wait) reads them (base_cache)
+    trained = ok[ok["tags.method"] != "steering"]
+    assert (trained.groupby("tags.language")["metrics.base_passes_recomputed"].sum() == 1).all()
+    assert summary["base_passes_recomputed_in_trials"] == 3
     assert ok.groupby("tags.language").size().min() >= 3
 
 
@@ -219,15 +229,26 @@ def test_report_numbers_are_mlflows(swept):
     cfg, summary, client, kids, _ = swept
     rep = report.build_report(cfg, sweep_run_id=summary["parent_run_id"])
     runs = client.search_runs([summary["experiment_id"]],
-                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and tags.selected = 'true'")
-    acc = {(r.data.tags["language"], r.data.tags["method"]): r.data.metrics["test_acc"] for r in runs}
+                              f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and metrics.test_acc >= 0")
+    acc, correct = {}, {}  # (language, method) -> test accuracy per seed, per-example correctness per seed
+    for r in runs:
+        key = (r.data.tags["language"], r.data.tags["method"])
+        acc.setdefault(key, []).append(r.data.metrics["test_acc"])
+        pred = mlflow.artifacts.load_dict(f"{r.info.artifact_uri}/{trial.PREDICTIONS}")
+        correct.setdefault(key, []).append(np.array(pred["correct"], dtype=float))
     ci = {r.data.tags["language"]: r.data.metrics["ci_proportion"] for r in runs}
     xs, ys = [], []
     for lang in LANGS:
         cell = rep["cells"][("m", "passage", lang)]
-        assert cell["sft"] == pytest.approx(acc[(lang, "sft")]) and cell["ramoe"] == pytest.approx(acc[(lang, "ramoe")])
-        delta = 100 * (acc[(lang, "ramoe")] - acc[(lang, "sft")])
+        for method in ("sft", "ramoe"):
+            assert len(acc[(lang, method)]) == 2  # seeds 0 and 1
+            assert cell[method] == pytest.approx(np.mean(acc[(lang, method)]))
+        delta = 100 * (np.mean(acc[(lang, "ramoe")]) - np.mean(acc[(lang, "sft")]))
         assert cell["delta"] == pytest.approx(delta)
+        # the paired Δ: per example, each method averaged over its seeds, then the mean difference
+        paired = 100 * np.mean(np.mean(correct[(lang, "ramoe")], 0) - np.mean(correct[(lang, "sft")], 0))
+        assert cell["vs"]["sft"]["delta"] == pytest.approx(paired)
+        assert cell["vs"]["sft"]["low"] <= paired <= cell["vs"]["sft"]["high"]
         assert cell["ci_proportion"] == pytest.approx(ci[lang])
         xs.append(ci[lang])
         ys.append(delta)
@@ -238,6 +259,7 @@ def test_report_numbers_are_mlflows(swept):
     else:  # every Δ equal: no correlation to compute, and the report says so
         assert rep["pearson"]["r"] is None and "n/a" in rep["markdown"]
     assert "| syn4 |" in rep["markdown"]
+    assert "RA-MoE vs SFT:" in rep["markdown"].split("\n## ")[0]  # the headline, above every section
 
 
 # ------------------------------------------------------------------------------------ resume
