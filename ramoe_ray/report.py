@@ -12,9 +12,10 @@ every method and seed of a cell. This module reads those runs and writes, into o
 ``<run folder>/report/``):
 
 - ``report.md``: at the top one headline per baseline (``stats.headline``: RA-MoE − baseline over cells);
-  per model × task a table (rows = languages; test accuracy mean ± sd over seeds of SFT, Steering, RISE,
-  RA-MoE; Δ = RA-MoE − SFT of the seed means in points, marked ▲ / ▼ when its paired interval excludes 0;
-  the cell's ci proportion); per baseline the paired comparison (Δ with a bootstrap interval over test
+  per model × task a table (rows = languages; test accuracy mean ± sd over seeds of SFT, Steering, RISE
+  (named RISE-LoRA everywhere when the sweep's own config has ``rise.train: lora``), RA-MoE; Δ = RA-MoE −
+  SFT of the seed means in points, marked ▲ / ▼ when its paired interval excludes 0; the cell's ci
+  proportion); per baseline the paired comparison (Δ with a bootstrap interval over test
   examples, McNemar's exact p per seed, and across cells the mean Δ, wins / ties / losses, Wilcoxon p;
   ``ramoe_ray.stats``); the ci-proportion-vs-gain correlation (Pearson r, Spearman ρ, percentile-bootstrap
   95 % intervals), the figures, the failed trials. A cell whose runs lack predictions says its intervals
@@ -44,18 +45,15 @@ import numpy as np
 
 from ramoe_ray import stats, tracking, trial
 from ramoe_ray.cache import write_text_atomic
-from ramoe_ray.config import METHODS, ConfigError, RunConfig
+from ramoe_ray.config import METHODS, ConfigError, RiseConfig, RunConfig, method_label
 
-LABELS = {"sft": "SFT", "steering": "Steering", "rise": "RISE", "ramoe": "RA-MoE (best)"}
 N_RESAMPLES = 2000  # correlation intervals (resampling cells)
 N_BOOT_EXAMPLES = stats.N_BOOT  # paired Δ intervals (resampling test examples)
 SEED = 0
 CONFIDENCE = 0.95
 NA_CORR = "n/a (needs ≥3 cells with varying values)"
 DASH = "—"
-REPLICATE_TAG = "ramoe.replicate_of"  # on a selected configuration retrained with another seed: its trial_key
 PREDICTIONS_ARTIFACT = trial.PREDICTIONS  # test/predictions.json: {language, ids, correct, ...} per test run
-RAMOE = "RA-MoE"
 MARKS = {1: "▲", -1: "▼", 0: ""}  # the paired interval above 0 / below 0 / containing 0
 
 
@@ -128,7 +126,7 @@ def _trial(run) -> dict:
         "run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time or 0,
         "model": t.get("model"), "task": t.get("task"), "language": t.get("language"), "method": t.get("method"),
         "trial_key": t.get("trial_key"), "selected": str(t.get("selected", "")).lower() == "true",
-        "replicate_of": t.get(REPLICATE_TAG) or None, "seed": d.params.get("seed"),
+        "replicate_of": t.get(tracking.REPLICATE_TAG) or None, "seed": d.params.get("seed"),
         "error": t.get("error"), "metrics": dict(d.metrics), "params": dict(d.params),
     }
 
@@ -199,6 +197,16 @@ def collect(cfg: RunConfig, sweep_run_id: str | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ numbers
+
+
+def _labels(resolved: Any, cfg: RunConfig) -> dict[str, str]:
+    """Each method's name in the report (``config.method_label``: RISE trained with LoRA is RISE-LoRA), from
+    the sweep's own resolved config; ``cfg`` where the sweep logged none (an old sweep)."""
+    if isinstance(resolved, dict):
+        rise = resolved.get("rise") if isinstance(resolved.get("rise"), dict) else {}
+        train = rise.get("train", RiseConfig.model_fields["train"].default)
+        cfg = cfg.model_copy(update={"rise": cfg.rise.model_copy(update={"train": train})})
+    return {m: method_label(m, cfg) for m in METHODS}
 
 
 def _names(items: Any) -> list[str]:
@@ -275,10 +283,10 @@ def _seed_runs(trials: list[dict], sel: dict) -> dict:
     return out
 
 
-def _correct_by_id(run: dict, preds: dict, language: str) -> dict | str:
+def _correct_by_id(run: dict, preds: dict, language: str, labels: dict) -> dict | str:
     """{example id: 0/1} of one run's test predictions, or why they are unavailable."""
     p = preds.get(run["run_id"]) or {"error": f"no {PREDICTIONS_ARTIFACT} artefact"}
-    who = f"run {run['run_id']}, {LABELS[run['method']]} seed {run['seed']}"
+    who = f"run {run['run_id']}, {labels[run['method']]} seed {run['seed']}"
     if "error" in p:
         return f"{p['error']} ({who})"
     if p["language"] != language:
@@ -286,10 +294,10 @@ def _correct_by_id(run: dict, preds: dict, language: str) -> dict | str:
     return dict(zip(p["ids"], p["correct"]))
 
 
-def _aligned(runs_a: list, runs_b: list, preds: dict, language: str) -> tuple | str:
+def _aligned(runs_a: list, runs_b: list, preds: dict, language: str, labels: dict) -> tuple | str:
     """(A, B, n left out): (seeds, examples) correctness matrices of the examples every run holds, in id
     order; or why there are none."""
-    tables = [_correct_by_id(r, preds, language) for r in runs_a + runs_b]
+    tables = [_correct_by_id(r, preds, language, labels) for r in runs_a + runs_b]
     if why := next((t for t in tables if isinstance(t, str)), None):
         return why
     ids = sorted(set.intersection(*(set(t) for t in tables)))
@@ -308,10 +316,10 @@ def _seed_pairs(runs_a: list, runs_b: list) -> list[tuple[int, int]]:
     return [(index[str(r["seed"])], j) for j, r in enumerate(runs_b) if str(r["seed"]) in index]
 
 
-def _compare(runs_a: list, runs_b: list, preds: dict, language: str) -> dict:
+def _compare(runs_a: list, runs_b: list, preds: dict, language: str, labels: dict) -> dict:
     """RA-MoE (B) against one baseline (A) in one cell: ``paired`` (stats.PairedDelta, fractions), the
     sign of its interval, McNemar per seed pair; or ``available`` False and why."""
-    got = _aligned(runs_a, runs_b, preds, language)
+    got = _aligned(runs_a, runs_b, preds, language, labels)
     if isinstance(got, str):
         return {"available": False, "note": got, "seeds": [len(runs_a), len(runs_b)]}
     a, b, left_out = got
@@ -323,12 +331,12 @@ def _compare(runs_a: list, runs_b: list, preds: dict, language: str) -> dict:
             "note": f"{left_out} examples not held by every run left out" if left_out else None}
 
 
-def _comparisons(cells_order: list, seeds: dict, preds: dict, baselines: list[str]) -> dict:
+def _comparisons(cells_order: list, seeds: dict, preds: dict, baselines: list[str], labels: dict) -> dict:
     """cell -> {baseline: ``_compare``} for every cell where RA-MoE and the baseline both have test runs."""
     out: dict = {}
     for key in cells_order:
         ours = seeds.get((key, "ramoe"))
-        out[key] = {b: _compare(seeds[(key, b)], ours, preds, key[2]) for b in baselines
+        out[key] = {b: _compare(seeds[(key, b)], ours, preds, key[2], labels) for b in baselines
                     if ours and (key, b) in seeds}
     return out
 
@@ -343,7 +351,7 @@ def _comparison_record(c: dict) -> dict:
             "note": c["note"]}
 
 
-def _summary(baseline: str, comps: dict) -> dict:
+def _summary(baseline: str, comps: dict, labels: dict) -> dict:
     """Across cells, RA-MoE against ``baseline``: stats.across_cells in points, its headline, the cells
     left out (predictions unavailable)."""
     mine = [(k, c[baseline]) for k, c in comps.items() if baseline in c]
@@ -351,12 +359,12 @@ def _summary(baseline: str, comps: dict) -> dict:
     out = {"baseline": baseline, "unavailable": ["/".join(k) for k, c in mine if not c["available"]]}
     if not ok:
         why = "no cell with RA-MoE and this baseline" if not mine else "test predictions unavailable in every cell"
-        return out | {"cells": 0, "headline": f"{RAMOE} vs {LABELS[baseline]}: no paired comparison ({why})"}
+        return out | {"cells": 0, "headline": f"{labels['ramoe']} vs {labels[baseline]}: no paired comparison ({why})"}
     s = stats.across_cells([p.delta for p in ok], [p.low for p in ok], [p.high for p in ok], seed=SEED)
     pts = {k: (None if v is None else 100 * v) for k, v in (("mean", s.mean), ("low", s.low), ("high", s.high))}
     return out | pts | {"cells": s.n, "wins": s.wins, "ties": s.ties, "losses": s.losses,
                         "wilcoxon_p": s.wilcoxon_p, "level": s.level, "note": s.note,
-                        "headline": stats.headline(RAMOE, LABELS[baseline], s)}
+                        "headline": stats.headline(labels["ramoe"], labels[baseline], s)}
 
 
 def _mismatches(seeds: dict, preds: dict) -> list[str]:
@@ -463,12 +471,12 @@ def _counts(trials: list[dict], expected: int | None) -> dict:
             "expected": expected}
 
 
-def _paired(cells_order: list, methods: list, seeds: dict, preds: dict) -> dict:
+def _paired(cells_order: list, methods: list, seeds: dict, preds: dict, labels: dict) -> dict:
     """RA-MoE against each baseline the sweep has: per cell (``_comparison_record``), across cells
     (``_summary``), the headline lines, and runs whose predictions disagree with their test_acc."""
     baselines = [m for m in METHODS if m != "ramoe" and m in methods] if "ramoe" in methods else []
-    comps = _comparisons(cells_order, seeds, preds, baselines)
-    summaries = {b: _summary(b, comps) for b in baselines}
+    comps = _comparisons(cells_order, seeds, preds, baselines, labels)
+    summaries = {b: _summary(b, comps, labels) for b in baselines}
     return {"cells": {k: {b: _comparison_record(c) for b, c in v.items()} for k, v in comps.items()},
             "summary": summaries, "headline": [s["headline"] for s in summaries.values()],
             "mismatches": _mismatches(seeds, preds),
@@ -503,11 +511,12 @@ def _failed(trials: list[dict]) -> list[dict]:
 def compute(data: dict, cfg: RunConfig) -> dict:
     """The report's numbers from what ``collect`` read (no MLflow access)."""
     cells_order, methods, planned = _ordered_cells(data, cfg)
+    labels = _labels(data["resolved"], cfg)
     info = {(c.get("model"), c.get("task"), c.get("language")): c for c in data["cells_json"] or []}
     sel = _selected(data["trials"])
     seeds = _seed_runs(data["trials"], sel)
     cells = {key: _cell_row(key, seeds, info, data["trials"]) for key in cells_order}
-    paired = _paired(cells_order, methods, seeds, data.get("predictions") or {})
+    paired = _paired(cells_order, methods, seeds, data.get("predictions") or {}, labels)
     for key, row in cells.items():
         row["vs"] = paired["cells"][key]
     missing = [f"{'/'.join(map(str, key))} {m}" for key in cells_order for m in METHODS
@@ -521,7 +530,7 @@ def compute(data: dict, cfg: RunConfig) -> dict:
                                                 and counts["finished"] + counts["failed"] < counts["expected"])
     return {
         "sweep": dict(data["parent"], experiment=data["experiment"], tracking_uri=data["tracking_uri"]),
-        "counts": counts, "methods": methods, "partial": partial, "missing": missing, "planned": planned,
+        "counts": counts, "methods": methods, "labels": labels, "partial": partial, "missing": missing, "planned": planned,
         "cells": cells, "headline": paired["headline"], "seeds": _config_seeds(data["resolved"]),
         "paired": {k: v for k, v in paired.items() if k not in ("cells", "headline")},
         "scatter": {"points": pts}, "pearson": _corr(x, y, "pearson"), "spearman": _corr(x, y, "spearman"),
@@ -624,7 +633,7 @@ def delta_figure(report: dict, path: Path) -> Path | None:
         ax.errorbar(s["mean"], len(keys), fmt="D", color="black", markersize=5, capsize=3,
                     xerr=None if s["low"] is None else [[s["mean"] - s["low"]], [s["high"] - s["mean"]]])
         ax.axvline(0.0, color="tab:gray", linewidth=0.8)
-        ax.set_title(f"RA-MoE − {LABELS[b]}\n{_wtl(s)}", fontsize=9)
+        ax.set_title(f"{report['labels']['ramoe']} − {report['labels'][b]}\n{_wtl(s)}", fontsize=9)
         ax.set_xlabel("Δ test accuracy (points)")
     axes[0][0].set_yticks(range(len(keys) + 1), ["/".join(k) for k in keys] + ["mean over cells"], fontsize=7)
     axes[0][0].invert_yaxis()
@@ -743,9 +752,11 @@ def _accuracy_lines(report: dict) -> list[str]:
              f"means, in accuracy points; {MARKS[1]} / "
              f"{MARKS[-1]}: its paired 95 % interval lies above / below 0; {DASH} = no result (not run, failed or "
              "not selected yet).", ""]
+    labels = report["labels"]
+    head = " | ".join(labels[m] + " (best)" * (m == "ramoe") for m in METHODS)
     for model, task in dict.fromkeys((k[0], k[1]) for k in report["cells"]):
         lines += [f"### {model} / {task}", "",
-                  "| language | " + " | ".join(LABELS[m] for m in METHODS) + " | Δ vs SFT (points) | ci proportion |",
+                  f"| language | {head} | Δ vs SFT (points) | ci proportion |",
                   "|---|" + "---:|" * (len(METHODS) + 2)]
         for (m, t, lang), row in report["cells"].items():
             if (m, t) != (model, task):
@@ -811,9 +822,11 @@ def _paired_lines(report: dict, paths: dict) -> list[str]:
              "against the baseline's run of the same seed (Steering has no seed: every RA-MoE seed against its one "
              "run), with the discordant examples (+ only RA-MoE right, − only the baseline right). Across cells: "
              "mean Δ with a percentile-bootstrap interval resampling cells; Wilcoxon signed-rank p of the cell Δs.", ""]
+    ours = report["labels"]["ramoe"]
     for base, s in pr["summary"].items():
-        lines += [f"### RA-MoE vs {LABELS[base]}", "",
-                  f"| cell | examples | seeds (RA-MoE / {LABELS[base]}) | Δ (points) | 95 % CI | "
+        name = report["labels"][base]
+        lines += [f"### {ours} vs {name}", "",
+                  f"| cell | examples | seeds ({ours} / {name}) | Δ (points) | 95 % CI | "
                   "McNemar p by RA-MoE seed (+/−) |", "|---|---:|---:|---:|---|---|"]
         lines += [_paired_row(k, row, base) for k, row in report["cells"].items() if base in row["vs"]]
         lines += ["", _across_line(s)]

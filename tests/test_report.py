@@ -17,9 +17,10 @@ from matplotlib.container import ErrorbarContainer  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from ramoe_ray import report as rreport  # noqa: E402
 from ramoe_ray import stats as rstats  # noqa: E402
 from ramoe_ray.cli import main  # noqa: E402
-from ramoe_ray.config import ConfigError, config_from_dict  # noqa: E402
+from ramoe_ray.config import ConfigError, RiseConfig, config_from_dict  # noqa: E402
 from ramoe_ray.report import NA_CORR, build_report, draw_scatter  # noqa: E402
 
 MODELS = {"m1": {"tasks": ["arith", "passage"], "moe_layers": [1, 2, 3], "band": [2]},
@@ -503,3 +504,65 @@ def test_cli_prints_the_table(store, tmp_path, capsys):
     assert (out / "report.md").read_text() in text
     assert main(["report", str(path), "--sweep", "deadbeef", "tracking.experiment=exp"]) == 2
     assert "deadbeef" in capsys.readouterr().err
+
+
+def test_rise_lora_sweep_is_named_rise_lora_everywhere(store, tmp_path, monkeypatch):
+    """A sweep whose own resolved config (config.resolved.yaml) trains RISE with LoRA (``rise.train: lora``):
+    headline, accuracy tables, paired-comparison sections and forest-plot titles say RISE-LoRA, though the
+    config given to the report says full; the labels come from the sweep's config, the given one only when
+    the sweep logged none."""
+    client, uri = store["client"], store["uri"]
+    exp = client.create_experiment("exp-lora", artifact_location=(tmp_path / "artifacts").as_uri())
+    cfg = _config(uri, tmp_path / "runs", name="lora", experiment="exp-lora")
+    assert cfg.rise.train == "full"
+    langs = ["syn2", "syn4"]
+    dump = cfg.model_dump(mode="json")
+    resolved = dump | {"models": dump["models"][:1], "tasks": dump["tasks"][:1], "languages": langs,
+                       "training": dump["training"] | {"seeds": [7]}, "rise": dump["rise"] | {"train": "lora"}}
+    parent = client.create_run(exp, tags={"ramoe.kind": "sweep", "ramoe.sweep": "lora"}).info.run_id
+    rng = np.random.default_rng(5)
+    for lang in langs:
+        sft = (rng.random(N_EX) < 0.4).astype(int)
+        for method, x in (("sft", sft), ("steering", _flip(rng, sft, 5, 5)), ("rise", _flip(rng, sft, 8, 4)),
+                          ("ramoe", _flip(rng, sft, 20, 5))):
+            rid = _child(client, exp, parent, model="m1", task="arith", lang=lang, method=method,
+                         key=f"lora-{lang}-{method}", selected=True, val=0.6, test=x.mean(), divs={1: 0.2}, ci=0.3)
+            _log_predictions(client, rid, tmp_path, lang, x)
+    client.log_param(parent, "ramoe.expected_trials", 8)
+    _log_json(client, parent, tmp_path, "cells.json", [
+        {"model": "m1", "task": "arith", "language": lang, "ci_proportion": 0.3, "moe_layers": [1],
+         "band_layers": [1], "divergence_base": [0.4]} for lang in langs], "cells")
+    _log_json(client, parent, tmp_path, "config.resolved.yaml", resolved)
+
+    titles = []
+    save = rreport._save
+
+    def spy(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, path)
+
+    monkeypatch.setattr(rreport, "_save", spy)
+    rep = build_report(cfg, sweep_run_id=parent, out_dir=tmp_path / "report")
+    md = rep["markdown"]
+    assert rep["labels"] == {"sft": "SFT", "steering": "Steering", "rise": "RISE-LoRA", "ramoe": "RA-MoE"}
+    line = next(h for h in rep["headline"] if "RISE" in h)
+    assert line.startswith("RA-MoE vs RISE-LoRA: ") and f"- **{line}**" in md.split("## ")[0]
+    assert rep["paired"]["summary"]["rise"]["cells"] == 2
+    assert md.count("| language | SFT | Steering | RISE-LoRA | RA-MoE (best) | Δ vs SFT (points) | ci proportion |") == 1
+    assert "### RA-MoE vs RISE-LoRA" in md and "| cell | examples | seeds (RA-MoE / RISE-LoRA) |" in md
+    assert "| RISE |" not in md and not re.search(r"\bRISE\b(?!-LoRA)", md)
+    assert any(t.startswith("RA-MoE − RISE-LoRA\n") for t in titles)  # the forest plot
+    assert not any(re.search(r"\bRISE\b(?!-LoRA)", t) for t in titles)
+    assert json.loads(Path(rep["paths"]["json"]).read_text())["labels"]["rise"] == "RISE-LoRA"
+
+    # the sweep's resolved config first: a LoRA config given, a sweep that trained RISE fully (or logged a
+    # resolved config from before rise.train: the default, full) is RISE; a sweep without one: the given config
+    lora = cfg.model_copy(update={"rise": RiseConfig(train="lora")})
+    data = rreport.collect(cfg, parent)
+    data["resolved"]["rise"]["train"] = "full"
+    assert rreport.compute(data, lora)["labels"]["rise"] == "RISE"
+    del data["resolved"]["rise"]["train"]
+    assert rreport.compute(data, lora)["labels"]["rise"] == "RISE"
+    data["resolved"] = None
+    assert rreport.compute(data, lora)["labels"]["rise"] == "RISE-LoRA"
+    assert rreport.compute(data, cfg)["labels"]["rise"] == "RISE"
