@@ -1,11 +1,14 @@
-"""Benchmark: building the synthetic world cold and warm, and its per-cell tables.
+"""Benchmark: the synthetic world's first run with the shipped models and without, and its per-cell tables.
 
-    .venv/bin/python bench/world.py [--families olmoe qwen3_moe mixtral] [--cache DIR]
+    .venv/bin/python bench/world.py [--families olmoe qwen3_moe] [--shipped-only]
+    .venv/bin/python bench/world.py --ship     # remake the shipped models (ramoe_ray/world/), then the tables
 
-Cold: a fresh cache folder (data, tokenizer, one pretrained model per family, evaluation).
-Warm: the same call again (every artefact is a cache hit). Prints both wall times, then per family
-the accuracy table (task x language) and the cc/ci/ic/ii proportions per (task, language) cell,
-measured on all held-out task examples (never part of pretraining).
+First run: ``build_model`` of every family in a fresh cache folder (data, tokenizer, model, evaluation),
+once copying the package's shipped models and once pretraining them here (``shipped=False``; minutes,
+skipped by --shipped-only); prints both wall times in one run and their ratio, then whether the
+pretrained weights equal the shipped ones bit for bit. Warm: the same call again (every artefact a cache
+hit). Then per family the accuracy table (task x language) and the cc/ci/ic/ii proportions per
+(task, language) cell, measured on all held-out task examples (never part of pretraining).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported before any timing)
 
 from ramoe_ray import synthetic as S
 
@@ -33,24 +38,27 @@ def categories(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--families", nargs="+", default=["olmoe", "qwen3_moe", "mixtral"])
-    p.add_argument("--cache", default=None, help="cache folder (default: a fresh temporary one)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (2: this project's CPU machines)")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    cache = Path(args.cache or tempfile.mkdtemp(prefix="ramoe-world-"))
-    spec = S.WorldSpec()
-
+def first_run(spec: S.WorldSpec, families: list[str], shipped: bool) -> tuple[float, dict[str, Path]]:
+    """Wall seconds of building every family's model into a fresh cache, and the model folders."""
+    cache = Path(tempfile.mkdtemp(prefix="ramoe-world-"))
     t0 = time.time()
-    paths = {f: S.build_model(spec, f, cache) for f in args.families}
-    cold = time.time() - t0
+    paths = {f: S.build_model(spec, f, cache, shipped=shipped) for f in families}
+    seconds = time.time() - t0
     t0 = time.time()
-    assert {f: S.build_model(spec, f, cache) for f in args.families} == paths
-    warm = time.time() - t0
-    print(f"\nworld {spec.key()} in {cache}: cold {cold:.1f} s, warm {warm:.2f} s ({len(args.families)} families)")
+    assert {f: S.build_model(spec, f, cache, shipped=shipped) for f in families} == paths
+    print(f"world {spec.key()} in {cache} ({'shipped' if shipped else 'pretrained'}): first run {seconds:.1f} s, "
+          f"warm {time.time() - t0:.2f} s ({len(families)} families)")
+    return seconds, paths
 
+
+def weight_difference(a: Path, b: Path) -> float:
+    """Largest absolute difference between two model folders' weights (0.0: bit-identical)."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def tables(spec: S.WorldSpec, paths: dict[str, Path]) -> None:
     pd.set_option("display.width", 160)
     for fam, path in paths.items():
         df = pd.read_parquet(path / "eval.parquet")
@@ -64,6 +72,34 @@ def main() -> None:
         print(f"English accuracy min {en.min():.2f} ({en.idxmin()}); ci span {cats.ci.max() - cats.ci.min():.2f}; "
               f"cells with >=10% ci and >=10% cc: {good}/{len(cats)}")
         print(f"train seconds {json.loads((path / 'report.json').read_text())['train_seconds']:.0f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--families", nargs="+", default=list(S.SHIPPED_FAMILIES))
+    p.add_argument("--ship", action="store_true", help="pretrain the families and make them the shipped models")
+    p.add_argument("--shipped-only", action="store_true", help="time the first run with the shipped models only")
+    args = p.parse_args()
+    spec = S.WORLDS["synthetic"]
+    print(f"torch threads {torch.get_num_threads()} (a world build uses one)")
+
+    if args.ship:
+        t0 = time.time()
+        target = S.ship(spec, tuple(args.families))
+        print(f"shipped {', '.join(args.families)} as {target} in {time.time() - t0:.0f} s")
+        tables(spec, {f: target / f for f in args.families})
+        return
+    missing = [f for f in args.families if S.shipped_model(spec, f) is None]
+    if missing:
+        raise SystemExit(f"no shipped {', '.join(missing)} model for world {spec.key()}: run with --ship first")
+    shipped_s, paths = first_run(spec, args.families, shipped=True)
+    if not args.shipped_only:
+        pretrained_s, built = first_run(spec, args.families, shipped=False)
+        print(f"first run: pretraining {pretrained_s:.1f} s / shipped {shipped_s:.1f} s = {pretrained_s / shipped_s:.0f}x")
+        for f in args.families:
+            diff = weight_difference(paths[f], built[f])
+            print(f"{f}: pretrained here vs shipped: " + ("bit-identical" if diff == 0 else f"max |weight difference| {diff:.3g}"))
+    tables(spec, paths)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,20 @@ written as jsonl in the canonical record schema of ``ramoe_ray.tasks`` and read 
 same loader as real data; they are never part of the pretraining corpus.
 
 ``build_data`` writes the task files, general text and tokenizer; ``build_model`` pretrains a small
-MoE of one family on the corpus (CPU, seeded). Both are cached under a content hash of the world's
-parameters and this module's code version.
+MoE of one family on the corpus (CPU, one thread, seeded). Both are cached under a content hash of the
+world's parameters and this module's code version. The package ships the default world's models of
+``SHIPPED_FAMILIES`` (``ramoe_ray/world/KEY/FAMILY/``, made by ``ship``): ``build_model`` copies them
+into the cache when KEY is the key the code computes now, and pretrains otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -307,6 +312,9 @@ SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=4, hidden_size=32
 # world; "synthetic-small:..." the reduced one the tests use.
 WORLDS = {"synthetic": WorldSpec(), "synthetic-small": SMALL}
 
+SHIPPED = Path(__file__).parent / "world"  # the package's pretrained world models: SHIPPED/KEY/FAMILY/ (``ship``)
+SHIPPED_FAMILIES = ("olmoe", "qwen3_moe")  # the default world's, for the demo's models (sweeps/demo.yaml)
+
 
 def parse_scheme(text: str) -> tuple[WorldSpec, str] | None:
     """"synthetic:olmoe" -> (WorldSpec(), "olmoe"); None when ``text`` is not a world reference."""
@@ -510,30 +518,88 @@ def load_task_examples(data: Path, task: str, languages) -> dict[str, list[dict]
     return {c: [json.loads(l) for l in (data / "tasks" / task / f"{c}.jsonl").open(encoding="utf-8")] for c in languages}
 
 
-def build_model(spec: WorldSpec, family: str, cache_dir: str | Path, *, log_every: int = 100) -> Path:
-    """The world's pretrained model of ``family`` (a save_pretrained folder with its tokenizer and a
-    report.json of per-cell accuracy), built once and cached."""
+def shipped_model(spec: WorldSpec, family: str) -> Path | None:
+    """The package's shipped pretrained model of ``family`` for this world and code version, if any."""
+    folder = SHIPPED / spec.key() / family
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def build_model(spec: WorldSpec, family: str, cache_dir: str | Path, *, log_every: int = 100, shipped: bool = True) -> Path:
+    """The world's pretrained model of ``family`` (a save_pretrained folder with its tokenizer, eval.parquet
+    and a report.json of per-cell accuracy), cached: copied from the package's shipped model when there is
+    one for this world's key (``shipped_model``), pretrained here otherwise (and always with ``shipped=False``)."""
+    data = build_data(spec, cache_dir)
+    final = world_dir(spec, cache_dir) / "models" / family
+    source = shipped_model(spec, family) if shipped else None
+    if source is not None:
+        return atomic_dir(final, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+    if log_every and not final.is_dir():
+        why = _not_shipped(family) if shipped else "shipped=False: the package's model is not used"
+        print(f"world {spec.key()}: pretraining its {family} model on CPU ({why})", flush=True)
+    return atomic_dir(final, lambda tmp: _pretrain_into(tmp, spec, family, data, log_every))
+
+
+def _not_shipped(family: str) -> str:
+    """Why a world's model of ``family`` is pretrained although the package may ship one."""
+    keys = sorted(p.parent.name for p in SHIPPED.glob(f"*/{family}"))
+    if not keys:
+        return f"the package ships no {family} model"
+    return (f"the package ships {family} models for world {', '.join(keys)} only: the world's spec or synthetic.py "
+            "differs from theirs; `python bench/world.py --ship` remakes them")
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one CPU thread for a world build: reductions split over threads round differently (20 pretraining
+    steps on 1 and on 2 threads already differ in every tensor), so one thread makes a build the same on any
+    number of cores. The models are too small for a second thread to pay (measured on a shared 2-core machine, 20
+    pretraining steps: 0.45 s a step on one thread, 0.60 s on two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_into(out: Path, spec: WorldSpec, family: str, data: Path, log_every: int) -> None:
+    """``build_model``'s build: pretrain, save with the tokenizer, evaluate on every task example."""
     import time
 
+    import torch
+    import transformers
     from transformers import AutoTokenizer
 
-    data = build_data(spec, cache_dir)
-
-    def build(tmp: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-        exclude = set()
-        examples = {}
-        for task in TASKS:
-            exclude |= task_examples(task, spec.n_task_examples, spec.seed)[1]
-            examples[task] = load_task_examples(data, task, spec.languages)
+    tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+    exclude = set()
+    examples = {}
+    for task in TASKS:
+        exclude |= task_examples(task, spec.n_task_examples, spec.seed)[1]
+        examples[task] = load_task_examples(data, task, spec.languages)
+    with _one_thread():
         t0 = time.time()
         model = pretrain(spec, family, tokenizer, exclude, log_every=log_every)
         seconds = time.time() - t0
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
         df = evaluate_world(model, tokenizer, examples)
-        df.to_parquet(tmp / "eval.parquet")
-        acc = df.groupby(["task", "language"]).correct.mean().unstack()
-        (tmp / "report.json").write_text(json.dumps({"train_seconds": seconds, "accuracy": acc.to_dict()}, indent=2))
+    df.to_parquet(out / "eval.parquet")
+    acc = df.groupby(["task", "language"]).correct.mean().unstack()
+    report = {"train_seconds": seconds, "torch": torch.__version__, "transformers": transformers.__version__,
+              "accuracy": acc.to_dict()}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
 
-    return atomic_dir(world_dir(spec, cache_dir) / "models" / family, build)
+
+def ship(spec: WorldSpec = WORLDS["synthetic"], families: tuple[str, ...] = SHIPPED_FAMILIES) -> Path:
+    """Pretrains the world's models of ``families`` in a fresh cache and makes them the package's shipped
+    models, ``SHIPPED/KEY/FAMILY/``, in place of all others. Run in a source checkout after changing this
+    module (``python bench/world.py --ship``), then commit ramoe_ray/world/."""
+    with tempfile.TemporaryDirectory() as cache:
+        built = [build_model(spec, f, cache, shipped=False) for f in families]
+        for old in SHIPPED.glob("*"):
+            shutil.rmtree(old)
+        for path in built:
+            shutil.copytree(path, SHIPPED / spec.key() / path.name)
+    return SHIPPED / spec.key()

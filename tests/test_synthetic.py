@@ -1,9 +1,14 @@
 """The synthetic multilingual world: exact translations, graded languages, cached seeded builds."""
 
+import dataclasses
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ramoe_ray import sources
@@ -138,3 +143,76 @@ def test_pretraining_batches_weight_exactly_the_answer_tokens(tmp_path):
         # an answer token is the last token before an <eos> (every world answer is one token)
         is_answer = i + 1 in eos
         assert (weight == 5.0) == is_answer, (i, ids[max(0, i - 3): i + 2])
+
+
+# ------------------------------------------------------------------------------ the shipped world models
+
+STALE = "remake the shipped models with `python bench/world.py --ship` (~20 min on 2 cores) and commit ramoe_ray/world/"
+
+
+def test_shipped_world_models_have_the_key_the_code_computes():
+    """ramoe_ray/world/ holds the default world's models under the key the code computes now, for every world
+    model of the demo: a change to synthetic.py or the spec fails here at once, instead of every first run
+    pretraining for minutes."""
+    spec = S.WORLDS["synthetic"]
+    shipped = sorted(p.name for p in S.SHIPPED.glob("*"))
+    assert shipped == [spec.key()], (f"ramoe_ray/world/ holds world {shipped}, the code computes {spec.key()}: synthetic.py "
+                                     f"or the default WorldSpec changed; {STALE}")
+    assert sorted(p.name for p in (S.SHIPPED / spec.key()).iterdir()) == sorted(S.SHIPPED_FAMILIES)
+    demo = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "demo.yaml").read_text())
+    families = {S.parse_scheme(m["path"])[1] for m in demo["models"] if S.parse_scheme(m["path"])}
+    assert families and families <= set(S.SHIPPED_FAMILIES)
+
+
+def test_the_default_world_model_is_copied_from_the_shipped_one(tmp_path, monkeypatch):
+    """No pretraining: the cache gets the shipped files byte for byte, a model of the spec's shape whose English
+    is right (the demo's ci pairs need it)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(S, "pretrain", lambda *a, **k: pytest.fail("pretrained instead of copying the shipped model"))
+    spec = S.WORLDS["synthetic"]
+    for family in S.SHIPPED_FAMILIES:
+        path, shipped = S.build_model(spec, family, tmp_path), S.shipped_model(spec, family)
+        assert path == S.world_dir(spec, tmp_path) / "models" / family
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == {p.name: p.read_bytes() for p in shipped.iterdir()}
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert S.shape_of_config(model.config) == S.shape_of_config(S.model_config(spec, family, model.config.vocab_size))
+        english = json.loads((path / "report.json").read_text())["accuracy"]["en"]
+        assert set(english) == set(S.TASKS) and min(english.values()) >= 0.9, english
+
+
+def test_a_shipped_model_is_used_only_under_its_key(tmp_path, monkeypatch, capsys, small_world):
+    """A model shipped for the world's key is copied; a world of another key is pretrained, and says why."""
+    built = small_world / S.SMALL.key() / "models" / "olmoe"
+    monkeypatch.setattr(S, "SHIPPED", tmp_path / "shipped")
+    shutil.copytree(built, S.SHIPPED / S.SMALL.key() / "olmoe")
+    calls, pretrain = [], S.pretrain
+    monkeypatch.setattr(S, "pretrain", lambda *a, **k: calls.append(1) or pretrain(*a, **k))
+    copy = S.build_model(S.SMALL, "olmoe", tmp_path / "a", log_every=0)
+    assert calls == [] and (copy / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    other = dataclasses.replace(S.SMALL, seed=1)
+    S.build_model(other, "olmoe", tmp_path / "b", log_every=1000)
+    assert calls == [1]
+    assert f"pretraining its olmoe model on CPU (the package ships olmoe models for world {S.SMALL.key()} only" in capsys.readouterr().out
+
+
+# One family in the test run (a rebuild is ~6 min on 2 cores; the suite stays under 20 min): OLMoE.
+# `bench/world.py` rebuilds every shipped family and compares them bit for bit.
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("family", ["olmoe"])
+def test_a_shipped_model_is_what_build_model_makes(tmp_path, family):
+    """Pretrains a shipped model again (~8 min per family on 2 cores) and compares: one thread and one seed give
+    the same weights bit for bit, on the same torch and the same kind of CPU."""
+    spec = S.WORLDS["synthetic"]
+    shipped = S.shipped_model(spec, family)
+    assert shipped is not None, f"no shipped {family} model for world {spec.key()}; {STALE}"
+    built = S.build_model(spec, family, tmp_path, log_every=0, shipped=False)
+    old, new = load_file(shipped / "model.safetensors"), load_file(built / "model.safetensors")
+    assert old.keys() == new.keys()
+    differ = {k: (old[k] - new[k]).abs().max().item() for k in old if not torch.equal(old[k], new[k])}
+    accuracy = [json.loads((p / "report.json").read_text())["accuracy"] for p in (shipped, built)]
+    assert not differ, (f"{len(differ)} of {len(old)} tensors differ from the shipped ones (max {max(differ.values()):.3g}); "
+                        f"accuracy shipped {accuracy[0]}, rebuilt {accuracy[1]}: another torch or CPU rounds differently, or "
+                        f"the shipped models are not this code's; {STALE}")
+    assert accuracy[0] == accuracy[1]
