@@ -14,10 +14,18 @@
    and MFU (model FLOPs = 6 x active parameters x tokens, the usual convention, against ``--peak-tflops``;
    with a frozen base the work really done is ~4 x active: both are printed). Plain torch, no DeepSpeed
    (ZeRO-3 on one GPU partitions nothing). ``--scale --device cpu --hidden 128 ...`` runs the same path small.
+5. ``--fixed``: the fixed cost of the trainings of one cell in ONE process, as a sweep trial process with
+   ``sweep.train_workers: 0`` runs them: the demo world's first cell (its first model and task, syn4), after one
+   warm-up training, 7 trainings (SFT, RISE, RA-MoE λ = 1 and 5 with seed 0; SFT, RISE, RA-MoE λ = 5 with seed 1)
+   sharing a fresh base-pass cache (the world, stages 1-2 and file hashes linked from ``--cache-from``, default
+   .ramoe_cache); per training ``train_cell``'s wall time minus its training loop, and rank 0's phases (medians).
+   Before / after a change: run it in a copy of the tree without the change, then here (``bench/sweep.py
+   --one-cell``: the same through Ray Tune, with the validation evaluation).
 
     .venv/bin/python bench/train.py [--family olmoe] [--hidden 128] [--layers 4] [--experts 8]
         [--batch-size 8] [--seq-len 64] [--steps 12] [--ci-fraction 1.0] [--threads 2] [--clock wall|cpu] [--real]
     python bench/train.py --scale [--device cuda] [--batch-size 8] [--seq-len 512] [--steps 10] [--peak-tflops 989]
+    .venv/bin/python bench/train.py --fixed [--threads 1] [--cache-from DIR]
 """
 
 from __future__ import annotations
@@ -160,6 +168,43 @@ def bench_real(args):
           f"ratio {med['ramoe'] / med['sft']:.3f}")
 
 
+FIXED_RUNS = (("sft", None, 0), ("rise", None, 0), ("ramoe", 1.0, 0), ("ramoe", 5.0, 0), ("sft", None, 1),
+              ("rise", None, 1), ("ramoe", 5.0, 1))
+
+
+def bench_fixed(args):
+    import tempfile
+
+    from ramoe_ray import sources
+    from ramoe_ray.config import load_config
+
+    base = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fixed-"))
+    (tmp / "cache").mkdir()
+    for d in ("world", "taxonomy", "experts", "hashes"):  # built before; base_passes/ starts empty
+        (tmp / "cache" / d).symlink_to((Path(args.cache_from or base / ".ramoe_cache") / d).resolve())
+    cfg = sources.resolve(load_config(base / "sweeps/demo.yaml", [f"cache_dir={tmp}/cache", f"output_dir={tmp}/out",
+                                                                  "languages=[syn4]"]))
+    m, t = cfg.models[0], cfg.tasks[0]
+    warm = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 2, "eval_batch_size": 32})})
+    train.train_cell(warm, m, t, "syn4", method="sft", num_workers=0, run_dir=tmp / "warm-up")  # another base-pass key
+    rows = []
+    for method, lam, seed in FIXED_RUNS:
+        t0 = time.perf_counter()
+        r = train.train_cell(cfg, m, t, "syn4", method=method, lam=lam, seed=seed, num_workers=0,
+                             run_dir=tmp / f"{method}-{lam}-{seed}")
+        rows.append({"fixed": time.perf_counter() - t0 - sum(r["step_seconds_rank0"]), "in_loop": sum(r["step_seconds_rank0"]),
+                     "prepare": r["seconds_prepare"], **r["phases_rank0"],
+                     "base_passes_recomputed": r.get("base_passes_recomputed")})
+    print(f"{m.name}/{t.name}/syn4: {len(rows)} trainings in one process (num_workers=0, {torch.get_num_threads()} "
+          f"threads), {r['steps']} steps each, {r['n_train']} train examples, {r['n_ci']} ci")
+    for k in ("fixed", "in_loop", "prepare", "imports_and_process_group", "model_load", "lora_and_deepspeed_initialize",
+              "base_passes", "checkpoint_and_report", "checkpoint_save", "final_passes", "save_adapter"):
+        vals = [row.get(k, 0.0) for row in rows]
+        print(f"  {k:<32} median {statistics.median(vals):6.2f} s   ({' '.join(f'{v:.2f}' for v in vals)})")
+    print(f"  base passes computed in: {[row['base_passes_recomputed'] for row in rows]}")
+
+
 def bench_scale(args):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -230,6 +275,8 @@ def main():
                    help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a loaded machine)")
     p.add_argument("--real", action="store_true", help="also time train_cell (DeepSpeed, num_workers=0) on the small world")
     p.add_argument("--scale", action="store_true", help="only the OLMoE-1B-7B-shaped training step (see 4. above)")
+    p.add_argument("--fixed", action="store_true", help="only the fixed cost of one cell's trainings (see 5. above)")
+    p.add_argument("--cache-from", default=None, help="--fixed: the cache holding the demo world and stages 1-2")
     p.add_argument("--device", default="cuda")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--top-k", type=int, default=8)
@@ -243,6 +290,9 @@ def main():
                 setattr(args, flag, value)
         torch.set_num_threads(args.threads)
         return bench_scale(args)
+    if args.fixed:
+        torch.set_num_threads(args.threads)
+        return bench_fixed(args)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"clock: {args.clock}, threads {args.threads}")

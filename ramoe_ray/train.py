@@ -7,7 +7,8 @@ This module is the driver; ``train_worker`` is the recipe each worker runs. The 
 1. ``plan_training``: checks every input (``ConfigError`` before anything runs), runs or reuses stage 1
    (taxonomy of the train split: the ci ids) and stage 2 (experts.json: band layers, task experts, RISE
    selection), builds the training records and THE schedule (global batches of record indices: a
-   function of the seed only, identical for every method) -> a ``TrainPlan``;
+   function of the seed only, identical for every method) and the key inputs of the cell's base passes
+   (``base_inputs``: the workers of the cell's first training compute them, ``base_cache``) -> a ``TrainPlan``;
 2. the run folder: its spec (a folder of another configuration is refused), a finished training's
    result reused;
 3. the fit: with ``num_workers > 0`` a Ray Train ``TorchTrainer`` (``train_worker.ray_train_loop`` on each
@@ -63,8 +64,9 @@ RULES: dict[str, str] = {
     ),
     "lm_loss_tokens": "cross-entropy on the continuation tokens only (prompt and padding labelled -100), mean per worker",
     "alignment_target": (
-        "T = soft_importance of the same example's English prompt under the BASE model (computed once in each worker "
-        "before training, no grad): losses.RULES default 'example'"
+        "T = soft_importance of the same example's English prompt under the BASE model (no grad, batches of "
+        "eval_batch_size; computed once per cell by the first training's workers and read by the others from "
+        "cache_dir/base_passes, bit for bit: base_cache): losses.RULES default 'example'"
     ),
     "alignment_tokens": "P̄ over the target prompt's tokens (not the answer continuation)",
     "schedule": (
@@ -74,7 +76,11 @@ RULES: dict[str, str] = {
     "empty_ci": "λ > 0 but no ci example in the train split: warn and train as SFT (λ = 0), recorded in the result",
     "metrics": (
         "per step: ce, align (λ > 0), loss, routing_kl = alignment KL on the batch's ci examples (nan without one); "
-        "averaged over workers; at the end routing_kl_ci(_base) = the KL over every ci train example after (before) training"
+        "averaged over workers; at the end routing_kl_ci(_base) = the KL over every ci train example and ce_train(_base) "
+        "= the token-mean continuation CE over every train example, after (before) training, both from ONE no-grad "
+        "pass over the train split (prompt + continuation, batches of eval_batch_size: the per-step metrics at λ = 0; "
+        "the KL on the prompt tokens, whose routing causal attention makes that of the prompt alone); the _base ones "
+        "computed once per cell (base_cache)"
     ),
     "checkpoint": "DeepSpeed engine checkpoint (adapter + optimizer + step) + ramoe_meta.json, every checkpoint_every steps",
     "rise_train": (
@@ -138,10 +144,10 @@ def _identity(cfg, model_cfg, task_cfg, language: str, method: str, knobs: Check
     training["split_seed"] = cfg.training.seed  # plan_training adds this training's own "seed"
     out = {"model": model_cfg.name, "model_path": str(model_cfg.path), "family": shape.family,
            "num_layers": shape.num_layers, "num_experts": shape.num_experts,
-           **flatten(model_cfg.model_dump(mode="json"), "model."), **flatten(task_cfg.model_dump(mode="json"), "task."),
+           **flatten(model_cfg.model_dump(mode="json", exclude={"resources"}), "model."), **flatten(task_cfg.model_dump(mode="json"), "task."),
            "language": language, "method": method, "lam": float(knobs.lam), "band": band_label(knobs.band),
            "top_k": int(knobs.top_k), **training, "training.batch_size": int(batch_size), "workers": int(workers),
-           "gpu": cfg.resources.gpus_per_worker > 0}
+           "gpu": cfg.resources_for(model_cfg).gpus_per_worker > 0}
     if method == "rise":
         out.update(flatten(cfg.rise.model_dump(mode="json"), "rise."))
     return out
@@ -150,6 +156,14 @@ def _identity(cfg, model_cfg, task_cfg, language: str, method: str, knobs: Check
 def _inputs_digest(records: list[dict], stage2: dict) -> str:
     """What stages 1-2 hand one training: its records (prompts, continuations, ci labels) and the selection."""
     return content_key([records, stage2["band_layers"], stage2["task_experts"], stage2["experts_mask"]], 24)
+
+
+def base_inputs(p: taxonomy.Plan, records: list[dict], stage2: dict, training) -> dict:
+    """What a training's base passes depend on, the device aside (``base_cache``): the same for every method,
+    λ and seed of a cell and band x top-k."""
+    return {"stage": "train/base_passes", "code": train_worker.code_version(), "model": p.inputs["en"]["model"],
+            "records": content_key(records, 32), "band_layers": stage2["band_layers"],
+            "task_experts": stage2["task_experts"], "eval_batch_size": training.eval_batch_size}
 
 
 def adapter_kind(cfg, method: str) -> str:
@@ -232,7 +246,7 @@ def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: 
     are raised before any model runs. ``seed``: the training's seed (default ``training.seeds[0]``; the
     data split always uses that one)."""
     knobs = _checked_knobs(cfg, model_cfg, method=method, lam=lam, band=band, top_k=top_k)
-    workers = cfg.resources.num_workers if num_workers is None else int(num_workers)
+    workers = cfg.resources_for(model_cfg).num_workers if num_workers is None else int(num_workers)
     if workers < 0:
         raise ConfigError(f"num_workers = {workers}: allowed 0 (train in this process) or more")
     t = cfg.training
@@ -258,7 +272,8 @@ def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: 
         task_experts=stage2["task_experts"], experts_mask=stage2["experts_mask"],
         adapter_kind=adapter_kind(cfg, method), steering=stage2["steering"],
         records=records, n_ci=n_ci, schedule=sched, workers=workers, training=t, seed=seed, batch_size=bs, notes=notes,
-        rules=dict(RULES), stage_cache={"experts": stage2["experts_hit"], "taxonomy": bool(taxonomy_hit)})
+        rules=dict(RULES), stage_cache={"experts": stage2["experts_hit"], "taxonomy": bool(taxonomy_hit)},
+        base_inputs=base_inputs(p, records, stage2, t), base_cache=str(Path(cfg.cache_dir) / "base_passes"))
 
 
 # --------------------------------------------------------------------------------------- run folder
@@ -341,12 +356,13 @@ def _ensure_ray() -> None:
 
 def _fit_worker_group(cfg, plan: TrainPlan, name: str, run_dir: Path, probe: list[str] | None,
                       resume_from: str | os.PathLike | None) -> str | None:
-    """A Ray Train worker group (``cfg.resources`` per worker, ``training.max_failures`` restarts from
-    the last checkpoint); Ray's run folder is run_dir/ray. Returns the last checkpoint."""
+    """A Ray Train worker group (the model's resources per worker, ``RunConfig.resources_for``;
+    ``training.max_failures`` restarts from the last checkpoint); Ray's run folder is run_dir/ray. Returns the
+    last checkpoint."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    res = cfg.resources
+    res = cfg.resources_for(plan.identity["model"])
     use_gpu = res.gpus_per_worker > 0
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -381,7 +397,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
                batch_size: int | None = None, probe: list[str] | None = None, seed: int | None = None) -> dict:
     """Trains one cell with one method; returns {"adapter", "final", "history", ...} (module docstring).
 
-    num_workers: Ray Train workers (default ``cfg.resources.num_workers``); 0 = the training runs in this
+    num_workers: Ray Train workers (default: the model's ``resources.num_workers``); 0 = the training runs in this
       process (world size 1, no Ray Train: small runs, debugging, a Ray Tune trial's own process).
     resume_from: a checkpoint folder (checked to come from the same model and configuration).
     probe: prompts whose logits (trained model) rank 0 saves as ``probe_logits.pt`` in the run folder.
@@ -395,11 +411,12 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
     run_dir = _run_folder(cfg, plan, name, run_dir)
     summary = _summary(plan, run_dir)
     if method == "steering":
-        return {**summary, "adapter": None, "steering": plan.steering, "final": {}, "history": []}
+        return {**summary, "adapter": None, "steering": plan.steering, "final": {}, "history": [],
+                "base_passes_recomputed": 0}
     result_file = run_dir / RESULT
     if result_file.is_file():  # the same training (same identity) finished before: reuse it, and say so
         print(f"reusing the finished training in {run_dir} (the same settings and inputs)", flush=True)
-        return {**summary, **json.loads(result_file.read_text()), "cached": True}
+        return {**summary, **json.loads(result_file.read_text()), "cached": True, "base_passes_recomputed": 0}
     write_json_atomic(run_dir / SPEC, {"identity": plan.identity})
     if plan.workers > 0:
         _ensure_ray()

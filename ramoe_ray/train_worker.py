@@ -19,11 +19,12 @@ Two callers:
    masked to the RISE selection for ``rise`` with ``rise.train: lora``; or, for ``rise`` with
    ``rise.train: full``, a full-rank delta on the selected experts, ``expert_delta``), the MoE block a
    ZeRO-3 leaf, ``deepspeed.initialize``;
-2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model;
+2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model, computed
+   by the first training of the cell and read by the others (``base_cache``);
 3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
    ``save_checkpoint`` every ``checkpoint_every`` steps and at the end;
-4. ``finish``: the final passes, the probe logits, the adapter (peft format; ``full``: the selected
-   experts' trained weights) and the result file;
+4. ``finish``: the final pass (``split_metrics``: ONE no-grad pass over the train split), the probe
+   logits, the adapter (peft format; ``full``: the selected experts' trained weights) and the result file;
 5. ``teardown``: ``engine.destroy()`` and transformers' ZeRO-3 switch off, so the next training of the
    process starts clean (the process group stays).
 """
@@ -36,6 +37,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +47,9 @@ from typing import Any
 
 import torch
 
-from ramoe_ray import expert_delta, lora, models
-from ramoe_ray.cache import write_json_atomic
+from ramoe_ray import base_cache, expert_delta, inference, lora, losses, models
+from ramoe_ray.base_cache import Baseline
+from ramoe_ray.cache import code_digest, write_json_atomic
 from ramoe_ray.config import ConfigError, TrainingConfig
 from ramoe_ray.inference import continuation_ids
 from ramoe_ray.losses import alignment_loss, routing_kl, soft_importance, total_loss
@@ -85,6 +88,8 @@ class TrainPlan:
     notes: list[str]
     rules: dict[str, str]
     stage_cache: dict[str, bool]  # stages 1-2 reused from the cache (the sweep counts recomputations)
+    base_inputs: dict  # what the base passes depend on, the device aside (``base_cache``, ``train.base_inputs``)
+    base_cache: str | None  # base_cache's root folder; None: every training computes its base passes
 
     def band_experts(self) -> dict[int, list[int]]:
         return {int(l): v for l, v in self.task_experts.items()}
@@ -107,16 +112,8 @@ class Trainee:
     engine: Any  # the DeepSpeed engine (``engine.module``: the model with its expert adapter)
     tok: Any
     device: torch.device
+    dtype: torch.dtype  # of the model's weights: bf16 on GPU, fp32 on CPU
     hf_ds_config: Any  # transformers' ZeRO-3 switch: held as long as the engine lives
-
-
-@dataclass
-class Baseline:
-    """The base model's passes (LoRA B = 0): the alignment targets and the "before" metrics."""
-
-    targets: dict[str, torch.Tensor]  # ci example id -> (L, E) soft importance of its English prompt
-    routing_kl_ci: float
-    ce_train: float
 
 
 @dataclass
@@ -230,12 +227,13 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     join_process_group(on_gpu)
     torch.manual_seed(plan.seed)
     phases.mark("imports_and_process_group")
     config = ds_config(plan, on_gpu)
     hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained builds the model partitioned
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype)
     model.config.output_router_logits = False
     phases.mark("model_load")
     tok = load_tokenizer(plan.model_path)
@@ -243,7 +241,7 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     deepspeed.utils.set_z3_leaf_modules(model, [type(next(iter(models.moe_blocks(model).values())))])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     phases.mark("lora_and_deepspeed_initialize")
-    return Trainee(engine=engine, tok=tok, device=device, hf_ds_config=hf_ds_config)
+    return Trainee(engine=engine, tok=tok, device=device, dtype=dtype, hf_ds_config=hf_ds_config)
 
 
 def teardown(trainee: Trainee) -> None:
@@ -312,39 +310,55 @@ def english_targets(engine, tok, records: list[dict], batch_size: int, device) -
 
 
 @torch.no_grad()
-def ci_routing_kl(engine, tok, records: list[dict], targets, band_layers, task_experts, batch_size, device) -> float:
-    """The alignment KL over the target prompts of ``records`` (collective under ZeRO-3)."""
-    total, n = 0.0, 0
-    for chunk, routing, mask in _routed_batches(engine, tok, records, "prompt", batch_size, device):
-        kl = routing_kl(router_logits=routing.logits, mask=mask, ci=torch.ones(len(chunk), dtype=torch.bool),
-                        layers=routing.layers, band_layers=band_layers, task_experts=task_experts,
-                        target_pattern=torch.stack([targets[r["id"]] for r in chunk]))
-        total += kl * len(chunk)
-        n += len(chunk)
-    return total / n if n else math.nan
+def split_metrics(trainee: Trainee, plan: TrainPlan, targets: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(routing KL over the ci records, token-mean continuation CE over all records) of the model as it is,
+    from ONE no-grad pass over the train split (target prompt + continuation, batches of eval_batch_size):
+    per batch ``batch_loss``'s step metrics at λ = 0, the KL on the prompt tokens' routing as the loss reads
+    it (causal attention: that of the prompt alone). ``train.RULES["metrics"]``; collective under ZeRO-3."""
+    engine, tok, device, ebs = trainee.engine, trainee.tok, trainee.device, plan.training.eval_batch_size
+    kl_sum, n_ci, ce_sum, n_tok = 0.0, 0, 0.0, 0
+    for i in range(0, len(plan.records), ebs):
+        rows = plan.records[i : i + ebs]
+        batch = encode(tok, rows, device)
+        ci = torch.tensor([r["ci"] for r in rows], dtype=torch.bool, device=device)
+        _, parts = batch_loss(engine, batch, ci, [targets.get(r["id"]) for r in rows], lam=0.0,
+                              band_layers=plan.band_layers, task_experts=plan.band_experts(), metrics=True)
+        k = int((batch["labels"][:, 1:] != -100).sum())
+        ce_sum, n_tok = ce_sum + parts["ce"] * k, n_tok + k
+        if bool(ci.any()):
+            kl_sum, n_ci = kl_sum + parts["routing_kl"] * int(ci.sum()), n_ci + int(ci.sum())
+    return (kl_sum / n_ci if n_ci else math.nan), ce_sum / n_tok
 
 
-@torch.no_grad()
-def mean_ce(engine, tok, records: list[dict], batch_size: int, device) -> float:
-    """Token-mean continuation cross-entropy over ``records`` (collective under ZeRO-3)."""
-    total, n = 0.0, 0
-    for i in range(0, len(records), batch_size):
-        b = encode(tok, records[i : i + batch_size], device)
-        k = int((b["labels"][:, 1:] != -100).sum())
-        total += float(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss) * k
-        n += k
-    return total / n
+def compute_baseline(trainee: Trainee, plan: TrainPlan) -> Baseline:
+    """The base passes themselves (LoRA B = 0, delta = 0: the adapted model is the base model): the English
+    targets, then ``split_metrics``. No-grad passes in few large batches (ZeRO-3's per-forward cost is fixed)."""
+    trainee.engine.eval()
+    targets = english_targets(trainee.engine, trainee.tok, plan.ci_records(), plan.training.eval_batch_size,
+                              trainee.device)
+    kl, ce = split_metrics(trainee, plan, targets)
+    return Baseline(targets=targets, routing_kl_ci=kl, ce_train=ce)
 
 
-def base_passes(trainee: Trainee, plan: TrainPlan) -> Baseline:
-    """Step 2: the English targets and the ci KL / train CE of the BASE model (LoRA B = 0, delta = 0: the
-    adapted model is the base model). No-grad passes in few large batches (ZeRO-3's per-forward cost is fixed)."""
-    engine, tok, device = trainee.engine, trainee.tok, trainee.device
-    ebs = plan.training.eval_batch_size
-    engine.eval()
-    targets = english_targets(engine, tok, plan.ci_records(), ebs, device)
-    kl = ci_routing_kl(engine, tok, plan.ci_records(), targets, plan.band_layers, plan.band_experts(), ebs, device)
-    return Baseline(targets=targets, routing_kl_ci=kl, ce_train=mean_ce(engine, tok, plan.records, ebs, device))
+def code_version() -> str:
+    """Hash of the code that determines the base passes (a key input of ``base_cache``)."""
+    return code_digest(sys.modules[__name__], base_cache, losses, models, inference, lora, expert_delta)
+
+
+def base_passes(trainee: Trainee, plan: TrainPlan, context: WorkerContext) -> tuple[Baseline, bool]:
+    """Step 2: the base passes of the cell (``base_cache``): read when a training of the cell computed them
+    before, else computed here (every rank) and written (rank 0). Returns (baseline, hit)."""
+    if plan.base_cache is None:
+        return compute_baseline(trainee, plan), False
+    inputs = {**plan.base_inputs, **base_cache.compute_inputs(trainee.device, trainee.dtype, context.world_size)}
+    final = base_cache.folder(plan.base_cache, inputs)
+    with base_cache.first_computes(final, context.rank):
+        if base_cache.agree(final.is_dir(), trainee.device, context.world_size):
+            return base_cache.load(final), True
+        base = compute_baseline(trainee, plan)
+        if context.rank == 0:
+            base_cache.save(final, base, inputs)
+    return base, False
 
 
 # ------------------------------------------------------------------------------------------- a step
@@ -489,15 +503,13 @@ def _save_adapter(trainee: Trainee, plan: TrainPlan, adapter: Path, context: Wor
     save(trainee.engine.module, adapter, plan.model_path)
 
 
-def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, progress: Progress, run_dir: Path,
+def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, progress: Progress, run_dir: Path,
            probe: list[str] | None, context: WorkerContext, phases: Phases) -> None:
-    """Step 4: final passes, probe logits (``probe_logits.pt``), the adapter and the result file."""
+    """Step 4: the final pass, probe logits (``probe_logits.pt``), the adapter and the result file."""
     import torch.distributed as dist
 
-    engine, tok, device, ebs = trainee.engine, trainee.tok, trainee.device, plan.training.eval_batch_size
-    engine.eval()
-    kl = ci_routing_kl(engine, tok, plan.ci_records(), base.targets, plan.band_layers, plan.band_experts(), ebs, device)
-    ce = mean_ce(engine, tok, plan.records, ebs, device)
+    trainee.engine.eval()
+    kl, ce = split_metrics(trainee, plan, base.targets)
     phases.mark("final_passes")
     if probe:
         _save_probe_logits(trainee, probe, run_dir / "probe_logits.pt", context.rank)
@@ -510,7 +522,7 @@ def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, progress: Progress
         write_json_atomic(run_dir / RESULT, jsonable({
             "adapter": str(adapter), "final": final, "history": progress.history, "restarts": progress.restarts,
             "world_size": context.world_size, "step_seconds_rank0": progress.step_seconds,
-            "phases_rank0": phases.seconds}))
+            "phases_rank0": phases.seconds, "base_passes_recomputed": int(not base_hit)}))
     if context.world_size > 1:
         dist.barrier()
 
@@ -525,7 +537,7 @@ def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] |
     phases = Phases()
     trainee = setup(plan, phases)
     try:
-        base = base_passes(trainee, plan)
+        base, base_hit = base_passes(trainee, plan, context)
         phases.mark("base_passes")
         progress = load_checkpoint(trainee.engine, plan, context.resume_dir)
         phases.mark("checkpoint_load")
@@ -538,7 +550,7 @@ def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] |
             elif metrics is not None:
                 report(jsonable(metrics), None)
             phases.mark("checkpoint_and_report")
-        finish(trainee, plan, base, progress, Path(run_dir), probe, context, phases)
+        finish(trainee, plan, base, base_hit, progress, Path(run_dir), probe, context, phases)
     finally:
         teardown(trainee)
 

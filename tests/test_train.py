@@ -1,7 +1,9 @@
 """Stage 3 (train.py, train_worker.py): RA-MoE aligns ci routing better than SFT (RISE: tests/test_rise.py);
 trainings in one process run one after another and resume from a kept checkpoint; ZeRO-3 on two
-Ray Train workers survives a worker failure and matches an uninterrupted run; bad inputs are refused."""
+Ray Train workers survives a worker failure and matches an uninterrupted run; bad inputs are refused;
+the base passes are computed once per cell (base_cache) and trainings that read them train identically."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -209,6 +211,10 @@ def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_ca
         ray.shutdown()
     assert clean["world_size"] == faulty["world_size"] == 2
     assert clean["restarts"] == 0 and faulty["restarts"] == 1
+    # the base passes: computed by the clean run's two ranks, read by both attempts of the faulty one
+    assert (clean["base_passes_recomputed"], faulty["base_passes_recomputed"]) == (1, 0)
+    for k in ("routing_kl_ci_base", "ce_train_base"):
+        assert clean["final"][k] == faulty["final"][k], k
     assert (tmp_path / "faulty" / ".fault_injected").read_text() == "3"
     kept = sorted(d.name for d in ray_run.glob("checkpoint_*") if d.is_dir())
     assert len(kept) == train.KEEP_CHECKPOINTS and "checkpoint_2000-01-01_00-00-00.000000" not in kept, kept
@@ -231,3 +237,116 @@ def test_zero3_two_workers_restart_after_failure_matches_uninterrupted(shared_ca
         assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())
         assert sum(float(v.abs().sum()) for k, v in load_file(f"{res['adapter']}/{lora.ADAPTER_WEIGHTS}").items()
                    if "lora_B" in k) > 0
+
+
+# ------------------------------------------------------------- the base passes, once per cell (base_cache)
+
+
+def _old_kl(trainee, plan, targets) -> float:
+    """The ci routing KL as trainings computed it before ``split_metrics``: a pass over the ci prompts alone."""
+    from ramoe_ray.losses import routing_kl
+
+    engine, tok, device, ebs = trainee.engine, trainee.tok, trainee.device, plan.training.eval_batch_size
+    total, n = 0.0, 0
+    for chunk, routing, mask in train_worker._routed_batches(engine, tok, plan.ci_records(), "prompt", ebs, device):
+        kl = routing_kl(router_logits=routing.logits, mask=mask, ci=torch.ones(len(chunk), dtype=torch.bool),
+                        layers=routing.layers, band_layers=plan.band_layers, task_experts=plan.band_experts(),
+                        target_pattern=torch.stack([targets[r["id"]] for r in chunk]))
+        total, n = total + kl * len(chunk), n + len(chunk)
+    return total / n
+
+
+def _old_ce(trainee, plan) -> float:
+    """The train CE as trainings computed it before ``split_metrics``: a pass of its own."""
+    engine, tok, device, ebs = trainee.engine, trainee.tok, trainee.device, plan.training.eval_batch_size
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(plan.records), ebs):
+            b = train_worker.encode(tok, plan.records[i : i + ebs], device)
+            k = int((b["labels"][:, 1:] != -100).sum())
+            total += float(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss) * k
+            n += k
+    return total / n
+
+
+def _plan(cfg, method, **kw):
+    return train.plan_training(cfg, cfg.models[0], cfg.tasks[0], LANG, method=method, band=BAND, top_k=TOP_K,
+                               num_workers=0, **kw)
+
+
+@pytest.mark.slow
+def test_cached_base_passes_equal_a_fresh_computation(shared_cache, tmp_path):
+    cfg = cfg_for(shared_cache, max_steps=1, eval_batch_size=16)
+    sft, rise = _plan(cfg, "sft"), _plan(cfg, "rise")
+    assert sft.base_inputs == rise.base_inputs and sft.n_ci > 0  # one cell, one key: the method is not in it
+    sft = dataclasses.replace(sft, base_cache=str(tmp_path / "base_passes"))
+    context = train_worker.WorkerContext()
+    trainee = train_worker.setup(sft, train_worker.Phases())
+    try:
+        computed, hit_first = train_worker.base_passes(trainee, sft, context)  # computes, writes
+        cached, hit_again = train_worker.base_passes(trainee, sft, context)  # reads
+        old = {"kl": _old_kl(trainee, sft, computed.targets), "ce": _old_ce(trainee, sft)}
+    finally:
+        train_worker.teardown(trainee)
+    assert (hit_first, hit_again) == (False, True)
+    assert len([d for d in (tmp_path / "base_passes").iterdir() if not d.name.startswith(".")]) == 1  # + its lock
+    trainee = train_worker.setup(rise, train_worker.Phases())  # the full-weight RISE delta: another adapter at zero
+    try:
+        fresh = train_worker.compute_baseline(trainee, rise)
+    finally:
+        train_worker.teardown(trainee)
+    # the cache holds what a fresh computation of any training of the cell gives, bit for bit
+    assert cached.targets.keys() == fresh.targets.keys() == {r["id"] for r in sft.ci_records()}
+    assert all(torch.equal(cached.targets[k], fresh.targets[k]) for k in fresh.targets)
+    assert all(torch.equal(computed.targets[k], fresh.targets[k]) for k in fresh.targets)
+    assert (cached.routing_kl_ci, cached.ce_train) == (fresh.routing_kl_ci, fresh.ce_train)
+    # the one pass over prompt + continuation gives the train CE of the separate pass exactly, and the KL of
+    # the pass over the prompts alone up to float rounding (other padding widths; causal attention: same value)
+    assert fresh.ce_train == old["ce"]
+    assert fresh.routing_kl_ci == pytest.approx(old["kl"], rel=1e-5, abs=1e-7) and fresh.routing_kl_ci > 0
+
+
+@pytest.mark.slow
+def test_later_trainings_of_a_cell_read_the_base_passes_and_train_identically(shared_cache, tmp_path):
+    cfg = cfg_for(shared_cache, batch_size=6, max_steps=3, eval_batch_size=24)  # a key of its own in this module
+    first = fit(cfg, "sft", tmp_path / "sft")
+    second = fit(cfg, "ramoe", tmp_path / "ramoe", lam=10.0)
+    assert first["base_passes_recomputed"] == 1 and second["base_passes_recomputed"] == 0
+    assert all(second["stage_cache"].values())  # stages 1-2 from the cache as well
+    assert fit(cfg, "ramoe", tmp_path / "ramoe", lam=10.0)["base_passes_recomputed"] == 0  # a finished training reused
+    # the same RA-MoE training with the base passes computed in it: the same history and metrics, bit for bit
+    plan = dataclasses.replace(_plan(cfg, "ramoe", lam=10.0), base_cache=None)
+    train_worker.run_training(plan, tmp_path / "fresh", None, train_worker.WorkerContext(), lambda m, c: None)
+    fresh = json.loads((tmp_path / "fresh" / train_worker.RESULT).read_text())
+    assert fresh["base_passes_recomputed"] == 1
+
+    def same(d):
+        return {k: v for k, v in d.items() if k != "step_seconds"}
+
+    assert [same(h) for h in second["history"]] == [same(h) for h in fresh["history"]]
+    assert same(second["final"]) == same(fresh["final"])
+    assert second["final"]["routing_kl_ci_base"] == first["final"]["routing_kl_ci_base"]
+    assert second["final"]["ce_train_base"] == first["final"]["ce_train_base"]
+    _assert_same_training(second, fresh, tol=0.0)
+
+
+def test_base_cache_round_trip_and_lock(tmp_path):
+    import fcntl
+
+    from ramoe_ray import base_cache
+
+    base = base_cache.Baseline(targets={"a-1": torch.rand(3, 5), "b-2": torch.rand(3, 5).double().float()},
+                               routing_kl_ci=0.1234567890123456789, ce_train=2.0 / 3.0)
+    final = base_cache.folder(tmp_path, {"what": "base passes"})
+    with base_cache.first_computes(final, rank=0):
+        with open(final.parent / f".{final.name}.lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a concurrent training of the cell waits here
+        base_cache.save(final, base, {"what": "base passes"})
+    got = base_cache.load(final)
+    assert got.targets.keys() == base.targets.keys() and all(torch.equal(got.targets[k], v) for k, v in base.targets.items())
+    assert (got.routing_kl_ci, got.ce_train) == (base.routing_kl_ci, base.ce_train)
+    empty = base_cache.folder(tmp_path, {"what": "no ci example"})
+    base_cache.save(empty, base_cache.Baseline(targets={}, routing_kl_ci=math.nan, ce_train=1.5), {})
+    got = base_cache.load(empty)
+    assert got.targets == {} and math.isnan(got.routing_kl_ci) and got.ce_train == 1.5
+    assert base_cache.agree(True, torch.device("cpu"), 1) and not base_cache.agree(False, torch.device("cpu"), 1)
