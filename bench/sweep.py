@@ -3,9 +3,10 @@
 - **fixed cost per trial** = the trial's wall time minus the time inside the training loop (steps,
   from rank 0's step times), broken down by phase: ``prepare`` (checks + stages 1-2 from the cache,
   in the trial), the worker's phases (imports and process group, model load, LoRA + DeepSpeed
-  initialize, the base-model passes (English targets, routing KL, train CE), checkpoint + report,
-  the final passes, saving the adapter), the validation evaluation, and the rest (Ray Train's
-  controller and worker group, Tune's bookkeeping inside the trial). Goal: <= 10 s on 2 CPU cores.
+  initialize, the base-model passes (English targets, routing KL, train CE: computed by the first
+  training of a cell, read from ``base_cache`` by the others), checkpoint + report, the final pass,
+  saving the adapter), the validation evaluation, and the rest (Ray Train's controller and worker
+  group, Tune's bookkeeping inside the trial). Goal: <= 10 s on 2 CPU cores.
 - **sweep overhead** = the sweep's wall time / (sum of in-loop trial times / concurrency): how much
   longer the sweep takes than its training loops alone would at the same concurrency.
 
@@ -15,6 +16,11 @@
     .venv/bin/python bench/sweep.py --compare-workers [--cell-trials 4]
         the same small sweep (1 cell of the demo world, SFT + RA-MoE) with training in the trial process
         (sweep.train_workers = 0) and with one Ray Train worker per trial (= 1): fixed cost of each.
+    .venv/bin/python bench/sweep.py --one-cell [--concurrency 2] [--cache-from DIR]
+        one cell of the demo world (first model and task, syn4; SFT, RISE, RA-MoE x 2 lambdas, seeds 0 and 1:
+        7 trained trials), training in the trial process, in a fresh output folder and a fresh base-pass cache
+        (the world, stages 1-2 and file hashes linked from DIR, default .ramoe_cache): the fixed cost per trained
+        trial and its phases. Before / after a change: run it in a copy of the tree without the change, then here.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +81,10 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
         print("  where it goes (median s):")
         for name, v in rows.items():
             print(f"    {name:<52} {statistics.median(v):6.2f}")
+        counts = [r["train"].get("base_passes_recomputed") for r in trained]
+        if any(c is not None for c in counts):
+            print(f"  base passes computed in {sum(c or 0 for c in counts)} of {len(trained)} trained trials "
+                  "(the others read base_cache)")
     if steer:
         print(f"steering trial (no training): median {statistics.median(r['timing']['total'] for r in steer):.1f} s")
     m = parent.data.metrics
@@ -111,6 +122,25 @@ def compare_workers(args) -> None:
     print(f"\nfixed cost per trial: in the trial process {a:.1f} s, 1 Ray Train worker {b:.1f} s (ratio {b / a:.1f})")
 
 
+def one_cell(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-one-cell-"))
+    base = Path(__file__).resolve().parents[1]
+    over = [f"output_dir={tmp}/out", f"cache_dir={tmp}/cache", "languages=[syn4]", "methods=[sft,rise,ramoe]",
+            "knobs.bands=[[0.375,0.625]]", "sweep.train_workers=0", f"sweep.max_concurrent_trials={args.concurrency}"]
+    cfg = load_config(base / "sweeps/demo.yaml", over)
+    cfg = cfg.model_copy(update={"tasks": cfg.tasks[:1], "models": cfg.models[:1]})
+    shared = Path(args.cache_from or base / ".ramoe_cache")
+    (tmp / "cache").mkdir(parents=True)
+    for d in ("world", "taxonomy", "experts", "hashes"):  # built before; base_passes/ starts empty
+        (shared / d).mkdir(parents=True, exist_ok=True)
+        (tmp / "cache" / d).symlink_to((shared / d).resolve(), target_is_directory=True)
+    t0 = time.time()
+    sweep.run_sweep(cfg)
+    print(f"\n== one cell, {tmp}: {time.time() - t0:.0f} s")
+    analyse(cfg)
+    shutil.rmtree(tmp / "out", ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default="sweeps/demo.yaml")
@@ -118,10 +148,15 @@ def main() -> None:
     p.add_argument("--run", action="store_true", help="run the sweep first")
     p.add_argument("--sweep", default=None, help="parent run id (default: the newest sweep of the config)")
     p.add_argument("--compare-workers", action="store_true")
+    p.add_argument("--one-cell", action="store_true")
+    p.add_argument("--cache-from", default=None, help="--one-cell: the cache to link the world and stages 1-2 from "
+                   "(default: this tree's .ramoe_cache)")
     p.add_argument("--concurrency", type=int, default=2)
     args = p.parse_args()
     if args.compare_workers:
         return compare_workers(args)
+    if args.one_cell:
+        return one_cell(args)
     cfg = load_config(args.config, args.overrides)
     if args.run:
         sweep.run_sweep(cfg)

@@ -11,6 +11,7 @@ on one filesystem); an artefact that exists is complete and is reused as is.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import glob
 import hashlib
 import inspect
@@ -110,8 +111,22 @@ def code_digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+_READ_ONLY = contextvars.ContextVar("ramoe_cache_read_only", default=False)
+
+
+@contextlib.contextmanager
+def read_only():
+    """Within it, ``file_digest`` reads its memos but writes none (a dry run writes nothing)."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
 def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, memoised under ``cache_dir/hashes`` by (absolute path, size, mtime_ns)."""
+    """sha256 of a file's bytes, memoised under ``cache_dir/hashes`` by (absolute path, size, mtime_ns)
+    (``read_only``: the memo is read, not written)."""
     path = Path(path).resolve()
     st = path.stat()
     memo = Path(cache_dir) / "hashes" / content_key([str(path), st.st_size, st.st_mtime_ns], 32)
@@ -121,7 +136,8 @@ def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    write_text_atomic(memo, h.hexdigest())
+    if not _READ_ONLY.get():
+        write_text_atomic(memo, h.hexdigest())
     return h.hexdigest()
 
 

@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ramoe_ray import evaluate, experts, report, sources, sweep, taxonomy, train
+from ramoe_ray import dryrun, evaluate, experts, report, sources, sweep, taxonomy, train
 from ramoe_ray.config import (
     METHODS,
     ConfigError,
@@ -81,6 +81,13 @@ def cmd_sweep(args) -> int:
     """Stages 1-2 per cell, then Ray Tune over cells x methods x knobs, every trial an MLflow child run,
     selection on validation, test for the selected; then the report (ramoe_ray/sweep.py, report.py)."""
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        if args.resume:
+            raise ConfigError("--dry-run and --resume exclude each other (a dry run runs nothing)")
+        dryrun.dry_run(cfg, calibrate=args.calibrate)
+        return 0
+    if getattr(args, "calibrate", False):
+        raise ConfigError("--calibrate goes with --dry-run (it measures the cost model's rates)")
     hint = resume_command(args)
     try:
         res = sweep.run_sweep(cfg, resume=args.resume, resume_hint=hint)
@@ -326,6 +333,15 @@ def _finite(least: float | None = None):
     return number
 
 
+def with_dry_run(sp) -> None:
+    sp.add_argument("--dry-run", action="store_true",
+                    help="the checks, then what the sweep would run (cells, trials, steps, cached stages, memory per "
+                         "GPU) and its estimated wall time and GPU-hours; trains, builds and writes nothing")
+    sp.add_argument("--calibrate", action="store_true",
+                    help="with --dry-run: measure the estimate's rates with a few steps and examples of each model here "
+                         "(this builds what they need)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -341,10 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="run the demo sweep on the embedded default (sweeps/demo.yaml)")
     with_config(sp, default=DEMO_CONFIG)
     sp.add_argument("--resume", action="store_true", help="continue the newest demo sweep")
+    with_dry_run(sp)
     sp = sub.add_parser("sweep", help="the sweep: stages 1-2, Ray Tune over cells x methods x knobs, MLflow, report")
     with_config(sp)
     sp.add_argument("--resume", action="store_true",
                     help="continue the newest sweep of this name: run only its unfinished trials")
+    with_dry_run(sp)
     for name, text in (("taxonomy", "stage 1: score English and target versions, cc/ci/ic/ii, routing"),
                        ("experts", "stage 2: layer band, task experts, RISE selection (runs stage 1 if needed)")):
         sp = sub.add_parser(name, help=text)

@@ -60,6 +60,21 @@ def safe_name(v: str) -> str:
 SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
+class ModelResources(_Strict):
+    """A model's own Ray Train plan, overriding ``resources`` for that model's trials (``RunConfig.resources_for``):
+    e.g. a 7B model on 1 GPU and a 30B one on 4. Unset fields keep ``resources``' values."""
+
+    num_workers: int | None = Field(default=None, ge=1, description="Ray Train workers per trial of this model")
+    gpus_per_worker: float | None = Field(default=None, ge=0)
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ModelResources:
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("empty; set num_workers, gpus_per_worker and/or cpus_per_worker, or leave resources out")
+        return self
+
+
 class ModelConfig(_Strict):
     name: SafeName = Field(description="short label used in run names and tables")
     family: str = Field(description="architecture family; one of ramoe_ray.models.FAMILIES (checked by sources.check)")
@@ -71,6 +86,9 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: StrictBool = Field(default=False, description="runs the model repository's own code: "
                                           "true or false only (a string such as 'yes' is refused)")
+    resources: ModelResources | None = Field(
+        default=None, description="this model's Ray Train workers and their GPUs/CPUs, overriding the top-level "
+        "resources for its trials (unset fields keep those)")
 
 
 class TaskConfig(_Strict):
@@ -307,6 +325,17 @@ class ResourcesConfig(_Strict):
         description="Ray Data predictor actors on CPU (with GPUs: one per GPU); 0 runs the predictor in the driver "
         "process without Ray (debugging, small runs)",
     )
+    gpu_memory_gb: float = Field(default=80.0, gt=0, description="memory of one GPU (GB = 1e9 bytes): a plan whose "
+                                 "per-GPU need (memory.fit) exceeds it is refused before anything is queued")
+    seq_len: int = Field(default=1024, ge=1, description="tokens per training example (prompt + answer) the memory "
+                         "check assumes; nothing truncates to it")
+
+
+class ClusterConfig(_Strict):
+    """The resources a sweep may use at once (``sweep.cluster``)."""
+
+    gpus: float = Field(default=0.0, ge=0)
+    cpus: float = Field(gt=0)
 
 
 class SweepConfig(_Strict):
@@ -325,8 +354,14 @@ class SweepConfig(_Strict):
     )
     train_workers: int | None = Field(
         default=None, ge=0,
-        description="Ray Train workers per trial; default resources.num_workers; 0 = Ray Train local mode inside "
-        "the trial process (small models on one machine: no worker group start-up)",
+        description="Ray Train workers per trial; default resources.num_workers (or the model's own); 0 = Ray Train "
+        "local mode inside the trial process (small models on one machine: no worker group start-up)",
+    )
+    cluster: ClusterConfig | None = Field(
+        default=None,
+        description="the CPUs and GPUs the sweep may use at once: trials at once per model follow from them "
+        "(sweep.max_concurrent), and the dry run schedules on them. Default: what Ray reports when the trials start "
+        "(an autoscaling cluster reports only its running nodes: set the size it grows to); the dry run: this machine",
     )
 
 
@@ -401,6 +436,26 @@ class RunConfig(_Strict):
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dup)}")
         return self
 
+    @model_validator(mode="after")
+    def _one_worker_count(self) -> RunConfig:
+        both = [f"models.{i}.resources.num_workers" for i, m in enumerate(self.models)
+                if m.resources is not None and m.resources.num_workers is not None]
+        if both and self.sweep.train_workers is not None:
+            raise ValueError(f"sweep.train_workers = {self.sweep.train_workers} and {', '.join(both)} both set the "
+                             "Ray Train workers of a trial; keep one")
+        return self
+
+    def resources_for(self, model: ModelConfig | str) -> ResourcesConfig:
+        """``resources`` with the model's own ``resources`` fields in place (``ModelResources``); ``model``: a
+        ModelConfig (a resolved copy too) or a model name of the config."""
+        if isinstance(model, str):
+            found = [m for m in self.models if m.name == model]
+            if not found:
+                raise ConfigError(f"model {model!r} is not in the config ({', '.join(m.name for m in self.models)})")
+            model = found[0]
+        own = model.resources.model_dump(exclude_none=True) if model.resources is not None else {}
+        return self.resources.model_copy(update=own)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -456,6 +511,9 @@ NON_RESULT: dict[str, str] = {
     "sweep.storage_path": "where Ray Tune keeps the trial folders",
     "resources.cpus_per_worker": "the CPUs of a worker",
     "resources.inference_actors": "how many inference actors share the rows",
+    "resources.gpu_memory_gb": "the GPU memory the plan is checked against",
+    "resources.seq_len": "the sequence length the memory check assumes",
+    "sweep.cluster": "the resources the sweep schedules on",
     "training.eval_batch_size": "rows per no-grad batch (batched generation equals per-row decoding: "
                                 "tests/test_taxonomy.py)",
     "training.checkpoint_every": "how often a checkpoint is written (a resume from it is exact)",
@@ -474,9 +532,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+MODEL_NON_RESULT = ("cpus_per_worker",)  # of a model's own resources: left out as resources.cpus_per_worker
+
+
+def _model_result(model: dict) -> dict:
+    """A model's entry without what changes no result: its own CPUs, and ``resources`` when unset (a config
+    written before models had resources keeps its identity)."""
+    own = {k: v for k, v in (model.get("resources") or {}).items() if k not in MODEL_NON_RESULT and v is not None}
+    return {**{k: v for k, v in model.items() if k != "resources"}, **({"resources": own} if own else {})}
+
+
 def result_fields(cfg: RunConfig) -> dict[str, Any]:
-    """The config's fields that can change a result, flat (``flatten``): everything but ``NON_RESULT``."""
-    flat = flatten(cfg.model_dump(mode="json"))
+    """The config's fields that can change a result, flat (``flatten``): everything but ``NON_RESULT`` (and a
+    model's own CPUs, ``MODEL_NON_RESULT``)."""
+    data = cfg.model_dump(mode="json")
+    data["models"] = [_model_result(m) for m in data["models"]]
+    flat = flatten(data)
     return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NON_RESULT)}
 
 
@@ -533,7 +604,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling)"
-        if e["type"] == "missing":
+        if not loc:  # a check across fields (RunConfig's model validators): the message names them
+            lines.append(f"  {msg}")
+        elif e["type"] == "missing":
             lines.append(f"  {loc}: missing (required)")
         else:
             lines.append(f"  {loc} = {value!r}: {msg}")

@@ -7,7 +7,7 @@ A config names its models and tasks by reference:
 | hub id (``owner/name``) | kept: ``from_pretrained`` downloads it | kept: ``datasets`` streams it |
 | local folder (relative to the current folder, or absolute) | made absolute | made absolute |
 | ``preset:FAMILY`` | a tiny random model with a BPE tokenizer trained on the config's task texts, built into the cache | — |
-| ``synthetic:NAME`` (``synthetic-small:``) | the world's pretrained model, built into the cache | the world's task folder (*) |
+| ``synthetic:NAME`` (``synthetic-small:``) | the world's pretrained model, copied (shipped) or built into the cache | the world's task folder (*) |
 
 (*) with the world's general text and its multiple-choice mode ``choices: texts`` unless the config sets them.
 
@@ -155,6 +155,17 @@ def model_shape(i: int, model_cfg: ModelConfig, base: Path | None = None) -> MoE
         raise ConfigError(f"models.{i} ({m.name}): {e}") from None
     except ValueError as e:
         raise ConfigError(f"models.{i} ({m.name}): {e}") from None
+
+
+def hf_configs(cfg: RunConfig, models: list[ModelConfig] | None = None, base: str | os.PathLike | None = None) -> dict:
+    """The HF configs (no weights) of ``models`` (default: all) of a config that ``check`` passed, read as
+    ``check`` reads them: model name -> config."""
+    base = Path(base or Path.cwd())
+    out = {}
+    for m in cfg.models if models is None else models:
+        folder = model_folder(cfg.models.index(m), m, base)
+        out[m.name] = model_hf_config(m if folder is None else m.model_copy(update={"path": str(folder)}))
+    return out
 
 
 def check_knobs(cfg: RunConfig, name: str, shape: MoEShape) -> None:
@@ -308,6 +319,50 @@ def resolve_model(i: int, m: ModelConfig, base: Path, cfg: RunConfig) -> ModelCo
                               "tokenizer_config.json)")
         path = str(folder)
     return m.model_copy(update={"path": str(path)})
+
+
+def _planned_task(i: int, t: TaskConfig, base: Path, cache_dir: str) -> tuple[TaskConfig, str | None]:
+    world = synthetic.parse_scheme(t.source)
+    if world is None:
+        return resolve_task(i, t, base, cache_dir), None
+    data = synthetic.world_dir(world[0], cache_dir) / "data"
+    update: dict[str, Any] = {"source": str((data / "tasks" / world[1]).resolve())}
+    if t.general_source is None:
+        update["general_source"] = str((data / "general" / "en.jsonl").resolve())
+    if "choices" not in t.model_fields_set:
+        update["choices"] = synthetic.CHOICES
+    return t.model_copy(update=update), None if data.is_dir() else f"{t.source}: the world's data ({data})"
+
+
+def _planned_model(m: ModelConfig, base: Path, cfg: RunConfig) -> tuple[ModelConfig, str | None]:
+    if preset_family(m.path) is not None:
+        return m, f"{m.path}: a preset (its tokenizer learns the tasks' texts when it is built)"
+    if (world := synthetic.parse_scheme(m.path)) is None:
+        return m.model_copy(update={"path": str(_absolute(m.path, base, True))}), None
+    folder = synthetic.world_dir(world[0], cfg.cache_dir) / "models" / world[1]
+    how = "copied from the package" if synthetic.shipped_model(*world) is not None else "pretrained here"
+    missing = None if folder.is_dir() else f"{m.path}: the world's pretrained model ({folder}; {how} on first use)"
+    return m.model_copy(update={"path": str(folder.resolve())}), missing
+
+
+def world_sizes(source: str) -> tuple[int, int] | None:
+    """(task examples per language, general documents per language) of a synthetic-world task source, from
+    the world's spec (nothing built); None for any other source."""
+    world = synthetic.parse_scheme(source)
+    return None if world is None else (world[0].n_task_examples, world[0].n_general)
+
+
+def planned(cfg: RunConfig, base: str | os.PathLike | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """``build`` building nothing: every reference where ``build`` puts it, built or not; and what is not
+    built yet ("models.NAME" / "tasks.NAME" -> what: world data, a world model, a preset, whose folder is named
+    by its tokenizer's texts, so it stays a reference). For a config that ``check`` passed."""
+    base = Path(base or Path.cwd())
+    cfg = cfg.model_copy(update={"cache_dir": _absolute(cfg.cache_dir, base, False),
+                                 "output_dir": _absolute(cfg.output_dir, base, False)})
+    tasks = [_planned_task(i, t, base, cfg.cache_dir) for i, t in enumerate(cfg.tasks)]
+    models = [_planned_model(m, base, cfg) for m in cfg.models]
+    missing = {f"tasks.{t.name}": x for t, x in tasks if x} | {f"models.{m.name}": x for m, x in models if x}
+    return cfg.model_copy(update={"tasks": [t for t, _ in tasks], "models": [m for m, _ in models]}), missing
 
 
 def resolve(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:

@@ -11,7 +11,8 @@ the order ``run_sweep`` runs them:
    every (language, band, top-k). Trials find both in the cache; each trial reports how many it had to
    recompute (``stage12_recomputed``: 0 expected), the sweep's result sums them.
 3. **Trials** (``run_trials``): the grid (grid.py) minus what is already finished, one Ray Tune trial each
-   (grid order; trial names = Tune's trial ids) running ``trial.run_trial``: train, evaluate on the
+   (grid order; trial names = Tune's trial ids; one Tune run per model when models ask for different
+   resources, ``resource_groups``, each at its model's concurrency) running ``trial.run_trial``: train, evaluate on the
    **validation** split, report. ``sweep.train_workers = 0`` trains in the trial process itself (small
    models on one machine: no worker group to start per trial).
 4. **MLflow** (tracking.py; driver only: trials never open the database): one parent run per sweep
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ramoe_ray import experts, grid, losses, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
+from ramoe_ray import experts, grid, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
 from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, check_tracking_scheme, differing_keys, result_fields
 from ramoe_ray.grid import SELECT_METRIC, Trial
 
@@ -100,16 +101,25 @@ class SweepPlan:
     plans: list
 
 
-def plan_sweep(cfg: RunConfig) -> SweepPlan:
-    """Every check before anything runs (module docstring, 1.): the grid, the tracking URI and
-    ``sources.check`` before anything is built; then the config is resolved (``sources.build``: the
-    synthetic world on first use) and stage 1 planned."""
+def check_sweep(cfg: RunConfig) -> tuple[list[Trial], str, dict, dict]:
+    """The checks that need nothing built (module docstring, 1.), in order: the grid, the tracking URI,
+    ``sources.check``, the general text, the memory fit of every model with GPUs (``memory.check_fit``).
+    Returns (trials, tracking URI, model shapes, memory fits). The dry run runs exactly these."""
     trials = grid.trials(cfg)
     if not trials:
         raise ConfigError("the sweep's grid is empty: methods x knobs give no trial")
     uri = check_tracking(cfg)
     shapes = sources.check(cfg)
     sources.check_general_text(cfg)  # the sweep's stage 2 needs it: refused before the world is built
+    on_gpu = [m for m in cfg.models if cfg.resources_for(m).gpus_per_worker > 0]
+    fits = memory.check_fit(cfg, sources.hf_configs(cfg, on_gpu)) if on_gpu else {}
+    return trials, uri, shapes, fits
+
+
+def plan_sweep(cfg: RunConfig) -> SweepPlan:
+    """Every check before anything runs (``check_sweep``), then the config is resolved (``sources.build``:
+    the synthetic world on first use) and stage 1 planned."""
+    trials, uri, shapes, _ = check_sweep(cfg)
     cfg = sources.build(cfg)  # concrete local paths: trials run in their own folders
     # stage 1's plan of every (model, task): checks the data of every cell and the tokenizer; run_stages runs them
     plans = [taxonomy.plan(cfg, m, t, list(cfg.languages), "train", general=True) for m in cfg.models for t in cfg.tasks]
@@ -186,26 +196,50 @@ def ensure_ray(cfg: RunConfig) -> None:
              runtime_env={"env_vars": env}, log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")
 
 
-def trial_resources(cfg: RunConfig) -> dict:
-    """What one trial's own process asks Tune for. Training in the trial (train_workers = 0): the training
-    worker's CPU/GPU; otherwise a fraction of a CPU (the TorchTrainer asks for its workers itself)."""
-    r = cfg.resources
-    if trial.train_workers(cfg) == 0:
+def trial_resources(cfg: RunConfig, model: str | None = None) -> dict:
+    """What one trial of ``model`` (None: the top-level ``resources``) asks Tune for for its own process.
+    Training in the trial (train_workers = 0): the model's worker CPU/GPU; otherwise a fraction of a CPU
+    (the TorchTrainer asks for the model's workers itself: ``trial_demand``)."""
+    r = cfg.resources if model is None else cfg.resources_for(model)
+    if trial.train_workers(cfg, model) == 0:
         return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
     return {"cpu": cfg.sweep.trial_cpus, "gpu": 0}
 
 
-def max_concurrent(cfg: RunConfig, cluster: dict) -> int:
-    """Trials at once that the cluster's CPUs and GPUs hold (sweep.max_concurrent_trials overrides)."""
-    if cfg.sweep.max_concurrent_trials:
-        return cfg.sweep.max_concurrent_trials
-    r, w = cfg.resources, trial.train_workers(cfg)
-    cpu = trial_resources(cfg)["cpu"] + (w * r.cpus_per_worker if w else 0)
-    gpu = (w or 1) * r.gpus_per_worker
-    n = int(cluster.get("CPU", 1) // cpu)
-    if gpu > 0:
-        n = min(n, int(cluster.get("GPU", 0) // gpu))
-    return max(1, n)
+def trial_demand(cfg: RunConfig, model: str | None = None) -> dict:
+    """Everything one trial of ``model`` holds while it trains: its own process and its Ray Train workers."""
+    r = cfg.resources if model is None else cfg.resources_for(model)
+    w, own = trial.train_workers(cfg, model), trial_resources(cfg, model)
+    return {"cpu": own["cpu"] + (w * r.cpus_per_worker if w else 0), "gpu": (w or 1) * r.gpus_per_worker}
+
+
+def max_concurrent(cfg: RunConfig, cluster: dict, model: str | None = None) -> int:
+    """Trials of ``model`` at once that the cluster's CPUs and GPUs hold: ``sweep.cluster`` replaces what Ray
+    reports (``cluster``), ``sweep.max_concurrent_trials`` caps it (without ``sweep.cluster``: replaces it)."""
+    cap = cfg.sweep.max_concurrent_trials
+    if cfg.sweep.cluster is None and cap:
+        return cap  # it stands for the cluster's size (an autoscaling cluster starts small)
+    if cfg.sweep.cluster is not None:
+        cluster = {"CPU": cfg.sweep.cluster.cpus, "GPU": cfg.sweep.cluster.gpus}
+    need = trial_demand(cfg, model)
+    n = int(cluster.get("CPU", 1) // need["cpu"])
+    if need["gpu"] > 0:
+        n = min(n, int(cluster.get("GPU", 0) // need["gpu"]))
+    return max(1, min(n, cap) if cap else n)
+
+
+def resource_groups(cfg: RunConfig, todo: list[Trial]) -> list[list[Trial]]:
+    """``todo`` cut into runs of consecutive trials whose models ask for the same resources (models are the
+    grid's outer loop: one run per model, or one for all when they ask alike); each is one Tune run with its
+    own resources and concurrency (Ray Train's workers are not Tune's to reserve, so a Tune run's cap holds
+    for every trial in it)."""
+    groups: list[list[Trial]] = []
+    for t in todo:
+        if groups and trial_demand(cfg, groups[-1][-1].model) == trial_demand(cfg, t.model):
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------- the parent run
@@ -273,17 +307,32 @@ def _done_trials(client, exp_id: str, parent_id: str) -> tuple[set[str], list[st
 
 def run_trials(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tracking.ChildLogger, *,
                storage: Path, root: Path, log=print) -> dict:
-    """Ray Tune over ``todo`` (module docstring, 3.); ``logger`` logs each trial to MLflow as it ends.
-    Returns {"seconds", "interrupted"} (Ctrl-C, or trials that never ended)."""
+    """Ray Tune over ``todo`` (module docstring, 3.), one Tune run per ``resource_groups`` group; ``logger``
+    logs each trial to MLflow as it ends. Returns {"seconds", "interrupted"} (Ctrl-C, or trials that never ended)."""
+    t0, interrupted = time.time(), False
+    groups = resource_groups(cfg, todo)
+    for i, group in enumerate(groups):
+        name = f"sweep-{logger.parent_id}" + (f"-{i}" if len(groups) > 1 else "")
+        if _tune_group(cfg, group, cells, logger, storage=storage, root=root, name=name, log=log):
+            interrupted = True
+            break
+    ran = logger.finished + logger.failed
+    return {"seconds": time.time() - t0, "interrupted": interrupted or ran < len(todo)}
+
+
+def _tune_group(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tracking.ChildLogger, *,
+                storage: Path, root: Path, name: str, log=print) -> bool:
+    """One Tune run over trials that ask for the same resources; True when interrupted (Ctrl-C)."""
     import ray
     from ray import tune
 
     ensure_ray(cfg)
-    conc = max_concurrent(cfg, ray.cluster_resources())
-    res = trial_resources(cfg)
-    log(f"Ray Tune: {len(todo)} trials, {conc} at a time, each trial {res['cpu']:g} CPU / {res['gpu']:g} GPU "
-        f"+ {trial.train_workers(cfg)} Ray Train workers")
-    space = {"trial": tune.grid_search([dataclasses.asdict(t) for t in todo]), "cfg": cfg.model_dump(mode="json"),
+    model = todo[0].model
+    conc = max_concurrent(cfg, ray.cluster_resources(), model)
+    res = trial_resources(cfg, model)
+    log(f"Ray Tune: {len(todo)} trials ({', '.join(dict.fromkeys(t.model for t in todo))}), {conc} at a time, "
+        f"each trial {res['cpu']:g} CPU / {res['gpu']:g} GPU + {trial.train_workers(cfg, model)} Ray Train workers")
+    space = {"trials": tune.grid_search(tune_units(todo)), "cfg": cfg.model_dump(mode="json"),
              "root": str(root), "cells": {cell_id(c): c for c in cells}}
     tuner = tune.Tuner(
         tune.with_resources(trial.run_trial, res),
@@ -291,17 +340,25 @@ def run_trials(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tra
         tune_config=tune.TuneConfig(max_concurrent_trials=conc, reuse_actors=True,
                                     trial_name_creator=lambda tr: tr.trial_id,
                                     trial_dirname_creator=lambda tr: tr.trial_id),
-        run_config=tune.RunConfig(name=f"sweep-{logger.parent_id}", storage_path=str(storage / "tune"),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
                                   callbacks=[tracking.tune_callback(logger)], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    t0, interrupted = time.time(), False
     try:
         tuner.fit()
     except KeyboardInterrupt:
-        interrupted = True
-    ran = logger.finished + logger.failed
-    return {"seconds": time.time() - t0, "interrupted": interrupted or ran < len(todo)}
+        return True
+    return False
+
+
+def tune_units(todo: list[Trial]) -> list[list[dict]]:
+    """What one Tune trial runs: a trial, or every steering setting of a cell (one model load for all;
+    ``trial.run_trial``); in grid order of their first trial."""
+    units: dict[str, list[dict]] = {}
+    for t in todo:
+        key = f"steering:{t.cell}" if t.method == "steering" else t.key
+        units.setdefault(key, []).append(dataclasses.asdict(t))
+    return list(units.values())
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -327,7 +384,7 @@ def select(client, exp_id: str, parent_id: str) -> list:
 
 def _replicate_rows(df):
     """The rows of ``tracking.children`` that are replicates (another seed of a selected trial)."""
-    col = "tags.ramoe.replicate_of"
+    col = f"tags.{tracking.REPLICATE_TAG}"
     return df[col].fillna("").astype(str).ne("") if col in df else df.status.ne(df.status)
 
 
@@ -338,9 +395,11 @@ def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=
     import ray
 
     ensure_ray(cfg)
-    res = trial_resources(cfg)
-    task_fn = ray.remote(trial.evaluate_on_test).options(num_cpus=res["cpu"], num_gpus=res["gpu"])
-    refs = [task_fn.remote(cfg.model_dump(mode="json"), folder) for _, folder in todo]
+    refs = []
+    for row, folder in todo:
+        res = trial_resources(cfg, row["model"])
+        task_fn = ray.remote(trial.evaluate_on_test).options(num_cpus=res["cpu"], num_gpus=res["gpu"])
+        refs.append(task_fn.remote(cfg.model_dump(mode="json"), folder))
     out = []
     for (row, _), ref in zip(todo, refs):
         got = ray.get(ref)
@@ -471,6 +530,8 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     df = tracking.children(client, sw.exp_id, sw.parent_id)
     if not df.empty and "metrics.stage12_recomputed" in df:
         summary["stage12_recomputed_in_trials"] = int(df["metrics.stage12_recomputed"].fillna(0).sum())
+    if not df.empty and "metrics.base_passes_recomputed" in df:  # the base passes' cache (base_cache)
+        summary["base_passes_recomputed_in_trials"] = int(df["metrics.base_passes_recomputed"].fillna(0).sum())
     if interrupted:
         client.set_terminated(sw.parent_id, "KILLED")
         log(f"interrupted: {summary['finished']} of {summary['trials']} trials finished; parent run {sw.parent_id} "

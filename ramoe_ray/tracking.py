@@ -27,6 +27,7 @@ from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolve
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
 
 CELLS_ARTIFACT = "cells"
+REPLICATE_TAG = "ramoe.replicate_of"  # on a selected configuration retrained with another seed: its trial_key
 DRIVER_TAG, DRIVER_START_TAG = "ramoe.driver", "ramoe.driver_started"  # pid@host, its start time
 IDENTITY_ARTIFACT = "identity.json"  # the parent's config.result_fields: a resume names what changed
 SWEEP_FILTER = "tags.`ramoe.kind` = 'sweep'"
@@ -266,7 +267,7 @@ def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str
             "ramoe.trial_dir": str(_trial_folder(record)) if record else "",
             # a training reused from the trial folder (a resumed sweep whose trial had finished training)
             "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower(),
-            "ramoe.replicate_of": trial.replicate_of,
+            REPLICATE_TAG: trial.replicate_of,
             "ramoe.adapter": str((record or {}).get("train", {}).get("adapter") or "")}
 
 
@@ -297,8 +298,11 @@ def _child_metrics(trial: Trial, record: dict) -> list:
             "ci_proportion": record["cell"]["ci_proportion"], "n_val": ev["n"][lang]}
     vals.update({f"val_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
     vals["stage12_recomputed"] = sum(not hit for hit in (tr.get("stage_cache") or {}).values())
+    vals["base_passes_recomputed"] = int(tr.get("base_passes_recomputed") or 0)
     vals.update({k: v for k, v in (tr.get("final") or {}).items() if k in FINAL_METRICS and v is not None})
     vals.update({f"seconds_{k}": v for k, v in record["timing"].items() if v is not None})
+    shared = record.get("shared_eval") or {}  # steering: every setting of the cell in one evaluation pass
+    vals.update({f"eval_{k}": v for k, v in shared.items()})
     metrics = [Metric(k, float(v), now, 0) for k, v in vals.items()]
     for h in tr.get("history") or []:
         metrics += [Metric(f"train_{k}", float(h[k]), now, int(h["step"])) for k in CURVES if h.get(k) is not None]
@@ -368,23 +372,26 @@ class ChildLogger:
         print(f"  [{n}/{self.total}] {trial.key}: {text}", flush=True)
 
     def completed(self, tune_trial) -> None:
-        """A trial that returned: its trial.json is the record (none: it failed after all)."""
-        res = tune_trial.last_result or {}
-        path = res.get("trial_json")
-        if not path or not Path(path).is_file():
+        """A Tune trial that returned: each of its trial.json files is a record (none: it failed after all)."""
+        paths = (tune_trial.last_result or {}).get("trial_jsons") or []
+        if not paths or not all(Path(p).is_file() for p in paths):
             return self.errored(tune_trial)
-        trial = Trial(**tune_trial.config["trial"])
-        record = json.loads(Path(path).read_text())
-        log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None,
-                  trial_id=tune_trial.trial_id, task_source=self.task_sources.get(trial.task, ""))
-        self.finished += 1
-        tm = record["timing"]
-        self._line(trial, f"val acc {100 * res['val_acc']:.1f}% (en {100 * res['val_acc_en']:.1f}%), "
-                          f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
+        for d, path in zip(tune_trial.config["trials"], paths):
+            trial, record = Trial(**d), json.loads(Path(path).read_text())
+            log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None,
+                      trial_id=tune_trial.trial_id, task_source=self.task_sources.get(trial.task, ""))
+            self.finished += 1
+            ev, tm = record["eval"], record["timing"]
+            lang = trial.language
+            self._line(trial, f"val acc {100 * ev['accuracy'][lang]:.1f}% (en {100 * ev['accuracy']['en']:.1f}%), "
+                              f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
 
     def errored(self, tune_trial) -> None:
-        """A trial that raised: a FAILED child with Tune's error file (or its pickled error)."""
-        trial = Trial(**tune_trial.config["trial"])
+        """A Tune trial that raised: a FAILED child per trial it ran, with Tune's error file (or its pickled error)."""
+        for d in tune_trial.config["trials"]:
+            self._failed(Trial(**d), tune_trial)
+
+    def _failed(self, trial: Trial, tune_trial) -> None:
         err = ""
         if getattr(tune_trial, "error_file", None) and Path(tune_trial.error_file).is_file():
             err = Path(tune_trial.error_file).read_text()

@@ -26,7 +26,7 @@ from ramoe_ray.config import RunConfig, config_from_dict
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
 
 TRAIN_KEYS = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_ci", "n_train", "steps",
-              "notes", "adapter", "history", "final", "cached", "stage_cache")
+              "notes", "adapter", "history", "final", "cached", "stage_cache", "base_passes_recomputed")
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
 PREDICTIONS = "test/predictions.json"  # a tested child's artefact: {language, ids, correct, predictions, answers}
 
@@ -34,23 +34,28 @@ PREDICTIONS = "test/predictions.json"  # a tested child's artefact: {language, i
 # ---------------------------------------------------------------------------------------------- resources
 
 
-def train_workers(cfg: RunConfig) -> int:
-    """Ray Train workers per trial: sweep.train_workers, else resources.num_workers (0 = train in the trial)."""
-    return cfg.resources.num_workers if cfg.sweep.train_workers is None else cfg.sweep.train_workers
+def _resources(cfg: RunConfig, model: str | None):
+    return cfg.resources if model is None else cfg.resources_for(model)
 
 
-def eval_actors(cfg: RunConfig) -> int:
+def train_workers(cfg: RunConfig, model: str | None = None) -> int:
+    """Ray Train workers per trial of ``model`` (None: the top-level ``resources``): sweep.train_workers, else
+    the model's resources.num_workers (``RunConfig.resources_for``; 0 = train in the trial)."""
+    return _resources(cfg, model).num_workers if cfg.sweep.train_workers is None else cfg.sweep.train_workers
+
+
+def eval_actors(cfg: RunConfig, model: str | None = None) -> int:
     """Evaluation inside a trial / after selection: in process when training runs in the trial process
     (sweep.train_workers = 0: its CPU or GPU is the trial's), else Ray Data actors (resources.inference_actors)."""
-    return 0 if train_workers(cfg) == 0 else cfg.resources.inference_actors
+    return 0 if train_workers(cfg, model) == 0 else cfg.resources.inference_actors
 
 
-def _use_trial_cpus(cfg: RunConfig) -> None:
+def _use_trial_cpus(cfg: RunConfig, model: str | None = None) -> None:
     """Training / evaluating in this process: as many torch threads as the trial holds CPUs."""
     import torch
 
-    if train_workers(cfg) == 0:
-        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    if train_workers(cfg, model) == 0:
+        torch.set_num_threads(max(1, int(_resources(cfg, model).cpus_per_worker)))
 
 
 def _cell_objects(cfg: RunConfig, trial: Trial):
@@ -66,7 +71,7 @@ def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path) -> dict:
     """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result."""
     m, t = _cell_objects(cfg, trial)
     return train.train_cell(cfg, m, t, trial.language, method=trial.method, lam=trial.lam, band=trial.band_spec(),
-                            top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg),
+                            top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg, trial.model),
                             seed=trial.seed)
 
 
@@ -80,7 +85,7 @@ def validate_trial(cfg: RunConfig, trial: Trial, result: dict, steering: dict | 
     """The trained (or steered) model on the validation split; ``evaluate.evaluate_cell``'s result."""
     m, t = _cell_objects(cfg, trial)
     return evaluate.evaluate_cell(cfg, m, t, [trial.language], adapter=result["adapter"], steering=steering,
-                                  split="validation", out_dir=run_dir / "validation", num_actors=eval_actors(cfg),
+                                  split="validation", out_dir=run_dir / "validation", num_actors=eval_actors(cfg, trial.model),
                                   batch_size=cfg.training.eval_batch_size)
 
 
@@ -106,6 +111,7 @@ def _tune_metrics(record: dict, result: dict, record_path: Path) -> dict:
         "val_acc": ev["accuracy"][lang], "val_acc_en": ev["accuracy"]["en"],
         "ci_proportion": record["cell"]["ci_proportion"], "n_ci": result.get("n_ci", 0), "steps": result.get("steps", 0),
         "stage12_recomputed": sum(not h for h in (result.get("stage_cache") or {}).values()),
+        "base_passes_recomputed": int(result.get("base_passes_recomputed") or 0),
         "seconds_total": timing["total"], "seconds_in_loop": timing["in_loop"], "seconds_eval": timing["eval"],
         "trial_json": str(record_path),
     }
@@ -115,15 +121,26 @@ def _tune_metrics(record: dict, result: dict, record_path: Path) -> dict:
 
 
 def run_trial(config: dict) -> None:
-    """The Tune function (module docstring). ``config``: {"trial": a grid.Trial as a dict, "cfg": the
-    RunConfig as JSON, "root": trial folders, "cells": cell id -> the cell's facts (stages 1-2)}."""
+    """The Tune function (module docstring). ``config``: {"trials": one grid.Trial as a dict, or every
+    steering setting of a cell (evaluated in one model load), "cfg": the RunConfig as JSON, "root": trial
+    folders, "cells": cell id -> the cell's facts (stages 1-2)}. Reports the first trial's metrics and
+    every trial.json ("trial_jsons")."""
     from ray import tune
 
-    times = {"start": time.time()}
     cfg = config_from_dict(config["cfg"], "sweep trial config")
-    trial = Trial(**config["trial"])
-    _use_trial_cpus(cfg)
-    run_dir = Path(config["root"]) / trial.dir
+    trials = [Trial(**d) for d in config["trials"]]
+    _use_trial_cpus(cfg, trials[0].model)
+    if trials[0].method == "steering":
+        done = _steering_trials(cfg, trials, Path(config["root"]), config["cells"])
+    else:
+        done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, config["cells"])]
+    record, result, path = done[0]
+    tune.report({**_tune_metrics(record, result, path), "trial_jsons": [str(p) for _, _, p in done]})
+
+
+def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict) -> tuple[dict, dict, Path]:
+    """Train, validate, write trial.json (+ its figure); returns (record, train result, trial.json)."""
+    times = {"start": time.time()}
     run_dir.mkdir(parents=True, exist_ok=True)
     result = train_trial(cfg, trial, run_dir)
     times["train"] = time.time()
@@ -131,11 +148,44 @@ def run_trial(config: dict) -> None:
     ev = validate_trial(cfg, trial, result, steering, run_dir)
     times["eval"] = time.time()
     times["in_loop"] = float(sum(result.get("step_seconds_rank0") or []))
-    record = _record(trial, config["cells"][trial.cell], result, steering, ev, times)
+    record = _record(trial, cells[trial.cell], result, steering, ev, times)
+    return record, result, _written(record, run_dir, time.time() - times["start"])
+
+
+def _written(record: dict, run_dir: Path, total: float) -> Path:
     trial_figure(record, run_dir / TRIAL_FIGURE)
-    record["timing"]["total"] = time.time() - times["start"]
+    record["timing"]["total"] = total
     write_json_atomic(run_dir / TRIAL_JSON, record)
-    tune.report(_tune_metrics(record, result, run_dir / TRIAL_JSON))
+    return run_dir / TRIAL_JSON
+
+
+def _steering_trials(cfg: RunConfig, trials: list[Trial], root: Path, cells: dict) -> list[tuple[dict, dict, Path]]:
+    """Every steering setting of one cell: their specs from stage 2 (one plan per band x top-k), then ONE
+    evaluation pass over all of them (``evaluate.evaluate_steering``: one model load). Each setting gets
+    its own folder and trial.json; the cell's time is shared out equally."""
+    t0 = time.time()
+    specs, results = {}, []
+    for tr in trials:
+        if (tr.band_label(), tr.top_k) not in specs:
+            specs[(tr.band_label(), tr.top_k)] = train_trial(cfg, tr, root / tr.dir)
+        results.append(specs[(tr.band_label(), tr.top_k)])
+    steerings = [_steering(tr, r) for tr, r in zip(trials, results)]
+    t1 = time.time()
+    m, t = _cell_objects(cfg, trials[0])
+    loads_before = evaluate.EvalPredictor.loads
+    evs = evaluate.evaluate_steering(cfg, m, t, [trials[0].language], steerings,
+                                     [root / tr.dir / "validation" for tr in trials], split="validation",
+                                     num_actors=eval_actors(cfg, m.name), batch_size=cfg.training.eval_batch_size)
+    n, t2 = len(trials), time.time()
+    # models loaded for the cell's settings: in this process, or one per Ray Data actor
+    loads = evaluate.EvalPredictor.loads - loads_before if eval_actors(cfg, m.name) == 0 else eval_actors(cfg, m.name)
+    out = []
+    for tr, result, steering, ev in zip(trials, results, steerings, evs):
+        times = {"start": t0, "train": t0 + (t1 - t0) / n, "eval": t0 + (t1 - t0) / n + (t2 - t1) / n, "in_loop": 0.0}
+        record = _record(tr, cells[tr.cell], result, steering, ev, times)
+        record["shared_eval"] = {"settings": n, "model_loads": loads}  # this cell's steering, in one pass
+        out.append((record, result, _written(record, root / tr.dir, (time.time() - t0) / n)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- figure
@@ -190,13 +240,13 @@ def trial_figure(record: dict, path: Path) -> None:
 def evaluate_on_test(cfg_json: dict, folder: str) -> dict:
     """Test-split evaluation of one finished trial (its adapter or steering spec) -> test metrics."""
     cfg = config_from_dict(cfg_json, "sweep config")
-    _use_trial_cpus(cfg)
     record = json.loads((Path(folder) / TRIAL_JSON).read_text())
     trial = Trial(**record["spec"])
+    _use_trial_cpus(cfg, trial.model)
     m, t = _cell_objects(cfg, trial)
     lang = trial.language
     ev = evaluate.evaluate_cell(cfg, m, t, [lang], adapter=record["train"]["adapter"], steering=record["steering"],
-                                split="test", out_dir=Path(folder) / "test", num_actors=eval_actors(cfg),
+                                split="test", out_dir=Path(folder) / "test", num_actors=eval_actors(cfg, trial.model),
                                 batch_size=cfg.training.eval_batch_size)
     vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
     vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})

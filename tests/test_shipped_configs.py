@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ramoe_ray import grid, sources, sweep
+from ramoe_ray import grid, memory, sources, sweep, trial
 from ramoe_ray import models as M
 from ramoe_ray import synthetic as S
 from ramoe_ray import tasks as T
-from ramoe_ray.config import TaskConfig, load_config, parse_override, resolve_band
+from ramoe_ray.config import ConfigError, TaskConfig, load_config, parse_override, resolve_band
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -45,25 +45,35 @@ GLOBAL_MMLU_LANGUAGES = set(
     "sv sw te tr uk vi yo zh".split()
 )
 
-# Published sizes of the paper's models (their HF config.json): layers, experts, experts per token.
-REAL_SHAPES = {
-    "allenai/OLMoE-1B-7B-0125": ("olmoe", 16, 64, 8),
-    "Qwen/Qwen3-30B-A3B": ("qwen3_moe", 48, 128, 8),
-    "openai/gpt-oss-20b": ("gpt_oss", 24, 32, 4),
+# The paper's models as published (the fields of their HF config.json that size them; the rest are
+# transformers' defaults): OLMoE-1B-7B-0125, Qwen3-30B-A3B, gpt-oss-20b.
+REAL_CONFIGS = {
+    "allenai/OLMoE-1B-7B-0125": ("olmoe", dict(
+        hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=64, num_experts_per_tok=8, vocab_size=50304, max_position_embeddings=4096, tie_word_embeddings=False,
+        norm_topk_prob=False, rope_theta=500000.0)),
+    "Qwen/Qwen3-30B-A3B": ("qwen3_moe", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+        max_position_embeddings=40960, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rope_theta=1000000.0)),
+    "openai/gpt-oss-20b": ("gpt_oss", dict(
+        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+        tie_word_embeddings=False, attention_bias=True, max_position_embeddings=131072,
+        layer_types=["sliding_attention", "full_attention"] * 12)),
 }
+# layers, experts, experts per token
+REAL_SHAPES = {path: (fam, f["num_hidden_layers"], f.get("num_experts", f.get("num_local_experts")), f["num_experts_per_tok"])
+               for path, (fam, f) in REAL_CONFIGS.items()}
 GPUS_PER_NODE = 8  # p5.48xlarge in ray-cluster.yaml, nvidia.com/gpu: 8 in rayjob.yaml
 
 
 def _hf_config(path: str):
     from transformers import GptOssConfig, OlmoeConfig, Qwen3MoeConfig
 
-    family, layers, experts, k = REAL_SHAPES[path]
-    if family == "olmoe":
-        return OlmoeConfig(num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=k)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=k,
-                              decoder_sparse_step=1, mlp_only_layers=[])
-    return GptOssConfig(num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=k)
+    family, fields = REAL_CONFIGS[path]
+    return {"olmoe": OlmoeConfig, "qwen3_moe": Qwen3MoeConfig, "gpt_oss": GptOssConfig}[family](**fields)
 
 
 @pytest.fixture
@@ -132,8 +142,9 @@ def test_synthetic_grid_is_the_whole_world():
     assert cfg.resources.gpus_per_worker == 0 and cfg.sweep.train_workers == 0  # runs on a CPU machine
     # the header's concurrency: 2 trials at a time on 2 cores, 16 on a 16-core node
     assert sweep.max_concurrent(cfg, {"CPU": 2.0}) == 2 and sweep.max_concurrent(cfg, {"CPU": 16.0, "GPU": 1.0}) == 16
-    # one epoch of the world's training split (60 % of its examples) at the configured batch size
-    assert cfg.training.max_steps == int(0.6 * S.WorldSpec().n_task_examples) // cfg.training.batch_size
+    # the demo's schedule (issue 13: 75 steps at lr 2e-4 left RA-MoE's predictions equal to SFT's)
+    demo = load_config(REPO / "sweeps" / "demo.yaml").training
+    assert (cfg.training.max_steps, cfg.training.lr, cfg.training.batch_size) == (demo.max_steps, demo.lr, demo.batch_size)
 
 
 # -------------------------------------------------------------------------------------- paper.yaml
@@ -191,9 +202,11 @@ def test_paper_grid_and_gpu_plan():
     r = cfg.resources
     assert r.gpus_per_worker >= 1 and r.num_workers >= 2 and r.inference_actors >= 1  # ZeRO-3 over GPUs
     assert (cfg.sweep.train_workers or r.num_workers) == r.num_workers
-    gpus_per_trial = r.num_workers * r.gpus_per_worker
-    assert GPUS_PER_NODE % gpus_per_trial == 0, "trials must pack whole nodes"
-    assert r.cpus_per_worker * r.num_workers + cfg.sweep.trial_cpus <= 192 * gpus_per_trial / GPUS_PER_NODE
+    for m in cfg.models:  # each model's own plan (models.N.resources), and the top-level 4-GPU one
+        for need in (sweep.trial_demand(cfg, m.name), sweep.trial_demand(cfg)):
+            assert GPUS_PER_NODE % need["gpu"] == 0, f"{m.name}: trials must pack whole nodes"
+            assert need["cpu"] <= 180 * need["gpu"] / GPUS_PER_NODE, f"{m.name}: more CPUs than its GPUs' share"
+    assert {m.name: trial.train_workers(cfg, m.name) for m in cfg.models} == {"olmoe": 1, "qwen3-moe": 4, "gpt-oss": 2}
     # no site address and no secret in the config: both come from the submit script
     assert cfg.tracking.mlflow_uri is None
     for path in (cfg.sweep.storage_path, cfg.cache_dir, cfg.output_dir):
@@ -254,8 +267,9 @@ def test_rayjob_manifest():
     (worker,) = group["template"]["spec"]["containers"]
     gpus = int(worker["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus == GPUS_PER_NODE
-    demand = cfg.sweep.max_concurrent_trials * cfg.resources.num_workers * cfg.resources.gpus_per_worker
-    assert group["maxReplicas"] * gpus >= demand
+    # the cluster the sweep schedules on (sweep.cluster) is what the job's pods give, CPUs included
+    assert group["maxReplicas"] * gpus == cfg.sweep.cluster.gpus
+    assert group["maxReplicas"] * float(worker["resources"]["limits"]["cpu"]) >= cfg.sweep.cluster.cpus
 
     # secrets only by reference: every secret-looking variable comes from a Secret
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
@@ -283,8 +297,7 @@ def test_launcher_config_against_rays_schema():
     gpu_types = [t for n, t in types.items() if n != raw["head_node_type"]]
     assert gpu_types and all(t["node_config"]["InstanceType"].startswith("p5.") for t in gpu_types)
     cfg = load_config(PAPER)
-    demand = cfg.sweep.max_concurrent_trials * cfg.resources.num_workers * cfg.resources.gpus_per_worker
-    assert raw["max_workers"] * GPUS_PER_NODE >= demand
+    assert raw["max_workers"] * GPUS_PER_NODE == cfg.sweep.cluster.gpus
 
     # authentication on every node, with the token file copied there; no Ray port opened to the world
     for cmd in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]:
@@ -500,3 +513,53 @@ def test_submit_env_vars_never_collide_with_the_sweeps_own_runtime_env(submit_en
     env_vars = json.loads(Path(submit_env["FAKE_RAY_ARGS"] + ".env").read_text())["env_vars"]
     assert set(env_vars) == {"MLFLOW_TRACKING_URI", "RAMOE_RESUME_COMMAND", *secrets}
     assert not set(env_vars) & set(TR.ray_env())
+
+
+# ----------------------------------------------------------------------------- paper.yaml: memory per GPU
+
+
+def _real_fits(cfg) -> dict:
+    return {m.name: memory.fit(cfg, m, _hf_config(m.path)) for m in cfg.models}
+
+
+def test_real_models_counted_on_the_meta_device_have_their_published_sizes():
+    cfg = load_config(PAPER)
+    published = {"olmoe": 6.92e9, "qwen3-moe": 30.5e9, "gpt-oss": 20.9e9}  # the model cards' totals
+    for name, f in _real_fits(cfg).items():
+        assert abs(f.size.total - published[name]) / published[name] < 0.01, (name, f.size.total)
+    olmoe = _real_fits(cfg)["olmoe"].size
+    # an MoE block (a ZeRO-3 leaf) is gathered whole: 64 experts x (gate, up, down) of 2048 x 1024, + the router
+    assert olmoe.largest_unit == 64 * 3 * 2048 * 1024 + 64 * 2048
+    assert olmoe.lora == 16 * 64 * ((2048 + 2 * 1024) + (1024 + 2048))  # rank-1 expert LoRA on gate_up and down
+
+
+def test_memory_fit_accepts_the_paper_plan_and_olmoe_on_one_gpu():
+    cfg = load_config(PAPER)
+    fits = memory.check_fit(cfg, {m.name: _hf_config(m.path) for m in cfg.models})
+    assert fits["olmoe"].workers == 1 and fits["olmoe"].fits
+    assert 20 < fits["olmoe"].train_gb < 0.9 * 80  # 13.8 GB of bf16 weights, RISE's experts' Adam state, activations
+    assert all(f.fits and f.gpu_gb == 80 for f in fits.values())
+    # a model without GPUs has nothing to fit (and needs no HF config here)
+    cpu = load_config(PAPER, ["models.0.resources.gpus_per_worker=0"])
+    assert set(memory.check_fit(cpu, {m.name: _hf_config(m.path) for m in cpu.models[1:]})) == {"qwen3-moe", "gpt-oss"}
+
+
+def test_memory_fit_refuses_a_plan_that_cannot_fit_with_its_numbers(tmp_path, real_model_configs):
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"text": "a document"}\n')
+    over = [f"tasks.{i}.general_source={general}" for i in range(3)] + [
+        f"output_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"sweep.storage_path={tmp_path / 'tune'}",
+        "models.1.resources.num_workers=1"]  # Qwen3-30B-A3B on one 80 GB GPU
+    cfg = load_config(PAPER, over)
+    with pytest.raises(ConfigError) as e:
+        sweep.plan_sweep(cfg)  # the real sweep: refused before anything is built or queued
+    msg = str(e.value)
+    assert "qwen3-moe" in msg and "DOES NOT FIT" in msg and "1 worker(s)" in msg and "usable 72 of 80 GB" in msg
+    assert re.search(r"training 10\d\.\d GB/GPU", msg), msg  # 61 GB of bf16 weights alone
+    assert "fits with 2 workers: models.1.resources.num_workers: 2" in msg
+    assert "olmoe" not in msg and "gpt-oss" not in msg
+    assert not any(tmp_path.glob("runs")) and not any(tmp_path.glob("cache"))
+    # smaller GPUs refuse the 4-GPU Qwen3 plan too: its evaluation actor holds the whole model
+    with pytest.raises(ConfigError, match="evaluation actor holds the whole model"):
+        memory.check_fit(load_config(PAPER, ["resources.gpu_memory_gb=40"]),
+                         {m.name: _hf_config(m.path) for m in load_config(PAPER).models})

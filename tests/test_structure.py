@@ -16,12 +16,16 @@ PACKAGE = Path(__file__).parents[1] / "ramoe_ray"
 ORDER = [
     "cache", "config",                                    # keys and atomic writes; the typed config
     "models", "tasks", "tokenizer", "losses",             # the family table; task formats and data; loss math
-    "routing_stats", "stats", "lora", "expert_delta",     # stage-2 math; paired comparison statistics; expert LoRA;
+    "routing_stats", "stats", "cost",                     # stage-2 math; paired comparison statistics; the cost model;
+    "lora", "expert_delta",                               # expert LoRA;
     "inference",                                          # full-weight expert delta (RISE); running a model over prompts
-    "synthetic", "sources",                               # the synthetic world; references -> local paths
+    "synthetic", "sources", "memory",                     # the synthetic world; references -> local paths; GPU memory fit
     "taxonomy", "experts",                                # stage 1; stage 2
+    "base_cache",                                         # stage 3's per-cell cache of the base-model passes
     "train_worker", "train", "evaluate",                  # stage 3 (per worker, driver); stage 4
-    "grid", "tracking", "trial", "sweep", "report",       # the sweep: grid, MLflow, one trial, driver; the report
+    "grid", "tracking", "trial", "calibrate",             # the sweep: grid, MLflow, one trial, rates measured here,
+    "sweep", "dryrun",                                    # the driver, its dry run;
+    "report",                                             # the report
     "cli",
 ]
 # Private internals a code path may not use: module paths and attributes (step 2 of the structure issue).
