@@ -373,7 +373,7 @@ class ChildLogger:
 
     def completed(self, tune_trial) -> None:
         """A Tune trial that returned: each of its trial.json files is a record (none: it failed after all)."""
-        paths = (tune_trial.last_result or {}).get("trial_jsons") or []
+        paths = ((tune_trial.last_result or {}).get("trial_jsons") or "").splitlines()
         if not paths or not all(Path(p).is_file() for p in paths):
             return self.errored(tune_trial)
         for d, path in zip(tune_trial.config["trials"], paths):

@@ -124,7 +124,7 @@ def run_trial(config: dict) -> None:
     """The Tune function (module docstring). ``config``: {"trials": one grid.Trial as a dict, or every
     steering setting of a cell (evaluated in one model load), "cfg": the RunConfig as JSON, "root": trial
     folders, "cells": cell id -> the cell's facts (stages 1-2)}. Reports the first trial's metrics and
-    every trial.json ("trial_jsons")."""
+    every trial.json ("trial_jsons": one path per line; a string, as Tune's loggers take no lists)."""
     from ray import tune
 
     cfg = config_from_dict(config["cfg"], "sweep trial config")
@@ -135,7 +135,7 @@ def run_trial(config: dict) -> None:
     else:
         done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, config["cells"])]
     record, result, path = done[0]
-    tune.report({**_tune_metrics(record, result, path), "trial_jsons": [str(p) for _, _, p in done]})
+    tune.report({**_tune_metrics(record, result, path), "trial_jsons": "\n".join(str(p) for _, _, p in done)})
 
 
 def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict) -> tuple[dict, dict, Path]:
