@@ -89,15 +89,17 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
         print(f"steering trial (no training): median {statistics.median(r['timing']['total'] for r in steer):.1f} s")
     m = parent.data.metrics
     if wall:
-        ph = {k: m.get(f"seconds_{k}") for k in ("checks", "stages", "trials", "selection_and_test")}
+        ph = {k: m.get(f"seconds_{k}") for k in ("checks", "stages", "trials", "replicates", "selection_and_test")}
         print(f"sweep wall time {wall:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in ph.items() if v is not None)
               + " (checks include building the synthetic world on first use)")
         work = sum(v for k, v in ph.items() if v is not None and k != "checks") or wall
         trial_sum = sum(r["timing"]["total"] for r in records)
         print(f"  sum of in-loop times {in_loop:.0f} s; sum of trial times {trial_sum:.0f} s")
-        print(f"  sweep overhead = (stages + trials + selection) / (in-loop / {conc}) = {work / max(in_loop / conc, 1e-9):.1f}")
+        print(f"  sweep overhead = (stages + trials + replicates + selection) / (in-loop / {conc}) = "
+              f"{work / max(in_loop / conc, 1e-9):.1f}")
         if ph["trials"]:
-            print(f"  Tune phase / (trial time / {conc}) = {ph['trials'] / max(trial_sum / conc, 1e-9):.2f} "
+            tune = ph["trials"] + (ph["replicates"] or 0)
+            print(f"  Tune phases / (trial time / {conc}) = {tune / max(trial_sum / conc, 1e-9):.2f} "
                   f"(1.0 = no scheduling gaps)")
     return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
 
