@@ -37,6 +37,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -454,9 +455,39 @@ class _Sweep:
     parent_id: str = ""
 
 
-def _prepare(cfg: RunConfig, resume: bool, t0: float, log) -> tuple[_Sweep, dict]:
-    """Checks, MLflow experiment (and the parent to resume), stages 1-2. Returns the sweep and stages' result."""
-    plan = plan_sweep(cfg)
+LIBRARY_LOG = "sweep.log"  # in the run folder: what libraries print during a sweep
+
+
+@contextlib.contextmanager
+def _library_output_to(path: Path, log):
+    """This process's stdout and stderr (library warnings, Ray's and Tune's log lines and banners,
+    progress bars) go to ``path``; yields the console's log function, which the trial lines share
+    (``tracking.console``). Restored on the way out, so an error reaches the console in full."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"library messages (warnings, Ray, Tune) go to {path}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    tracking.console = console
+    try:
+        yield log if log is not print else (lambda text: print(text, file=console, flush=True))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        tracking.console = None
+        console.close()
+
+
+def _prepare(cfg: RunConfig, plan: SweepPlan, resume: bool, t0: float, log) -> tuple[_Sweep, dict]:
+    """MLflow experiment (and the parent to resume), stages 1-2. Returns the sweep and stages' result."""
     cfg = plan.cfg
     phases = {"seconds_checks": time.time() - t0}  # includes building the synthetic world on first use
     client, exp_id = _open_experiment(cfg, plan.uri)
@@ -579,13 +610,15 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, resume_hint: s
     """The whole sweep (module docstring). Returns a summary dict (parent run id, counts, timings).
     ``resume_hint``: the exact command that continues this sweep (printed when it is stopped)."""
     t0 = time.time()
-    sw, stages = _prepare(cfg, resume, t0, log)
-    run_dir = Path(sw.cfg.run_dir).resolve()
-    todo = _open_parent(sw, stages, run_dir, log)
-    if todo or len(sw.cfg.training.seeds) > 1:
-        ensure_ray(sw.cfg)  # before the handler: ray.init sets its own for SIGTERM (sys.exit), which would win
-    with _sigterm_as_ctrl_c(sw, resume_hint, log):
-        interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
-        if not interrupted and len(sw.cfg.training.seeds) > 1:
-            interrupted = _run_replicates(sw, stages["cells"], run_dir, log)
-        return _finish(sw, interrupted, log)
+    plan = plan_sweep(cfg)  # every check: errors reach the console before anything is written
+    with _library_output_to(Path(plan.cfg.run_dir).resolve() / LIBRARY_LOG, log) as log:
+        sw, stages = _prepare(cfg, plan, resume, t0, log)
+        run_dir = Path(sw.cfg.run_dir).resolve()
+        todo = _open_parent(sw, stages, run_dir, log)
+        if todo or len(sw.cfg.training.seeds) > 1:
+            ensure_ray(sw.cfg)  # before the handler: ray.init sets its own for SIGTERM (sys.exit), which would win
+        with _sigterm_as_ctrl_c(sw, resume_hint, log):
+            interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
+            if not interrupted and len(sw.cfg.training.seeds) > 1:
+                interrupted = _run_replicates(sw, stages["cells"], run_dir, log)
+            return _finish(sw, interrupted, log)

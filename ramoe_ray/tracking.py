@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -347,6 +348,14 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
 # ---------------------------------------------------------------------------------------------- Tune callback
 
 
+console = None  # the sweep's console while library output goes to its log file (sweep._library_output_to)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 class ChildLogger:
     """Logs each Tune trial as an MLflow child run as it ends (driver side) and prints a progress line.
     Tune pickles its callbacks with the experiment state: this holds only plain values (the MLflow client
@@ -357,6 +366,7 @@ class ChildLogger:
         self.uri, self.exp_id, self.parent_id, self.total, self.done_before = uri, exp_id, parent_id, total, done_before
         self.task_sources = task_sources or {}
         self.finished, self.failed, self._client = 0, 0, None
+        self.t0 = time.time()
 
     def __getstate__(self):
         return {**self.__dict__, "_client": None}
@@ -368,8 +378,13 @@ class ChildLogger:
         return self._client
 
     def _line(self, trial: Trial, text: str) -> None:
-        n = self.done_before + self.finished + self.failed
-        print(f"  [{n}/{self.total}] {trial.key}: {text}", flush=True)
+        """One line per ended trial, led by the progress: done / total, failed, elapsed, ETA."""
+        ran = self.finished + self.failed
+        n, elapsed = self.done_before + ran, time.time() - self.t0
+        eta = _clock(elapsed / ran * (self.total - n)) if ran else "?"
+        failed = f" · {self.failed} failed" if self.failed else ""
+        print(f"  [{n}/{self.total}{failed} · {_clock(elapsed)} · ETA {eta}] {trial.key}: {text}",
+              file=console or sys.stdout, flush=True)
 
     def completed(self, tune_trial) -> None:
         """A Tune trial that returned: each of its trial.json files is a record (none: it failed after all)."""
@@ -402,6 +417,7 @@ class ChildLogger:
         self.failed += 1
         last = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["unknown error"]
         self._line(trial, f"FAILED: {last[0][:200]}")
+        print(err.rstrip(), file=console or sys.stderr, flush=True)  # the error in full, on the console
 
 
 def tune_callback(logger: ChildLogger):

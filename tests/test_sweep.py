@@ -302,6 +302,17 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, output[-3000:]
+    # the console: the sweep's own lines, one per trial led by the progress; library output in sweep.log
+    lines = output.splitlines()
+    trial_lines = [l for l in lines if l.startswith("  [")]
+    assert trial_lines and all(" · ETA " in l for l in trial_lines), output[-3000:]
+    assert len(lines) <= len(trial_lines) + 25, output[-3000:]
+    for noise in ("Configuration for experiment", "INFO worker.py", "WARNING", "╭", "Loading weights"):
+        assert noise not in output, (noise, output[-3000:])
+    library = (out / "t" / sweep.LIBRARY_LOG).read_text(errors="replace")
+    assert f"library messages (warnings, Ray, Tune) go to {out / 't' / sweep.LIBRARY_LOG}" in output
+    assert "Started a local Ray instance" in library or "Configuration for experiment" in library
+    assert "continue with `" in output and "--resume" in output
     cfg = config_from_dict(d)
     total = len(grid.trials(cfg))
     before = _finished(db)

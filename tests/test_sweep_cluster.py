@@ -282,9 +282,11 @@ def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
         ray_cluster.ray_cli("job", "stop", "--address", ray_cluster.address, job_id, timeout=60)
     assert final == "SUCCEEDED", f"job {job_id}: {final}\n--- ray job logs ---\n{_tail(logs)}"
     # the job's driver joined this cluster (RAY_ADDRESS set by the job manager), it started no Ray of its own
-    joined = [l for l in logs.splitlines() if "Connecting to existing Ray cluster at address:" in l]
-    assert joined and f":{ray_cluster.gcs_port}" in joined[0], _tail(logs)
-    assert "Started a local Ray instance" not in logs, _tail(logs)
+    # (Ray's own lines are in the run folder's sweep.log: the console keeps the sweep's lines)
+    library = (Path(cfg.output_dir) / cfg.name / "sweep.log").read_text(errors="replace")
+    joined = [l for l in library.splitlines() if "Connecting to existing Ray cluster at address:" in l]
+    assert joined and f":{ray_cluster.gcs_port}" in joined[0], _tail(library)
+    assert "Started a local Ray instance" not in library + logs, _tail(library)
     # the sweep's final line: every trial finished, none failed, stages 1-2 read from the driver's cache
     assert f"{expected} of {expected} trials finished (0 failed this run)" in logs, _tail(logs)
     assert "recomputed in trials 0 times" in logs, _tail(logs)
