@@ -257,7 +257,12 @@ def test_models_asking_for_different_resources_run_as_one_tune_run_each(shared_c
              cache_dir=str(shared_cache), output_dir=str(tmp_path / "runs"))
     cfg = config_from_dict(d)
     said: list[str] = []
-    summary = sweep.run_sweep(cfg, log=said.append)
+    try:
+        summary = sweep.run_sweep(cfg, log=said.append)
+    finally:
+        import ray
+
+        ray.shutdown()  # the sweep leaves its local Ray up; later tests start their own
     assert summary["finished"] == len(grid.trials(cfg)) == 4 and summary["failed"] == 0
     runs = [line for line in said if line.startswith("Ray Tune:")]
     assert runs == ["Ray Tune: 2 trials (a), 2 at a time, each trial 1 CPU / 0 GPU + 0 Ray Train workers",

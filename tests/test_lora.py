@@ -300,6 +300,8 @@ def test_zero3_training_on_ray_train(tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
     }
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
+    if ray.is_initialized():  # an earlier test's Ray (its env vars would not reach these workers)
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         trainer = TorchTrainer(

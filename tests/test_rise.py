@@ -468,6 +468,8 @@ def test_zero3_partitioned_deltas_train_as_plain_data_parallel(tmp_path):
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(REPO / ".ramoe_cache" / "torch_extensions"))}
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
+    if ray.is_initialized():  # an earlier test's Ray (its env vars would not reach these workers)
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         result = TorchTrainer(
