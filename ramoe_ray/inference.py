@@ -270,7 +270,8 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")  # actors' output: their log files
 
 
 def map_rows(rows: pd.DataFrame, actor_cls, actor_kwargs: dict, *, num_actors: int, batch_size: int,
