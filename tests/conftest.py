@@ -42,6 +42,19 @@ def ray_local():
     ray.shutdown()
 
 
+def fresh_ray_for_deepspeed_workers() -> None:
+    """A local Ray whose Ray Train workers run DeepSpeed on CPU (compiled ops from the repo's cache). An
+    earlier test's Ray is shut down first: its environment would not reach these workers."""
+    import ray
+
+    env = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path(__file__).parents[1] / ".ramoe_cache" / "torch_extensions"))}
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
 def small_config(cache_dir, *, task="arith", languages=("syn3",), **extra):
     """A resolved RunConfig on the small world: olmoe model, one synthetic task."""
     d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],

@@ -3,12 +3,12 @@ per-expert mask, frozen base — and training under DeepSpeed ZeRO-3 on two Ray 
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_ray_for_deepspeed_workers
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -16,7 +16,6 @@ from ramoe_ray import lora as LA
 from ramoe_ray import models as M
 
 FAMILIES = list(M.FAMILIES)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def ids_batch(seed=0, b=2, t=9):
@@ -293,16 +292,8 @@ def test_zero3_training_on_ray_train(tmp_path):
     cfg = z3_config()
     batches = [z3_batch(r).tolist() for r in range(2)]
     probe = ids_batch(seed=7, b=2, t=10)
-    env = {
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".ramoe_cache" / "torch_extensions")),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
-    if ray.is_initialized():  # an earlier test's Ray (its env vars would not reach these workers)
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    fresh_ray_for_deepspeed_workers()
     try:
         trainer = TorchTrainer(
             z3_worker,

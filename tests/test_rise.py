@@ -6,12 +6,11 @@ process and on two Ray Train workers in the slow tests) and is RISE's training o
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import fresh_ray_for_deepspeed_workers, small_config
 
 from ramoe_ray import expert_delta, lora, models, train
 from ramoe_ray.config import RiseConfig, config_from_dict, method_label
@@ -23,8 +22,6 @@ from ramoe_ray.routing_stats import (
     rise_select,
     sequence_importance,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------- a reference written with loops
 
@@ -451,7 +448,6 @@ def _z3_reference(base, ds_config: dict, batches: list, steps: int) -> dict:
 
 @pytest.mark.slow
 def test_zero3_partitioned_deltas_train_as_plain_data_parallel(tmp_path):
-    import os
     import sys
 
     import ray
@@ -464,13 +460,8 @@ def test_zero3_partitioned_deltas_train_as_plain_data_parallel(tmp_path):
     cfg = _z3_config()
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randint(3, 256, (2, 12), generator=gen).tolist() for _ in range(2)]
-    env = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(REPO / ".ramoe_cache" / "torch_extensions"))}
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
-    if ray.is_initialized():  # an earlier test's Ray (its env vars would not reach these workers)
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    fresh_ray_for_deepspeed_workers()
     try:
         result = TorchTrainer(
             _z3_worker,
