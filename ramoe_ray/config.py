@@ -357,6 +357,16 @@ class SweepConfig(_Strict):
         description="Ray Train workers per trial; default resources.num_workers (or the model's own); 0 = Ray Train "
         "local mode inside the trial process (small models on one machine: no worker group start-up)",
     )
+    scheduler: Literal["grid", "asha"] = Field(
+        default="grid",
+        description="grid: every trial runs to the end; asha: RA-MoE's knob settings within a cell are evaluated on "
+        "validation at rungs during training and the worse ones stopped (ramoe_ray/asha.py); SFT, RISE, steering and "
+        "the seed replicates always run to the end",
+    )
+    asha_grace: float = Field(default=0.25, gt=0, lt=1, description="asha: the first rung, as a share of a trial's "
+                              "steps; the next rungs at grace x reduction_factor^k below 1")
+    asha_reduction_factor: float = Field(default=3.0, gt=1, description="asha: a trial continues past a rung when its "
+                                         "val_acc is in the top 1/reduction_factor of its cell's trials at that rung")
     cluster: ClusterConfig | None = Field(
         default=None,
         description="the CPUs and GPUs the sweep may use at once: trials at once per model follow from them "

@@ -127,7 +127,8 @@ def left_padded(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[tor
 
 
 @torch.no_grad()
-def generate_texts(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list[str]:
+def generate_texts(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                   synced_gpus: bool = False) -> list[str]:
     """Greedy continuation of right-padded prompts by ``model.generate`` on a left-padded copy: at
     most ``max_new_tokens`` tokens, a row ends at an eos token (``eos_ids``) or once its text holds a
     stop string. Returns each row's text (special tokens skipped) cut at the first stop string."""
@@ -138,7 +139,7 @@ def generate_texts(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_to
         input_ids=left_ids, attention_mask=left_mask, max_new_tokens=max_new_tokens,
         # plain greedy decoding whatever the model's generation_config says
         do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        eos_token_id=eos, pad_token_id=tok.pad_token_id,
+        eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus,
         stopping_criteria=StoppingCriteriaList([StopAtStrings(tok, width)]),
     )
     texts = []
@@ -199,7 +200,7 @@ def choice_logliks(model, tok, rows: list[dict], ids: torch.Tensor, lengths: lis
 
 @torch.no_grad()
 def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_new_tokens: int = MAX_NEW_TOKENS,
-                  max_length: int | None = None, scoring: str = "exact") -> list[dict]:
+                  max_length: int | None = None, scoring: str = "exact", synced_gpus: bool = False) -> list[dict]:
     """One batch of rows of ONE format (``fmt`` None: routing only, as for general text; the module
     docstring gives the steps). ``max_length``: prompts are truncated to this many tokens. ``scoring``:
     how generated answers are scored (``tasks.score_generative``).
@@ -213,7 +214,7 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
     n = len(rows)
     preds, outputs, correct = [""] * n, [""] * n, [False] * n
     if fmt is not None and FORMATS[fmt]["output"] == "generate":
-        outputs = generate_texts(model, tok, ids, mask, max_new_tokens)
+        outputs = generate_texts(model, tok, ids, mask, max_new_tokens, synced_gpus)
         preds = [generative_prediction(t, scoring) for t in outputs]
         correct = score_generative(outputs, [r["answer"] for r in rows], scoring)
     elif fmt is not None:
@@ -227,7 +228,8 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
     ]
 
 
-def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = MAX_NEW_TOKENS,
+                 synced_gpus: bool = False) -> list[dict]:
     """``predict_batch`` over rows that may mix formats (``fmt``; "" = general text, truncated to
     GENERAL_MAX_TOKENS), in order; each output dict also carries the row's id, language, kind and answer.
     A row's optional ``scoring`` (the task's, ``TaskConfig.scoring``; default "exact") is passed on."""
@@ -237,7 +239,7 @@ def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = 
         groups.setdefault((r["fmt"], r.get("scoring") or "exact"), []).append(i)
     for (fmt, scoring), idx in groups.items():
         res = predict_batch(model, tok, [rows[i] for i in idx], fmt=fmt or None, k=k, max_new_tokens=max_new_tokens,
-                            max_length=None if fmt else GENERAL_MAX_TOKENS, scoring=scoring)
+                            max_length=None if fmt else GENERAL_MAX_TOKENS, scoring=scoring, synced_gpus=synced_gpus)
         for i, r in zip(idx, res):
             out[i] = {"id": rows[i]["id"], "language": rows[i]["language"], "kind": rows[i]["kind"],
                       "answer": rows[i]["answer"], **r}

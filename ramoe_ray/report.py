@@ -128,6 +128,7 @@ def _trial(run) -> dict:
         "trial_key": t.get("trial_key"), "selected": str(t.get("selected", "")).lower() == "true",
         "replicate_of": t.get(tracking.REPLICATE_TAG) or None, "seed": d.params.get("seed"),
         "error": t.get("error"), "metrics": dict(d.metrics), "params": dict(d.params),
+        "stopped": str(t.get(tracking.STOPPED_TAG, "")).lower() == "true",
     }
 
 
@@ -466,7 +467,9 @@ def _model_divergence(model: str, cells_order: list, info: dict, sel: dict) -> d
 
 def _counts(trials: list[dict], expected: int | None) -> dict:
     statuses = [tr["status"] for tr in trials]
-    return {"total": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
+    stopped = sum(tr.get("stopped", False) for tr in trials)  # FINISHED children that ASHA stopped at a rung
+    return {"total": len(statuses), "finished": statuses.count("FINISHED") - stopped, "stopped": stopped,
+            "failed": statuses.count("FAILED"),
             "running": sum(s in ("RUNNING", "SCHEDULED") for s in statuses), "killed": statuses.count("KILLED"),
             "expected": expected}
 
@@ -527,7 +530,8 @@ def compute(data: dict, cfg: RunConfig) -> dict:
                   if (d := _model_divergence(model, cells_order, info, sel)) is not None}
     counts = _counts(data["trials"], data["expected_trials"])
     partial = bool(missing) or not planned or (counts["expected"] is not None
-                                                and counts["finished"] + counts["failed"] < counts["expected"])
+                                                and counts["finished"] + counts["failed"] + counts["stopped"]
+                                                < counts["expected"])
     return {
         "sweep": dict(data["parent"], experiment=data["experiment"], tracking_uri=data["tracking_uri"]),
         "counts": counts, "methods": methods, "labels": labels, "partial": partial, "missing": missing, "planned": planned,
@@ -717,15 +721,18 @@ def _summary_lines(report: dict) -> list[str]:
         lines.append(f"- **status: {said}**" + ("; `--resume` continues it" if state != "alive" else ""))
     exp = f" of {n['expected']} expected" if n["expected"] is not None else ""
     extra = "".join(f", {n[k]} {k}" for k in ("running", "killed") if n[k])
-    lines.append(f"- trials: {n['finished']} finished, {n['failed']} failed{extra} ({n['total']} logged{exp})")
+    stopped = (f", {n['stopped']} stopped early by ASHA (sweep.scheduler: asha; never selected)"
+               if n.get("stopped") else "")
+    lines.append(f"- trials: {n['finished']} finished{stopped}, {n['failed']} failed{extra} ({n['total']} logged{exp})")
     if report["partial"]:
         what = []
         if report["missing"]:
             what.append(f"{len(report['missing'])} cell × method results missing: " + _missing_text(report))
         if not report["planned"]:
             what.append("the sweep's cells.json and resolved config are not logged; cells are the config's grid")
-        if n["expected"] is not None and n["finished"] + n["failed"] < n["expected"]:
-            what.append(f"{n['expected'] - n['finished'] - n['failed']} expected trials not done")
+        done = n["finished"] + n["failed"] + n.get("stopped", 0)
+        if n["expected"] is not None and done < n["expected"]:
+            what.append(f"{n['expected'] - done} expected trials not done")
         lines.append(f"- **partial sweep**: {'; '.join(what) or 'results missing'}")
     return lines
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ramoe_ray import experts, grid, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
+from ramoe_ray import asha, experts, grid, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
 from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, check_tracking_scheme, differing_keys, result_fields
 from ramoe_ray.grid import SELECT_METRIC, Trial
 
@@ -317,7 +317,7 @@ def run_trials(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tra
         if _tune_group(cfg, group, cells, logger, storage=storage, root=root, name=name, log=log):
             interrupted = True
             break
-    ran = logger.finished + logger.failed
+    ran = logger.finished + logger.failed + logger.stopped
     return {"seconds": time.time() - t0, "interrupted": interrupted or ran < len(todo)}
 
 
@@ -333,12 +333,19 @@ def _tune_group(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tr
     res = trial_resources(cfg, model)
     log(f"Ray Tune: {len(todo)} trials ({', '.join(dict.fromkeys(t.model for t in todo))}), {conc} at a time, "
         f"each trial {res['cpu']:g} CPU / {res['gpu']:g} GPU + {trial.train_workers(cfg, model)} Ray Train workers")
+    asha_on = cfg.sweep.scheduler == "asha" and any(asha.cell_of({"trials": [dataclasses.asdict(t)]}) for t in todo)
+    if asha_on:
+        ms = asha.milestones(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
+        log(f"ASHA per cell over the RA-MoE settings: rungs at {', '.join(f'{m:g}' for m in ms)} % of each training; "
+            f"at a rung, the top 1/{cfg.sweep.asha_reduction_factor:g} of the cell's settings continue")
     space = {"trials": tune.grid_search(tune_units(todo)), "cfg": cfg.model_dump(mode="json"),
              "root": str(root), "cells": {cell_id(c): c for c in cells}}
     tuner = tune.Tuner(
         tune.with_resources(trial.run_trial, res),
         param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=conc, reuse_actors=True,
+                                    scheduler=asha.scheduler(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
+                                    if asha_on else None,
                                     trial_name_creator=lambda tr: tr.trial_id,
                                     trial_dirname_creator=lambda tr: tr.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
@@ -371,7 +378,8 @@ def select(client, exp_id: str, parent_id: str) -> list:
     df = tracking.children(client, exp_id, parent_id)
     if df.empty:
         return []
-    df = df[(df.status == "FINISHED") & ~_replicate_rows(df)].copy()  # the grid, at the first seed
+    # the grid at the first seed, trials that completed (not those ASHA stopped)
+    df = df[(df.status == "FINISHED") & ~_replicate_rows(df) & ~tracking.stopped_rows(df)].copy()
     df["_index"] = df["tags.trial_index"].astype(int)
     chosen = []
     for _, g in df.groupby(["tags.model", "tags.task", "tags.language", "tags.method"], sort=False):
@@ -520,9 +528,12 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
     for rid in stale:
         client.delete_run(rid)
     todo = [t for t in trials if t.key not in done]
-    log(f"parent run {sw.parent_id}: {len(done)} trials already finished, {len(todo)} to run")
+    df = tracking.children(client, sw.exp_id, sw.parent_id)
+    stopped = int(tracking.stopped_rows(df).sum()) if not df.empty else 0
+    log(f"parent run {sw.parent_id}: {len(done)} trials already ended ({stopped} stopped by ASHA), {len(todo)} to run")
     sw.summary = {"parent_run_id": sw.parent_id, "experiment_id": sw.exp_id, "tracking_uri": sw.plan.uri,
-                  "trials": len(trials) + grid.n_replicates(cfg), "ran": 0, "finished": len(done), "failed": 0,
+                  "trials": len(trials) + grid.n_replicates(cfg), "ran": 0, "finished": len(done) - stopped,
+                  "stopped": stopped, "failed": 0,
                   "stage1_computed": stages["stage1_computed"], "stage2_computed": stages["stage2_computed"],
                   "stage12_recomputed_in_trials": 0}
     return todo
@@ -531,13 +542,15 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
 def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, log, phase: str = "trials") -> bool:
     """The trials still to run, through Tune; counts them into the summary. True if interrupted."""
     storage = Path(sw.cfg.sweep.storage_path or run_dir / "tune").resolve()
-    logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"], sw.summary["finished"],
+    logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"],
+                                  sw.summary["finished"] + sw.summary["stopped"],
                                   task_sources={t.name: t.source for t in sw.cfg.tasks})
     ran = run_trials(sw.cfg, todo, cells, logger, storage=storage, root=storage / "trials" / sw.parent_id, log=log)
     sw.phases[f"seconds_{phase}"] = ran["seconds"]
-    sw.summary["ran"] += logger.finished + logger.failed
+    sw.summary["ran"] += logger.finished + logger.failed + logger.stopped
     sw.summary["failed"] += logger.failed
     sw.summary["finished"] += logger.finished
+    sw.summary["stopped"] += logger.stopped
     return ran["interrupted"]
 
 
@@ -574,7 +587,8 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     sw.phases["seconds_selection_and_test"] = time.time() - t_sel
     summary["seconds"] = time.time() - sw.t0
     summary["phases"] = sw.phases
-    tracking.log_metrics(client, sw.parent_id, {"sweep_seconds": summary["seconds"], **sw.phases})
+    tracking.log_metrics(client, sw.parent_id, {"sweep_seconds": summary["seconds"], "trials_stopped": summary["stopped"],
+                                                **sw.phases})
     client.set_terminated(sw.parent_id, "FINISHED" if not summary["failed"] else "FAILED")
     return {**summary, "interrupted": False}
 

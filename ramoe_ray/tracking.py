@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ramoe_ray import asha
 from ramoe_ray.cache import content_key, write_json_atomic
 from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolved
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
@@ -307,7 +308,14 @@ def _child_metrics(trial: Trial, record: dict) -> list:
     metrics = [Metric(k, float(v), now, 0) for k, v in vals.items()]
     for h in tr.get("history") or []:
         metrics += [Metric(f"train_{k}", float(h[k]), now, int(h["step"])) for k in CURVES if h.get(k) is not None]
-    return metrics
+    return metrics + _rung_metrics(tr.get("rungs") or [], now)
+
+
+def _rung_metrics(rungs: list[dict], now: int) -> list:
+    """ASHA's rung evaluations by step: rung_val_acc, rung_percent_trained."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"rung_{k}", float(r[k]), now, int(r["step"])) for r in rungs for k in (asha.METRIC, asha.TIME_ATTR)]
 
 
 def _ids(rows_parquet: Path, language: str) -> list[str]:
@@ -345,6 +353,34 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
     return rid
 
 
+STOPPED_TAG = "stopped"  # "true" on a child that ASHA stopped at a rung (sweep.scheduler: asha)
+STOPPED_METRICS = (asha.METRIC, asha.TIME_ATTR, "step", "n_val", "rung_seconds")
+
+
+def log_stopped(client, exp_id: str, parent_id: str, trial: Trial, last: dict, *, trial_id: str) -> str:
+    """A trial that ASHA stopped: a FINISHED child (it ended as its scheduler decided; a resumed sweep does not
+    rerun it) tagged ``stopped`` (and ``ramoe.stopped_at``, percent trained), with its last rung's metrics
+    at that rung's step."""
+    from mlflow.entities import Metric
+
+    tags = {**_child_tags(parent_id, trial, None, trial_id), STOPPED_TAG: "true",
+            "ramoe.stopped_at": f"{last[asha.TIME_ATTR]:g}"}
+    rid = client.create_run(exp_id, run_name=run_name(trial) + " (stopped)", tags=tags).info.run_id
+    log_params(client, rid, _child_params(trial, None))
+    now, step = int(time.time() * 1000), int(last.get("step") or 0)
+    rungs = json.loads(last.get("rung_history") or "[]")
+    client.log_batch(rid, metrics=[Metric(k, float(last[k]), now, step) for k in STOPPED_METRICS
+                                   if last.get(k) is not None] + _rung_metrics(rungs, now))
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def stopped_rows(df):
+    """The rows of ``children`` that ASHA stopped (all False when the column is absent)."""
+    col = f"tags.{STOPPED_TAG}"
+    return df[col].fillna("").astype(str).eq("true") if col in df else df.status.ne(df.status)
+
+
 # ---------------------------------------------------------------------------------------------- Tune callback
 
 
@@ -365,7 +401,7 @@ class ChildLogger:
                  task_sources: dict[str, str] | None = None):
         self.uri, self.exp_id, self.parent_id, self.total, self.done_before = uri, exp_id, parent_id, total, done_before
         self.task_sources = task_sources or {}
-        self.finished, self.failed, self._client = 0, 0, None
+        self.finished, self.failed, self.stopped, self._client = 0, 0, 0, None
         self.t0 = time.time()
 
     def __getstate__(self):
@@ -379,16 +415,21 @@ class ChildLogger:
 
     def _line(self, trial: Trial, text: str) -> None:
         """One line per ended trial, led by the progress: done / total, failed, elapsed, ETA."""
-        ran = self.finished + self.failed
+        ran = self.finished + self.failed + self.stopped
         n, elapsed = self.done_before + ran, time.time() - self.t0
         eta = _clock(elapsed / ran * (self.total - n)) if ran else "?"
         failed = f" · {self.failed} failed" if self.failed else ""
+        failed += f" · {self.stopped} stopped" if self.stopped else ""
         print(f"  [{n}/{self.total}{failed} · {_clock(elapsed)} · ETA {eta}] {trial.key}: {text}",
               file=console or sys.stdout, flush=True)
 
     def completed(self, tune_trial) -> None:
-        """A Tune trial that returned: each of its trial.json files is a record (none: it failed after all)."""
-        paths = ((tune_trial.last_result or {}).get("trial_jsons") or "").splitlines()
+        """A Tune trial that ended: returned (each of its trial.json files is a record), stopped by ASHA at a
+        rung (its last report is a rung's), or failed after all."""
+        last = tune_trial.last_result or {}
+        paths = (last.get("trial_jsons") or "").splitlines()
+        if not paths and last.get(asha.TIME_ATTR) is not None and last.get(asha.METRIC) is not None:
+            return self._stopped(Trial(**tune_trial.config["trials"][0]), tune_trial, last)
         if not paths or not all(Path(p).is_file() for p in paths):
             return self.errored(tune_trial)
         for d, path in zip(tune_trial.config["trials"], paths):
@@ -400,6 +441,13 @@ class ChildLogger:
             lang = trial.language
             self._line(trial, f"val acc {100 * ev['accuracy'][lang]:.1f}% (en {100 * ev['accuracy']['en']:.1f}%), "
                               f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
+
+    def _stopped(self, trial: Trial, tune_trial, last: dict) -> None:
+        """ASHA stopped it at a rung: a FINISHED child tagged ``stopped`` with the rung's metrics (never selected)."""
+        log_stopped(self.client, self.exp_id, self.parent_id, trial, last, trial_id=tune_trial.trial_id)
+        self.stopped += 1
+        self._line(trial, f"stopped by ASHA at {last[asha.TIME_ATTR]:g} % of its steps (step {last.get('step')}): "
+                          f"val acc {100 * last[asha.METRIC]:.1f}%")
 
     def errored(self, tune_trial) -> None:
         """A Tune trial that raised: a FAILED child per trial it ran, with Tune's error file (or its pickled error)."""

@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ramoe_ray import experts, models, taxonomy, train_worker
+from ramoe_ray import asha, experts, inference, models, taxonomy, train_worker
 from ramoe_ray.cache import atomic_dir, content_key, write_json_atomic
 from ramoe_ray.config import (
     METHODS,
@@ -241,10 +241,12 @@ def _lam_used(lam: float, n_ci: int, where: str) -> tuple[float, list[str]]:
 
 def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float | None = None,
                   band: Any = None, top_k: int | None = None, resume_from: str | os.PathLike | None = None,
-                  num_workers: int | None = None, batch_size: int | None = None, seed: int | None = None) -> TrainPlan:
+                  num_workers: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                  rungs: list[float] = ()) -> TrainPlan:
     """Checks the inputs, runs/reuses stages 1-2 and returns the plan of one training. All ConfigErrors
     are raised before any model runs. ``seed``: the training's seed (default ``training.seeds[0]``; the
-    data split always uses that one)."""
+    data split always uses that one). ``rungs``: ASHA's milestones in percent trained (``asha.milestones``):
+    the training evaluates its validation accuracy there (``rung_eval``)."""
     knobs = _checked_knobs(cfg, model_cfg, method=method, lam=lam, band=band, top_k=top_k)
     workers = cfg.resources_for(model_cfg).num_workers if num_workers is None else int(num_workers)
     if workers < 0:
@@ -273,7 +275,21 @@ def plan_training(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: 
         adapter_kind=adapter_kind(cfg, method), steering=stage2["steering"],
         records=records, n_ci=n_ci, schedule=sched, workers=workers, training=t, seed=seed, batch_size=bs, notes=notes,
         rules=dict(RULES), stage_cache={"experts": stage2["experts_hit"], "taxonomy": bool(taxonomy_hit)},
-        base_inputs=base_inputs(p, records, stage2, t), base_cache=str(Path(cfg.cache_dir) / "base_passes"))
+        base_inputs=base_inputs(p, records, stage2, t), base_cache=str(Path(cfg.cache_dir) / "base_passes"),
+        rung_eval=_rung_eval(cfg, model_cfg, task_cfg, language, len(sched), rungs))
+
+
+def _rung_eval(cfg, model_cfg, task_cfg, language: str, total_steps: int, rungs: list[float]) -> dict | None:
+    """What a training needs to evaluate itself at ASHA's rungs: the rung steps and the validation rows of
+    the target language, as stage 4's evaluator sees them (``train_worker.rung_accuracy``)."""
+    steps = asha.rung_steps(total_steps, list(rungs))
+    if not steps:
+        return None
+    vp = taxonomy.plan(cfg, model_cfg, task_cfg, [language], "validation")
+    rows = taxonomy.rows_frame(vp, [language], False).to_dict("records")
+    kw = taxonomy.predictor_kwargs(vp)
+    return {"steps": steps, "rows": rows, "k": kw["k"], "max_new_tokens": kw["max_new_tokens"],
+            "batch_size": cfg.training.eval_batch_size or inference.BATCH_SIZE}
 
 
 # --------------------------------------------------------------------------------------- run folder
@@ -336,13 +352,20 @@ class KeptCheckpoints:
 
 
 def _fit_here(plan: TrainPlan, run_dir: Path, probe: list[str] | None,
-              resume_from: str | os.PathLike | None) -> str | None:
-    """num_workers = 0: the worker recipe in this process, world of one; returns the last checkpoint."""
-    report = KeptCheckpoints(run_dir / CHECKPOINTS)
+              resume_from: str | os.PathLike | None, on_rung=None) -> str | None:
+    """num_workers = 0: the worker recipe in this process, world of one; returns the last checkpoint.
+    ``on_rung(metrics)`` receives each rung's evaluation (a Tune trial: ``tune.report``)."""
+    kept = KeptCheckpoints(run_dir / CHECKPOINTS)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        kept(metrics, checkpoint_dir)
+        if on_rung is not None and asha.TIME_ATTR in metrics:
+            on_rung(metrics)
+
     context = train_worker.WorkerContext(rank=0, world_size=1,
                                          resume_dir=str(resume_from) if resume_from is not None else None)
     train_worker.run_training(plan, run_dir, probe, context, report)
-    return report.latest
+    return kept.latest
 
 
 def _ensure_ray() -> None:
@@ -364,6 +387,11 @@ def _fit_worker_group(cfg, plan: TrainPlan, name: str, run_dir: Path, probe: lis
 
     res = cfg.resources_for(plan.identity["model"])
     use_gpu = res.gpus_per_worker > 0
+    callbacks = []
+    if plan.rung_eval:  # inside a Tune trial (asha): the workers' reports, rungs included, go on to Tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker.ray_train_loop,
@@ -371,7 +399,7 @@ def _fit_worker_group(cfg, plan: TrainPlan, name: str, run_dir: Path, probe: lis
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS), callbacks=callbacks),
         resume_from_checkpoint=Checkpoint.from_directory(str(resume_from)) if resume_from is not None else None,
     )
     result = trainer.fit()
@@ -394,7 +422,8 @@ def _drop_unkept_checkpoints(result) -> list[Path]:
 def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: float | None = None, band: Any = None,
                top_k: int | None = None, run_dir: str | os.PathLike | None = None,
                resume_from: str | os.PathLike | None = None, num_workers: int | None = None,
-               batch_size: int | None = None, probe: list[str] | None = None, seed: int | None = None) -> dict:
+               batch_size: int | None = None, probe: list[str] | None = None, seed: int | None = None,
+               rungs: list[float] = (), on_rung=None) -> dict:
     """Trains one cell with one method; returns {"adapter", "final", "history", ...} (module docstring).
 
     num_workers: Ray Train workers (default: the model's ``resources.num_workers``); 0 = the training runs in this
@@ -402,10 +431,14 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
     resume_from: a checkpoint folder (checked to come from the same model and configuration).
     probe: prompts whose logits (trained model) rank 0 saves as ``probe_logits.pt`` in the run folder.
     Steering trains nothing: the result's "steering" is the spec for ``evaluate.evaluate_cell``.
+    rungs: ASHA's milestones (percent trained; a sweep trial with ``sweep.scheduler: asha``): the validation
+      accuracy there goes to ``on_rung(metrics)`` (in this process), or through Ray Train to the Tune trial
+      (``TuneReportCallback``, worker group); the result's "rungs" lists them.
     """
     t_called = time.time()
     plan = plan_training(cfg, model_cfg, task_cfg, language, method=method, lam=lam, band=band, top_k=top_k,
-                         resume_from=resume_from, num_workers=num_workers, batch_size=batch_size, seed=seed)
+                         resume_from=resume_from, num_workers=num_workers, batch_size=batch_size, seed=seed,
+                         rungs=rungs)
     t_planned = time.time()
     name = run_name(model_cfg, task_cfg, language, plan)
     run_dir = _run_folder(cfg, plan, name, run_dir)
@@ -422,7 +455,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
         _ensure_ray()
     t0 = time.time()
     if plan.workers == 0:
-        checkpoint = _fit_here(plan, run_dir, probe, resume_from)
+        checkpoint = _fit_here(plan, run_dir, probe, resume_from, on_rung)
     else:
         checkpoint = _fit_worker_group(cfg, plan, name, run_dir, probe, resume_from)
     out = json.loads(result_file.read_text())

@@ -90,6 +90,9 @@ class TrainPlan:
     stage_cache: dict[str, bool]  # stages 1-2 reused from the cache (the sweep counts recomputations)
     base_inputs: dict  # what the base passes depend on, the device aside (``base_cache``, ``train.base_inputs``)
     base_cache: str | None  # base_cache's root folder; None: every training computes its base passes
+    # ASHA's rungs (asha.py): {"steps": {step: percent}, "rows": validation rows of the target language,
+    # "k", "max_new_tokens", "batch_size"}; None: no evaluation during training
+    rung_eval: dict | None = None
 
     def band_experts(self) -> dict[int, list[int]]:
         return {int(l): v for l, v in self.task_experts.items()}
@@ -122,6 +125,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # the metrics of every log step
     restarts: int = 0
     step_seconds: list[float] = field(default_factory=list)  # this rank's, this attempt's
+    rungs: list[dict] = field(default_factory=list)  # ASHA's rung evaluations of this attempt
 
 
 class Phases:
@@ -522,12 +526,40 @@ def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, pr
         write_json_atomic(run_dir / RESULT, jsonable({
             "adapter": str(adapter), "final": final, "history": progress.history, "restarts": progress.restarts,
             "world_size": context.world_size, "step_seconds_rank0": progress.step_seconds,
-            "phases_rank0": phases.seconds, "base_passes_recomputed": int(not base_hit)}))
+            "phases_rank0": phases.seconds, "base_passes_recomputed": int(not base_hit), "rungs": progress.rungs}))
     if context.world_size > 1:
         dist.barrier()
 
 
 # -------------------------------------------------------------------------------------------- entry
+
+
+def rung_accuracy(trainee: Trainee, rung_eval: dict, world_size: int) -> float:
+    """The model as trained so far on the rung's validation rows: the share answered correctly, by the
+    evaluator's own prediction (``inference.predict_rows``: generation or choice scoring, as in stage 4).
+    Every rank evaluates every row (ZeRO-3 gathers each layer from all ranks; ``synced_gpus`` keeps the
+    ranks' generation steps in step)."""
+    engine, rows, bs = trainee.engine, rung_eval["rows"], int(rung_eval["batch_size"])
+    engine.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), bs):
+            out = inference.predict_rows(engine.module, trainee.tok, rows[i : i + bs], k=int(rung_eval["k"]),
+                               max_new_tokens=int(rung_eval["max_new_tokens"]), synced_gpus=world_size > 1)
+            correct += sum(bool(r["correct"]) for r in out)
+    return correct / len(rows)
+
+
+def _rung(trainee: Trainee, plan: TrainPlan, progress: Progress, context: WorkerContext, report: Report) -> None:
+    """After a rung's step: the validation accuracy, reported (to Tune: ``train.train_cell``) and kept."""
+    pct = plan.rung_eval["steps"][progress.step]
+    t0 = time.perf_counter()
+    acc = rung_accuracy(trainee, plan.rung_eval, context.world_size)
+    m = {"step": progress.step, "val_acc": acc, "percent_trained": pct, "n_val": len(plan.rung_eval["rows"]),
+         "rung_seconds": time.perf_counter() - t0}
+    progress.rungs.append(m)
+    # the rungs so far travel with each rung's report: a trial ASHA stops is logged from its last report
+    report(jsonable({**m, "rung_history": json.dumps(jsonable(progress.rungs))}), None)
 
 
 def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] | None, context: WorkerContext,
@@ -550,6 +582,9 @@ def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] |
             elif metrics is not None:
                 report(jsonable(metrics), None)
             phases.mark("checkpoint_and_report")
+            if plan.rung_eval and progress.step in plan.rung_eval["steps"]:
+                _rung(trainee, plan, progress, context, report)
+                phases.mark("rung_eval")
         finish(trainee, plan, base, base_hit, progress, Path(run_dir), probe, context, phases)
     finally:
         teardown(trainee)

@@ -20,13 +20,13 @@ import math
 import time
 from pathlib import Path
 
-from ramoe_ray import evaluate, train
+from ramoe_ray import asha, evaluate, train
 from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.config import RunConfig, config_from_dict
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
 
 TRAIN_KEYS = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_ci", "n_train", "steps",
-              "notes", "adapter", "history", "final", "cached", "stage_cache", "base_passes_recomputed")
+              "notes", "adapter", "history", "final", "cached", "stage_cache", "base_passes_recomputed", "rungs")
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
 PREDICTIONS = "test/predictions.json"  # a tested child's artefact: {language, ids, correct, predictions, answers}
 
@@ -67,12 +67,20 @@ def _cell_objects(cfg: RunConfig, trial: Trial):
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path) -> dict:
-    """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result."""
+def rungs(cfg: RunConfig, trial: Trial) -> list[float]:
+    """ASHA's rungs (percent trained) for an RA-MoE grid trial under ``sweep.scheduler: asha``; else none."""
+    if cfg.sweep.scheduler != "asha" or trial.method != "ramoe" or trial.replicate_of:
+        return []
+    return asha.milestones(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
+
+
+def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path, on_rung=None) -> dict:
+    """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result. ``on_rung``: where
+    the rung evaluations of a training in this process go (``tune.report``)."""
     m, t = _cell_objects(cfg, trial)
     return train.train_cell(cfg, m, t, trial.language, method=trial.method, lam=trial.lam, band=trial.band_spec(),
                             top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg, trial.model),
-                            seed=trial.seed)
+                            seed=trial.seed, rungs=rungs(cfg, trial), on_rung=on_rung)
 
 
 def _steering(trial: Trial, result: dict) -> dict | None:
@@ -133,16 +141,17 @@ def run_trial(config: dict) -> None:
     if trials[0].method == "steering":
         done = _steering_trials(cfg, trials, Path(config["root"]), config["cells"])
     else:
-        done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, config["cells"])]
+        done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, config["cells"], tune.report)]
     record, result, path = done[0]
-    tune.report({**_tune_metrics(record, result, path), "trial_jsons": "\n".join(str(p) for _, _, p in done)})
+    tune.report({**_tune_metrics(record, result, path), asha.TIME_ATTR: 100.0,
+                 "trial_jsons": "\n".join(str(p) for _, _, p in done)})
 
 
-def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict) -> tuple[dict, dict, Path]:
+def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict, on_rung=None) -> tuple[dict, dict, Path]:
     """Train, validate, write trial.json (+ its figure); returns (record, train result, trial.json)."""
     times = {"start": time.time()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = train_trial(cfg, trial, run_dir)
+    result = train_trial(cfg, trial, run_dir, on_rung)
     times["train"] = time.time()
     steering = _steering(trial, result)
     ev = validate_trial(cfg, trial, result, steering, run_dir)

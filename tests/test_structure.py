@@ -21,7 +21,7 @@ ORDER = [
     "inference",                                          # full-weight expert delta (RISE); running a model over prompts
     "synthetic", "sources", "memory",                     # the synthetic world; references -> local paths; GPU memory fit
     "taxonomy", "experts",                                # stage 1; stage 2
-    "base_cache",                                         # stage 3's per-cell cache of the base-model passes
+    "base_cache", "asha",                                 # stage 3's per-cell cache of the base-model passes; early stopping
     "train_worker", "train", "evaluate",                  # stage 3 (per worker, driver); stage 4
     "grid", "tracking", "trial", "calibrate",             # the sweep: grid, MLflow, one trial, rates measured here,
     "sweep", "dryrun",                                    # the driver, its dry run;

@@ -100,10 +100,10 @@ def failing_trial(key: str):
 
     real = trial.train_trial
 
-    def train_or_fail(cfg, t, run_dir):
+    def train_or_fail(cfg, t, run_dir, *rest):
         if t.key == key:
             raise RuntimeError(f"injected failure of trial {key} (test)")
-        return real(cfg, t, run_dir)
+        return real(cfg, t, run_dir, *rest)
 
     cloudpickle.register_pickle_by_value(trial)
     try:
