@@ -58,11 +58,22 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     parent = client.get_run(parent_id)
     kids = tracking.children(client, exp.experiment_id, parent_id)
     kids = kids[kids.status == "FINISHED"]
+    stopped = kids[tracking.stopped_rows(kids)]  # ASHA stopped them at a rung: no trial.json, steps from the rung
+    kids = kids[~tracking.stopped_rows(kids)]
     records = [json.loads((Path(d) / grid.TRIAL_JSON).read_text()) for d in kids["tags.ramoe.trial_dir"]]
     trained = [r for r in records if r["spec"]["method"] != "steering"]
     steer = [r for r in records if r["spec"]["method"] == "steering"]
     fixed = [r["timing"]["total"] - r["timing"]["in_loop"] for r in trained]
     in_loop = sum(r["timing"]["in_loop"] for r in records)
+    if len(stopped):  # their in-loop time: logged (seconds_in_loop), else their steps x the median step time
+        per_step = statistics.median(r["timing"]["in_loop"] / r["train"]["steps"] for r in records
+                                     if r["spec"]["method"] != "steering" and r["train"]["steps"])
+        col = stopped["metrics.seconds_in_loop"] if "metrics.seconds_in_loop" in stopped else None
+        stop_loop = [float(c) if col is not None and c == c else float(s) * per_step
+                     for c, s in zip(col if col is not None else [None] * len(stopped), stopped["metrics.step"])]
+        in_loop += sum(stop_loop)
+        print(f"{len(stopped)} trials stopped by ASHA: {stopped['metrics.step'].astype(float).sum():.0f} steps, "
+              f"{sum(stop_loop):.0f} s in their training loops")
     conc = sweep.max_concurrent(cfg, {"CPU": os.cpu_count() or 1})
     wall = parent.data.metrics.get("sweep_seconds")
     print(f"sweep {cfg.name!r} (run {parent_id}): {len(records)} finished trials ({len(trained)} trained, "

@@ -38,6 +38,16 @@ def rung_steps(total_steps: int, rungs: list[float]) -> dict[int, float]:
     return out
 
 
+def expected_share(rungs: list[float], reduction_factor: float) -> tuple[float, list[float]]:
+    """The cost model's assumption (dryrun.py): a trial reaches rung i with probability 1/rf^i and the end
+    with 1/rf^len(rungs), ASHA's asymptotic survival (a cell's first trials are never stopped, so a small
+    cell keeps more). Returns (expected share of the steps trained, probability of reaching each rung)."""
+    reach = [reduction_factor ** -i for i in range(len(rungs) + 1)]
+    bounds = [0.0] + [m / 100.0 for m in rungs] + [1.0]
+    share = sum((hi - lo) * p for lo, hi, p in zip(bounds, bounds[1:], reach))
+    return share, reach[:-1]
+
+
 def cell_of(config: dict) -> tuple | None:
     """The ASHA group of a Tune trial's config (``sweep.tune_units``): its cell for an RA-MoE grid trial,
     None (never stopped) for anything else."""

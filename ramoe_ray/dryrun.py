@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ramoe_ray import calibrate as calibration
-from ramoe_ray import cost, experts, grid, sources, sweep, taxonomy, tracking, trial
+from ramoe_ray import asha, cost, experts, grid, sources, sweep, taxonomy, tracking, trial
 from ramoe_ray.cache import content_key, read_only
 from ramoe_ray.config import ConfigError, RunConfig
 from ramoe_ray.grid import Trial
@@ -134,9 +134,15 @@ def _trained(cfg: RunConfig, t: Trial, size: Size, machine: Machine, first_of_ce
     then the evaluation actors', which load at the same time)."""
     n_ci = round(CI_SHARE * size.train)
     actors, _ = _actors(cfg, t.model, machine)
-    passes = size.train + n_ci + ((size.train + 2 * n_ci) if first_of_cell else 0)
-    return cost.Work(t.model, t.task, steps=model_steps(cfg, t.model, size), passes=passes, examples=2 * size.val,
-                     loads=2, actors=actors, gpus=sweep.trial_demand(cfg, t.model)["gpu"])
+    steps, final, examples, loads = model_steps(cfg, t.model, size), size.train + n_ci, 2 * size.val, 2
+    if rungs := trial.rungs(cfg, t):  # ASHA: the expected share trained, a rung's validation per rung reached
+        share, reach = asha.expected_share(rungs, cfg.sweep.asha_reduction_factor)
+        end = cfg.sweep.asha_reduction_factor ** -len(rungs)
+        steps, final = round(steps * share), round(final * end)
+        examples, loads = round(size.val * sum(reach) + examples * end), 1 + round(end)
+    passes = final + ((size.train + 2 * n_ci) if first_of_cell else 0)
+    return cost.Work(t.model, t.task, steps=steps, passes=passes, examples=examples,
+                     loads=loads, actors=actors, gpus=sweep.trial_demand(cfg, t.model)["gpu"])
 
 
 def _overhead(cfg: RunConfig, model: str, what: str) -> float:
@@ -216,8 +222,10 @@ def estimate(cfg: RunConfig, trials: list[Trial], sizes: dict, rates: dict, mach
 
 
 def baseline(cfg: RunConfig) -> RunConfig:
-    """The plan without this sweep's savings: every model on the top-level resources (no model's own)."""
-    return cfg.model_copy(update={"models": [m.model_copy(update={"resources": None}) for m in cfg.models]})
+    """The plan without this sweep's savings: every model on the top-level resources (no model's own), every
+    trial to the end (``sweep.scheduler: grid``)."""
+    return cfg.model_copy(update={"models": [m.model_copy(update={"resources": None}) for m in cfg.models],
+                                  "sweep": cfg.sweep.model_copy(update={"scheduler": "grid"})})
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -409,7 +417,8 @@ def dry_run(cfg: RunConfig, *, calibrate: bool = False, log=print) -> dict:
     lines += [f"not built yet (not in the estimate): {x}" for x in missing.values()]
     lines += _resource_lines(cfg, fits, machine) + _rates_lines(rates)
     lines += ["estimate of this plan (phase, units, wall time, accelerator-hours):"] + est.lines()
-    lines += ["without the savings (every model on the top-level resources, a Tune trial per steering setting):"]
+    lines += ["without the savings (every model on the top-level resources, a Tune trial per steering setting, "
+              "no early stopping):"]
     lines += base.lines() + _measured_lines(cfg, earlier, est)
     for line in lines:
         log(line)

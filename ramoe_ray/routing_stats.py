@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
 from scipy.stats import entropy
 
 # The named choices of this module (our reconstruction; docs/architecture.md, "The method"). Values are short
@@ -180,8 +180,9 @@ def normalized_jsd(P: Any, Q: Any) -> np.ndarray:
         D(P, Q) = JSD(P, Q) / (log E − ½ (H(P) + H(Q)))
 
     with JSD(P, Q) = ½ KL(P ‖ M) + ½ KL(Q ‖ M), M = ½ (P + Q), H the Shannon entropy, natural log
-    throughout (``scipy.spatial.distance.jensenshannon`` returns √JSD; it is squared here). Since
-    JSD = H(M) − ½ (H(P) + H(Q)) and H(M) ≤ log E, the value lies in [0, 1] (clipped for round-off).
+    throughout: scipy's ``jensenshannon`` formula (the sum of ``rel_entr``) without its square root, which
+    turned a round-off negative JSD of nearly equal rows into NaN. Since JSD = H(M) − ½ (H(P) + H(Q)) and
+    H(M) ≤ log E, the value lies in [0, 1] (clipped for round-off).
     Degenerate case (``RULES["divergence_degenerate"]``): the denominator is 0 only when P and Q are
     both uniform, hence equal; when it is ≤ 1e-12 the result is defined as 0.0.
     Rows are normalised to sum 1 (scipy does so); all-zero rows give NaN.
@@ -191,7 +192,10 @@ def normalized_jsd(P: Any, Q: Any) -> np.ndarray:
     if P.shape != Q.shape:
         raise ValueError(f"P {P.shape} and Q {Q.shape} differ in shape")
     n_exp = P.shape[-1]
-    jsd = jensenshannon(P, Q, axis=-1) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero row: NaN, as documented
+        P, Q = P / P.sum(axis=-1, keepdims=True), Q / Q.sum(axis=-1, keepdims=True)
+        M = 0.5 * (P + Q)
+        jsd = 0.5 * (rel_entr(P, M).sum(axis=-1) + rel_entr(Q, M).sum(axis=-1))
     denom = math.log(n_exp) - 0.5 * (entropy(P, axis=-1) + entropy(Q, axis=-1))
     safe = denom > DEGENERATE_TOL
     out = np.divide(jsd, denom, out=np.zeros_like(np.asarray(jsd, dtype=np.float64)), where=safe)

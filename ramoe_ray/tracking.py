@@ -354,7 +354,7 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
 
 
 STOPPED_TAG = "stopped"  # "true" on a child that ASHA stopped at a rung (sweep.scheduler: asha)
-STOPPED_METRICS = (asha.METRIC, asha.TIME_ATTR, "step", "n_val", "rung_seconds")
+STOPPED_METRICS = (asha.METRIC, asha.TIME_ATTR, "step", "n_val", "rung_seconds", "seconds_in_loop")
 
 
 def log_stopped(client, exp_id: str, parent_id: str, trial: Trial, last: dict, *, trial_id: str) -> str:

@@ -556,7 +556,7 @@ def _rung(trainee: Trainee, plan: TrainPlan, progress: Progress, context: Worker
     t0 = time.perf_counter()
     acc = rung_accuracy(trainee, plan.rung_eval, context.world_size)
     m = {"step": progress.step, "val_acc": acc, "percent_trained": pct, "n_val": len(plan.rung_eval["rows"]),
-         "rung_seconds": time.perf_counter() - t0}
+         "rung_seconds": time.perf_counter() - t0, "seconds_in_loop": float(sum(progress.step_seconds))}
     progress.rungs.append(m)
     # the rungs so far travel with each rung's report: a trial ASHA stops is logged from its last report
     report(jsonable({**m, "rung_history": json.dumps(jsonable(progress.rungs))}), None)

@@ -145,3 +145,63 @@ def test_asha_sweep_stops_by_its_rule_and_logs_the_stopped(shared_cache, tmp_pat
     assert f"{len(stopped)} stopped early by ASHA" in text
     out = capfd.readouterr().out
     assert out.count("stopped by ASHA at") == len(stopped)
+
+
+# ------------------------------------------------------------------------------------ the cost model
+
+
+def test_expected_share_and_the_dry_runs_ramoe_units():
+    """ASHA's assumed survival 1/rf per rung: rungs 25, 75 % at rf 3 train 0.25 + 0.5/3 + 0.25/9 of the steps;
+    the dry run's RA-MoE units under asha carry that share, SFT's do not."""
+    from ramoe_ray import dryrun
+
+    share, reach = asha.expected_share([25.0, 75.0], 3.0)
+    assert share == pytest.approx(0.25 + 0.5 / 3 + 0.25 / 9) and reach == pytest.approx([1.0, 1 / 3])
+    assert asha.expected_share([], 3.0) == (1.0, [])
+    base = config_from_dict(sweep_dict("/tmp/none-cache", "/tmp/none-out", methods=["sft", "ramoe"]))
+    on = config_from_dict(sweep_dict("/tmp/none-cache", "/tmp/none-out", methods=["sft", "ramoe"],
+                                     sweep=dict(train_workers=0, scheduler="asha", asha_grace=0.25,
+                                                asha_reduction_factor=3.0)))
+    size = dryrun.Size(n=600, train=400, val=100, test=100, general=0, note="t")
+    machine = dryrun.Machine(cpus=2, gpus=0)
+    for cfg, ramoe_share in ((base, 1.0), (on, share)):
+        units = {t.method: dryrun._trained(cfg, t, size, machine, False) for t in grid.trials(cfg)}
+        full = dryrun.model_steps(cfg, "m", size)
+        assert units["sft"].steps == full and units["ramoe"].steps == round(full * ramoe_share)
+        assert units["ramoe"].examples == (2 * 100 if ramoe_share == 1 else round(100 * (1 + 1 / 3) + 200 / 9))
+    assert dryrun.baseline(on).sweep.scheduler == "grid"  # "without the savings": every trial to the end
+
+
+@pytest.mark.slow
+def test_asha_through_a_ray_train_worker_group(shared_cache, tmp_path):
+    """sweep.train_workers = 1: the rungs travel from the Ray Train worker through Ray Train's
+    TuneReportCallback to the Tune trial; ASHA stops by the same rule; a stopped trial's worker group ends
+    and the next trial runs (the sweep finishes with every trial logged once)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the sweep starts its own, whose environment reaches the Ray Train workers
+    d = sweep_dict(shared_cache, tmp_path / "runs", languages=["syn2"], methods=["ramoe"])
+    d["knobs"] = dict(lambdas=[0.0, 10.0, 300.0], bands=[[0.25, 1.0]], top_k=[1, 2])
+    d["training"].update(max_steps=4, lr=2e-2)
+    d["resources"] = dict(num_workers=1, cpus_per_worker=1, inference_actors=0)
+    d["sweep"] = dict(train_workers=1, trial_cpus=0.5, scheduler="asha", asha_grace=0.25, asha_reduction_factor=2.0,
+                      max_concurrent_trials=1)
+    cfg = config_from_dict(d)
+    try:
+        summary = sweep.run_sweep(cfg)
+    finally:
+        ray.shutdown()
+    client = tracking.mlflow_client(summary["tracking_uri"])
+    kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
+    assert len(kids) == 6 and set(kids.status) == {"FINISHED"} and kids["tags.trial_key"].is_unique
+    rung = {}
+    for _, row in kids.iterrows():
+        hist = client.get_metric_history(row.run_id, "rung_val_acc") or []
+        pct = client.get_metric_history(row.run_id, "rung_percent_trained") or []
+        rung[row.run_id] = {p.value: h.value for p, h in zip(pct, hist)}
+        assert rung[row.run_id], f"no rung reached Tune from the worker group of {row['tags.trial_key']}"
+    kids["rung"] = kids.run_id.map(rung)
+    stopped = kids[tracking.stopped_rows(kids)]
+    assert set(stopped["tags.trial_key"]) == _replay(kids, 0.25, 2.0)
+    assert summary["stopped"] == len(stopped)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import entropy
 
 from ramoe_ray import taxonomy
 from ramoe_ray.cache import write_json_atomic
@@ -119,6 +120,26 @@ def test_normalized_jsd_hand_computed_three_experts_and_symmetric():
     assert d.shape == (5, 3)
     np.testing.assert_allclose(d, normalized_jsd(b, a), rtol=1e-12)
     assert (d > 0).all() and (d <= 1).all()
+
+
+def test_normalized_jsd_of_nearly_equal_rows_is_finite_and_equals_scipys_square():
+    """Rows equal up to round-off: scipy's jensenshannon takes the square root of a slightly negative JSD and
+    gives NaN (the full synthetic grid's stage 2 failed on it); ours is ~0. Elsewhere it is scipy's value squared."""
+    from scipy.spatial.distance import jensenshannon
+
+    p = np.array([0.12754847250006068, 0.19126629019515307, 0.0037155331935617257, 0.00042570314777804874,
+                  0.10323885722476081, 0.30576063793039515, 0.12635747228992303, 0.14168703351836762])
+    q = np.array([0.12754847249935694, 0.19126629019388763, 0.0037155331929384513, 0.00042570314781937473,
+                  0.10323885722243578, 0.3057606379301764, 0.1263574722886771, 0.14168703351763534])
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(jensenshannon(p, q))  # the failure this guards against
+    d = normalized_jsd(p, q)
+    assert np.isfinite(d) and 0.0 <= d < 1e-12
+    rng = np.random.default_rng(1)
+    a, b = rng.dirichlet(np.ones(8), size=50), rng.dirichlet(np.ones(8), size=50)
+    denom = math.log(8) - 0.5 * (entropy(a, axis=-1) + entropy(b, axis=-1))
+    np.testing.assert_allclose(normalized_jsd(a, b), jensenshannon(a, b, axis=-1) ** 2 / denom, rtol=1e-10)
+    assert np.isnan(normalized_jsd(np.zeros(8), b[0]))  # an all-zero row stays NaN, as documented
 
 
 def test_normalized_jsd_degenerate_uniform_is_zero():
