@@ -94,7 +94,8 @@ def cmd_sweep(args) -> int:
     except KeyboardInterrupt:  # stopped outside Ray Tune's own handling (the parent is marked KILLED)
         print(f"\ninterrupted: continue with `{hint}`", file=sys.stderr)
         return 130
-    print(f"\nsweep {cfg.name!r}: {res['finished']} of {res['trials']} trials finished ({res['failed']} failed this run), "
+    stopped = f", {res['stopped']} stopped early by ASHA" if res.get("stopped") else ""
+    print(f"\nsweep {cfg.name!r}: {res['finished']} of {res['trials']} trials finished{stopped} ({res['failed']} failed this run), "
           f"{res['seconds']:.0f} s; stage 1 computed for {res['stage1_computed']} cells, recomputed in trials "
           f"{res['stage12_recomputed_in_trials']} times")
     if res.get("interrupted"):

@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ramoe_ray import calibrate as calibration
 from ramoe_ray import asha, cost, experts, grid, sources, sweep, taxonomy, tracking, trial
+from ramoe_ray import calibrate as calibration
 from ramoe_ray.cache import content_key, read_only
 from ramoe_ray.config import ConfigError, RunConfig
 from ramoe_ray.grid import Trial

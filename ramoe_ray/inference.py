@@ -266,14 +266,27 @@ class Predictor:
 # ------------------------------------------------------------------------------ Ray Data actor pool
 
 
-def ensure_ray() -> None:
-    """Joins the cluster of RAY_ADDRESS (set by ``ray job submit``), or starts a local Ray instance."""
+def ensure_ray(env: dict | None = None) -> None:
+    """The one place the project starts Ray: joins the cluster of RAY_ADDRESS (set by ``ray job submit``),
+    or starts a local instance. ``env``: environment for Ray's processes (the stage's, the sweep's, a
+    training's: ``train_worker.ray_env``); inside ``ray job submit`` the job's runtime_env wins on a key both
+    set (Ray refuses a key set twice, even to the same value).
+
+    The local instance runs the dashboard (on 127.0.0.1): Ray Train V2 removes the placement group of a
+    controller that died (a Tune trial stopped early while its worker group trained) only through the
+    State API, which the dashboard serves; without it the group's CPUs/GPUs stay held and the next trial
+    waits forever. Actors' output stays in their log files (RAMOE_RAY_LOGS=1 streams it)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                 log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")  # actors' output: their log files
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True,
+             runtime_env={"env_vars": env}, log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")
 
 
 def map_rows(rows: pd.DataFrame, actor_cls, actor_kwargs: dict, *, num_actors: int, batch_size: int,

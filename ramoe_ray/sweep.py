@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ramoe_ray import asha, experts, grid, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
+from ramoe_ray import asha, experts, grid, inference, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
 from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, check_tracking_scheme, differing_keys, result_fields
 from ramoe_ray.grid import SELECT_METRIC, Trial
 
@@ -184,17 +184,7 @@ def run_stages(cfg: RunConfig, plans: list, *, log=print) -> dict:
 
 def ensure_ray(cfg: RunConfig) -> None:
     """Ray for the trials: the cluster of ``ray job submit`` (RAY_ADDRESS), else a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = train_worker.ray_env()
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # inside `ray job submit`: the job's runtime_env
-    if job:  # Ray refuses a key that both the job and ray.init set (even with equal values): the job's wins
-        job_env = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
-        env = {k: v for k, v in env.items() if k not in job_env}
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=os.environ.get("RAMOE_RAY_LOGS") == "1")
+    inference.ensure_ray(train_worker.ray_env())
 
 
 def trial_resources(cfg: RunConfig, model: str | None = None) -> dict:
@@ -343,7 +333,9 @@ def _tune_group(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tr
     tuner = tune.Tuner(
         tune.with_resources(trial.run_trial, res),
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=conc, reuse_actors=True,
+        # a trial process is reused when it trains itself; one that drives a Ray Train worker group is not: a
+        # trial stopped early (asha) ends with its process, which takes its controller and worker group along
+        tune_config=tune.TuneConfig(max_concurrent_trials=conc, reuse_actors=trial.train_workers(cfg, model) == 0,
                                     scheduler=asha.scheduler(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
                                     if asha_on else None,
                                     trial_name_creator=lambda tr: tr.trial_id,
@@ -505,6 +497,7 @@ def _prepare(cfg: RunConfig, plan: SweepPlan, resume: bool, t0: float, log) -> t
     log(f"sweep {cfg.name!r}: {len(plan.trials)} trials over {len(cfg.models)} models x {len(cfg.tasks)} tasks x "
         f"{len(cfg.languages)} languages; MLflow {plan.uri}")
     log("stages 1-2 (once per cell, cached):")
+    ensure_ray(cfg)  # stage 1's actors and the trials share one Ray, with the trials' environment
     stages = run_stages(cfg, plan.plans, log=log)
     phases["seconds_stages"] = stages["seconds"]
     log(f"  computed stage 1 for {stages['stage1_computed']} cells, stage 2 for {stages['stage2_computed']} "
@@ -578,8 +571,9 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
         summary["base_passes_recomputed_in_trials"] = int(df["metrics.base_passes_recomputed"].fillna(0).sum())
     if interrupted:
         client.set_terminated(sw.parent_id, "KILLED")
-        log(f"interrupted: {summary['finished']} of {summary['trials']} trials finished; parent run {sw.parent_id} "
-            f"marked KILLED")
+        stopped = f" ({summary['stopped']} more stopped by ASHA)" if summary["stopped"] else ""
+        log(f"interrupted: {summary['finished']} of {summary['trials']} trials finished{stopped}; parent run "
+            f"{sw.parent_id} marked KILLED")
         return {**summary, "interrupted": True, "seconds": time.time() - sw.t0}
     log("selection on the validation split, test split for the selected trials:")
     t_sel = time.time()

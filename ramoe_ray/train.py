@@ -368,15 +368,6 @@ def _fit_here(plan: TrainPlan, run_dir: Path, probe: list[str] | None,
     return kept.latest
 
 
-def _ensure_ray() -> None:
-    """Ray for a worker group: the cluster at RAY_ADDRESS, else a local instance (``ray_env`` for its processes)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 runtime_env={"env_vars": ray_env()}, log_to_driver=False)
-
-
 def _fit_worker_group(cfg, plan: TrainPlan, name: str, run_dir: Path, probe: list[str] | None,
                       resume_from: str | os.PathLike | None) -> str | None:
     """A Ray Train worker group (the model's resources per worker, ``RunConfig.resources_for``;
@@ -452,7 +443,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
         return {**summary, **json.loads(result_file.read_text()), "cached": True, "base_passes_recomputed": 0}
     write_json_atomic(run_dir / SPEC, {"identity": plan.identity})
     if plan.workers > 0:
-        _ensure_ray()
+        inference.ensure_ray(ray_env())  # a worker group: the cluster at RAY_ADDRESS, else a local instance
     t0 = time.time()
     if plan.workers == 0:
         checkpoint = _fit_here(plan, run_dir, probe, resume_from, on_rung)

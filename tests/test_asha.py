@@ -3,18 +3,16 @@ evaluation is stage 4's validation accuracy of the model at that step and leaves
 in a real sweep (Ray Tune, MLflow) ASHA stops exactly the RA-MoE trials its rule stops, per cell, each a
 FINISHED child tagged ``stopped`` with its last metrics, never selected, counted by the report."""
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import small_config
 from safetensors.torch import load_file
+from test_sweep import sweep_dict
 
 from ramoe_ray import asha, evaluate, grid, report, sweep, tracking, train
 from ramoe_ray.config import Band, config_from_dict
-from test_sweep import sweep_dict
 
 LANG = "syn3"
 
@@ -204,4 +202,4 @@ def test_asha_through_a_ray_train_worker_group(shared_cache, tmp_path):
     kids["rung"] = kids.run_id.map(rung)
     stopped = kids[tracking.stopped_rows(kids)]
     assert set(stopped["tags.trial_key"]) == _replay(kids, 0.25, 2.0)
-    assert summary["stopped"] == len(stopped)
+    assert summary["stopped"] == len(stopped) >= 2  # stopped trials were followed by others: no worker group leaked
