@@ -523,7 +523,8 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
     todo = [t for t in trials if t.key not in done]
     df = tracking.children(client, sw.exp_id, sw.parent_id)
     stopped = int(tracking.stopped_rows(df).sum()) if not df.empty else 0
-    log(f"parent run {sw.parent_id}: {len(done)} trials already ended ({stopped} stopped by ASHA), {len(todo)} to run")
+    early = f" ({stopped} of them stopped early by ASHA)" if stopped else ""
+    log(f"parent run {sw.parent_id}: {len(done)} trials already finished{early}, {len(todo)} to run")
     sw.summary = {"parent_run_id": sw.parent_id, "experiment_id": sw.exp_id, "tracking_uri": sw.plan.uri,
                   "trials": len(trials) + grid.n_replicates(cfg), "ran": 0, "finished": len(done) - stopped,
                   "stopped": stopped, "failed": 0,
