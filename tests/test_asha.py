@@ -180,7 +180,9 @@ def test_asha_through_a_ray_train_worker_group(shared_cache, tmp_path):
     if ray.is_initialized():
         ray.shutdown()  # the sweep starts its own, whose environment reaches the Ray Train workers
     d = sweep_dict(shared_cache, tmp_path / "runs", languages=["syn2"], methods=["ramoe"])
-    d["knobs"] = dict(lambdas=[0.0, 10.0, 300.0], bands=[[0.25, 1.0]], top_k=[1, 2])
+    # in grid order: λ = 300 trains worse than λ = 0 by the first rung (the in-process sweep above stops it), and a
+    # third trial runs after that stop
+    d["knobs"] = dict(lambdas=[0.0, 300.0, 10.0], bands=[[0.25, 1.0]], top_k=[2])
     d["training"].update(max_steps=4, lr=2e-2)
     d["resources"] = dict(num_workers=1, cpus_per_worker=1, inference_actors=0)
     d["sweep"] = dict(train_workers=1, trial_cpus=0.5, scheduler="asha", asha_grace=0.25, asha_reduction_factor=2.0,
@@ -192,7 +194,7 @@ def test_asha_through_a_ray_train_worker_group(shared_cache, tmp_path):
         ray.shutdown()
     client = tracking.mlflow_client(summary["tracking_uri"])
     kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
-    assert len(kids) == 6 and set(kids.status) == {"FINISHED"} and kids["tags.trial_key"].is_unique
+    assert len(kids) == 3 and set(kids.status) == {"FINISHED"} and kids["tags.trial_key"].is_unique
     rung = {}
     for _, row in kids.iterrows():
         hist = client.get_metric_history(row.run_id, "rung_val_acc") or []
@@ -202,4 +204,5 @@ def test_asha_through_a_ray_train_worker_group(shared_cache, tmp_path):
     kids["rung"] = kids.run_id.map(rung)
     stopped = kids[tracking.stopped_rows(kids)]
     assert set(stopped["tags.trial_key"]) == _replay(kids, 0.25, 2.0)
-    assert summary["stopped"] == len(stopped) >= 2  # stopped trials were followed by others: no worker group leaked
+    assert summary["stopped"] == len(stopped) >= 1
+    assert any("lam=300" in k for k in stopped["tags.trial_key"])  # and the trial after it ran: no group leaked
