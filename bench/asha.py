@@ -8,8 +8,8 @@ accuracy, the rank of ASHA's pick among the grid's 27, and the steps each traine
 A training with rungs is bit-identical to one without (tests/test_asha.py), so a setting ASHA let finish has
 the grid's own val_acc.
 
-    .venv/bin/python bench/asha.py [--config sweeps/synthetic-grid.yaml] [--model olmoe-world] [--task category]
-                                   [--languages syn1 syn3 syn5] [key=value ...]
+    .venv/bin/python bench/asha.py [--config sweeps/synthetic-grid.yaml] [--model olmoe-world] [--task arith]
+                                   [--languages syn3 syn4 syn5] [key=value ...]
 """
 
 from __future__ import annotations
@@ -18,29 +18,32 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ramoe_ray import sweep, tracking  # noqa: E402
+from ramoe_ray import sources, sweep, tracking  # noqa: E402
 from ramoe_ray.config import load_config  # noqa: E402
 
 
-def run(config: str, overrides: list[str], scheduler: str, out: Path, model: str, task: str) -> tuple[object, float]:
+def run(config: str, overrides: list[str], scheduler: str, out: Path, model: str, task: str,
+        again: bool) -> tuple[object, float]:
+    """The slice's sweep with ``scheduler`` (``again``: read the one already in ``out``); (children, wall s)."""
     cfg = load_config(config, [*overrides, f"output_dir={out}/{scheduler}", f"sweep.scheduler={scheduler}",
                                "methods=[ramoe]", "training.seeds=[0]", f"name=asha-bench-{scheduler}",
                                f"tracking.experiment=asha-bench-{scheduler}"])
     cfg = cfg.model_copy(update={"models": [m for m in cfg.models if m.name == model],
                                  "tasks": [t for t in cfg.tasks if t.name == task]})
-    t0 = time.time()
-    summary = sweep.run_sweep(cfg)
-    wall = time.time() - t0
-    client = tracking.mlflow_client(summary["tracking_uri"])
-    kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
-    return kids, wall
+    if not again:
+        sweep.run_sweep(cfg)
+    cfg = sources.resolve(cfg)
+    client = tracking.mlflow_client(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parent = client.get_run(tracking.find_parent(client, exp.experiment_id, cfg.name))
+    kids = tracking.children(client, exp.experiment_id, parent.info.run_id)
+    return kids, parent.data.metrics["seconds_trials"]
 
 
 def _label(row) -> str:
@@ -51,7 +54,7 @@ def _steps(kids) -> int:
     """Steps trained: a completed trial's schedule, a stopped trial's rung step."""
     stopped = tracking.stopped_rows(kids)
     done = kids.loc[~stopped, "params.steps"].astype(float).sum()
-    return int(done + kids.loc[stopped, "metrics.step"].astype(float).sum())
+    return int(done + (kids.loc[stopped, "metrics.step"].astype(float).sum() if stopped.any() else 0))
 
 
 def compare(grid_kids, asha_kids) -> list[dict]:
@@ -75,14 +78,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="sweeps/synthetic-grid.yaml")
     p.add_argument("--model", default="olmoe-world")
-    p.add_argument("--task", default="category")
-    p.add_argument("--languages", nargs="+", default=["syn1", "syn3", "syn5"])
+    p.add_argument("--task", default="arith")
+    p.add_argument("--languages", nargs="+", default=["syn3", "syn4", "syn5"])
+    p.add_argument("--again", default=None, help="the output folder of an earlier run of this bench: compare again")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    out = Path(args.again) if args.again else Path(tempfile.mkdtemp(prefix="bench-asha-"))
     over = [*args.overrides, f"languages=[{','.join(args.languages)}]"]
-    grid_kids, grid_wall = run(args.config, over, "grid", out, args.model, args.task)
-    asha_kids, asha_wall = run(args.config, over, "asha", out, args.model, args.task)
+    grid_kids, grid_wall = run(args.config, over, "grid", out, args.model, args.task, bool(args.again))
+    asha_kids, asha_wall = run(args.config, over, "asha", out, args.model, args.task, bool(args.again))
+    print(f"output folder: {out}")
     rows = compare(grid_kids, asha_kids)
     print(f"\n{args.model} / {args.task}: RA-MoE's settings per cell, full grid vs ASHA (validation accuracy)")
     print("| language | full grid's pick | val | ASHA's pick | val | same | rank in grid | stopped | steps grid / ASHA |")
@@ -96,7 +101,7 @@ def main() -> None:
     loss = [100 * (r["grid_val"] - r["asha_val"]) for r in rows]
     print(f"\nsame configuration in {same} of {len(rows)} cells; ASHA's pick below the grid's by "
           f"{sum(loss) / len(loss):.1f} points on average (max {max(loss):.1f}); steps trained {steps_a} / {steps_g} "
-          f"= {steps_a / steps_g:.2f}; wall time {asha_wall:.0f} s / {grid_wall:.0f} s = {asha_wall / grid_wall:.2f}")
+          f"= {steps_a / steps_g:.2f}; the trials' wall time {asha_wall:.0f} s / {grid_wall:.0f} s = {asha_wall / grid_wall:.2f}")
 
 
 if __name__ == "__main__":
