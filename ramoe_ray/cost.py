@@ -189,8 +189,7 @@ def rates_from_children(df, eval_examples: dict[str, int], source: str, tune_tri
     Model loads, set-ups and the training's passes are not told apart there: they stay in ``fixed_train`` /
     ``fixed_eval`` (load = forward = 0)."""
     out = {}
-    stopped = df["tags.stopped"].fillna("").eq("true") if "tags.stopped" in df else df.status.ne(df.status)
-    df = df[(df.status == "FINISHED") & ~stopped]  # trials ASHA stopped early measure no whole trial
+    df = df[df.status == "FINISHED"]
     for (model, task), g in df.groupby(["tags.model", "tags.task"]):
         if task not in eval_examples:
             continue

@@ -290,7 +290,10 @@ def earlier_sweep(cfg: RunConfig, uri: str):
         return None
     if parent is None:
         return None
-    return tracking.children(client, exp.experiment_id, parent), client.get_run(parent).data, parent
+    kids = tracking.children(client, exp.experiment_id, parent)
+    if not kids.empty:  # a trial ASHA stopped at a rung measures no whole trial
+        kids = kids[~tracking.stopped_rows(kids)]
+    return kids, client.get_run(parent).data, parent
 
 
 def default_rates(cfg: RunConfig, fits: dict, shapes: dict) -> dict:

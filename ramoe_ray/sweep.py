@@ -284,13 +284,14 @@ def parent_params(cfg: RunConfig, n_trials: int) -> dict:
     return out
 
 
-def _done_trials(client, exp_id: str, parent_id: str) -> tuple[set[str], list[str]]:
-    """Finished trial keys, and the run ids of children to drop (failed / killed / running leftovers)."""
+def _done_trials(client, exp_id: str, parent_id: str) -> tuple[set[str], list[str], int]:
+    """Finished trial keys (those ASHA stopped included), the run ids of children to drop (failed / killed /
+    running leftovers), and how many of the finished ASHA stopped."""
     df = tracking.children(client, exp_id, parent_id)
     if df.empty:
-        return set(), []
+        return set(), [], 0
     ok = df[df.status == "FINISHED"]
-    return set(ok["tags.trial_key"]), list(df[df.status != "FINISHED"].run_id)
+    return set(ok["tags.trial_key"]), list(df[df.status != "FINISHED"].run_id), int(tracking.stopped_rows(ok).sum())
 
 
 # ---------------------------------------------------------------------------------------------- trials
@@ -323,7 +324,7 @@ def _tune_group(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tr
     res = trial_resources(cfg, model)
     log(f"Ray Tune: {len(todo)} trials ({', '.join(dict.fromkeys(t.model for t in todo))}), {conc} at a time, "
         f"each trial {res['cpu']:g} CPU / {res['gpu']:g} GPU + {trial.train_workers(cfg, model)} Ray Train workers")
-    asha_on = cfg.sweep.scheduler == "asha" and any(asha.cell_of({"trials": [dataclasses.asdict(t)]}) for t in todo)
+    asha_on = any(trial.rungs(cfg, t) for t in todo)  # RA-MoE grid trials under sweep.scheduler: asha
     if asha_on:
         ms = asha.milestones(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
         log(f"ASHA per cell over the RA-MoE settings: rungs at {', '.join(f'{m:g}' for m in ms)} % of each training; "
@@ -497,7 +498,9 @@ def _prepare(cfg: RunConfig, plan: SweepPlan, resume: bool, t0: float, log) -> t
     log(f"sweep {cfg.name!r}: {len(plan.trials)} trials over {len(cfg.models)} models x {len(cfg.tasks)} tasks x "
         f"{len(cfg.languages)} languages; MLflow {plan.uri}")
     log("stages 1-2 (once per cell, cached):")
-    ensure_ray(cfg)  # stage 1's actors and the trials share one Ray, with the trials' environment
+    # stage 1's actors and the trials share one Ray, with the trials' environment; started before the SIGTERM
+    # handler (run_sweep): ray.init sets its own for SIGTERM (sys.exit), which would win
+    ensure_ray(cfg)
     stages = run_stages(cfg, plan.plans, log=log)
     phases["seconds_stages"] = stages["seconds"]
     log(f"  computed stage 1 for {stages['stage1_computed']} cells, stage 2 for {stages['stage2_computed']} "
@@ -517,12 +520,10 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
         client.update_run(sw.parent_id, status="RUNNING")
         for k, v in tracking.driver_tags().items():
             client.set_tag(sw.parent_id, k, v)
-    done, stale = _done_trials(client, sw.exp_id, sw.parent_id)
+    done, stale, stopped = _done_trials(client, sw.exp_id, sw.parent_id)
     for rid in stale:
         client.delete_run(rid)
     todo = [t for t in trials if t.key not in done]
-    df = tracking.children(client, sw.exp_id, sw.parent_id)
-    stopped = int(tracking.stopped_rows(df).sum()) if not df.empty else 0
     early = f" ({stopped} of them stopped early by ASHA)" if stopped else ""
     log(f"parent run {sw.parent_id}: {len(done)} trials already finished{early}, {len(todo)} to run")
     sw.summary = {"parent_run_id": sw.parent_id, "experiment_id": sw.exp_id, "tracking_uri": sw.plan.uri,
@@ -553,7 +554,7 @@ def _run_replicates(sw: _Sweep, cells: list[dict], run_dir: Path, log) -> bool:
     (``grid.RULES["seeds"]``), the ones not finished yet. True if interrupted."""
     chosen = [grid.Trial(**json.loads((Path(b["tags.ramoe.trial_dir"]) / grid.TRIAL_JSON).read_text())["spec"])
               for b in select(sw.client, sw.exp_id, sw.parent_id)]
-    done, _ = _done_trials(sw.client, sw.exp_id, sw.parent_id)
+    done, _, _ = _done_trials(sw.client, sw.exp_id, sw.parent_id)
     todo = [r for r in grid.replicates(sw.cfg, chosen, len(sw.plan.trials)) if r.key not in done]
     if not todo:
         return False
@@ -624,8 +625,6 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, resume_hint: s
         sw, stages = _prepare(cfg, plan, resume, t0, log)
         run_dir = Path(sw.cfg.run_dir).resolve()
         todo = _open_parent(sw, stages, run_dir, log)
-        if todo or len(sw.cfg.training.seeds) > 1:
-            ensure_ray(sw.cfg)  # before the handler: ray.init sets its own for SIGTERM (sys.exit), which would win
         with _sigterm_as_ctrl_c(sw, resume_hint, log):
             interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
             if not interrupted and len(sw.cfg.training.seeds) > 1:
