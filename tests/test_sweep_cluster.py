@@ -43,6 +43,7 @@ VENV_BIN = (REPO / ".venv" / "bin") if (REPO / ".venv" / "bin" / "ray").exists()
 RAY = str(VENV_BIN / "ray")
 JOB_TIMEOUT_S = 420  # the sweep takes ~35 s on an idle 2-core machine, minutes when it is busy
 START_TIMEOUT_S = 120
+AGENT_TIMEOUT_S = 60  # the Jobs API answers before the head's dashboard agent registers
 # what the Jobs API must not upload as the job's working dir (environments, caches, run outputs)
 EXCLUDES = [".venv", "venv", ".ramoe_cache", ".cache", "runs", ".git", "mlruns", "mlartifacts", ".scratch", ".whl",
             ".gl", ".pytest_cache", "**/__pycache__", "*.egg-info", "*.db", "*.sqlite", "*.safetensors", "*.pt"]
@@ -204,6 +205,18 @@ class Cluster:
         """The `ray` CLI as a user runs it: RAY_AUTH_MODE=token, the token from RAY_AUTH_TOKEN_PATH."""
         return subprocess.run([RAY, *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
+    def submit(self, job_id: str, runtime_env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+        """`ray job submit --no-wait`, tried again while the head's dashboard agent has not registered yet: the
+        Jobs API answers before it does, with a 500 "No available agent ... please try again later"."""
+        deadline = time.time() + AGENT_TIMEOUT_S
+        while True:
+            sub = self.ray_cli("job", "submit", "--address", self.address, "--submission-id", job_id, "--no-wait",
+                               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+                               "--", *entrypoint)
+            if sub.returncode == 0 or "No available agent" not in sub.stderr or time.time() > deadline:
+                return sub
+            time.sleep(2.0)
+
 
 @pytest.fixture
 def ray_cluster(tmp_path):
@@ -265,14 +278,11 @@ def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
     assert status in (401, 403), f"the Jobs API answered {status} to a request without a token"
 
     job_id = f"ramoe-test-{secrets.token_hex(4)}"
-    # HF_HUB_OFFLINE is also one of the variables sweep.ensure_ray passes to ray.init: Ray refuses a key set
+    # HF_HUB_OFFLINE is also one of the variables inference.ensure_ray passes to ray.init: Ray refuses a key set
     # by both the job and the driver ("Failed to merge the Job's runtime env ... because of a conflict")
     # unless the driver leaves the job's keys out, which this submission checks
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"RAMOE_TEST_JOB": job_id, "HF_HUB_OFFLINE": "1"}}
-    sub = ray_cluster.ray_cli(
-        "job", "submit", "--address", ray_cluster.address, "--submission-id", job_id, "--no-wait",
-        "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-        "--", "python", "-m", "ramoe_ray.cli", "sweep", str(config))
+    sub = ray_cluster.submit(job_id, runtime_env, "python", "-m", "ramoe_ray.cli", "sweep", str(config))
     assert sub.returncode == 0, f"`ray job submit` failed ({sub.returncode}):\n{sub.stdout}\n{sub.stderr}"
 
     client = ray_cluster.client()
@@ -367,10 +377,8 @@ def test_ray_job_stop_leaves_the_parent_killed_and_resume_finishes_it(ray_cluste
     client = ray_cluster.client()
 
     def submit(job_id: str, *extra: str) -> None:
-        sub = ray_cluster.ray_cli(
-            "job", "submit", "--address", ray_cluster.address, "--submission-id", job_id, "--no-wait",
-            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-            "--", "python", "-m", "ramoe_ray.cli", "sweep", str(config), *extra)
+        sub = ray_cluster.submit(job_id, {"excludes": EXCLUDES},
+                                 "python", "-m", "ramoe_ray.cli", "sweep", str(config), *extra)
         assert sub.returncode == 0, f"`ray job submit` failed:\n{sub.stdout}\n{sub.stderr}"
 
     job = f"ramoe-stop-{secrets.token_hex(4)}"
