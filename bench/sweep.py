@@ -99,7 +99,11 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     if steer:
         print(f"steering trial (no training): median {statistics.median(r['timing']['total'] for r in steer):.1f} s")
     m = parent.data.metrics
-    if wall:
+    resumes = parent.data.tags.get(tracking.RESUMES_TAG)
+    if wall and resumes:  # the logged wall times are the last run's; the trials above are every run's
+        print(f"sweep wall time: not compared (continued {resumes} time(s) with --resume; its logged wall times are "
+              f"its last run's, {wall:.0f} s, while the trials above are every run's)")
+    elif wall:
         ph = {k: m.get(f"seconds_{k}") for k in ("checks", "stages", "trials", "replicates", "selection_and_test")}
         print(f"sweep wall time {wall:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in ph.items() if v is not None)
               + " (checks include building the synthetic world on first use)")

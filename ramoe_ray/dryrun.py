@@ -386,6 +386,10 @@ def _measured_lines(cfg: RunConfig, earlier, est: cost.Estimate) -> list[str]:
     if earlier is None:
         return []
     _, data, parent = earlier
+    resumes = data.tags.get(tracking.RESUMES_TAG)
+    if resumes:  # the phase times a sweep logs are those of its last run, since its start or its last --resume
+        return [f"measured: sweep {parent} was continued {resumes} time(s) with --resume, so its logged phase times "
+                "are those of its last run only: not compared with this estimate"]
     names = {"stages 1-2": "seconds_stages", "trials": "seconds_trials", "replicates": "seconds_replicates",
              "selection and test": "seconds_selection_and_test"}
     same = data.tags.get("ramoe.config_hash") == grid.config_hash(cfg)

@@ -520,6 +520,8 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
         client.update_run(sw.parent_id, status="RUNNING")
         for k, v in tracking.driver_tags().items():
             client.set_tag(sw.parent_id, k, v)
+        resumes = int(client.get_run(sw.parent_id).data.tags.get(tracking.RESUMES_TAG, 0)) + 1
+        client.set_tag(sw.parent_id, tracking.RESUMES_TAG, str(resumes))  # its phase times are the last segment's
     done, stale, stopped = _done_trials(client, sw.exp_id, sw.parent_id)
     for rid in stale:
         client.delete_run(rid)

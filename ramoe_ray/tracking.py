@@ -31,6 +31,7 @@ from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
 CELLS_ARTIFACT = "cells"
 REPLICATE_TAG = "ramoe.replicate_of"  # on a selected configuration retrained with another seed: its trial_key
 DRIVER_TAG, DRIVER_START_TAG = "ramoe.driver", "ramoe.driver_started"  # pid@host, its start time
+RESUMES_TAG = "ramoe.resumes"  # on a parent: how many times --resume continued it (its phase times: the last run's)
 IDENTITY_ARTIFACT = "identity.json"  # the parent's config.result_fields: a resume names what changed
 SWEEP_FILTER = "tags.`ramoe.kind` = 'sweep'"
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ramoe_ray import grid, losses, report, sweep, tracking, train, trial
+from ramoe_ray import dryrun, grid, losses, report, sweep, tracking, train, trial
 from ramoe_ray.config import ConfigError, config_from_dict
 
 pytestmark = pytest.mark.slow
@@ -323,6 +323,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
 
     res = sweep.run_sweep(cfg, resume=True)
     assert res["parent_run_id"] == parent
+    assert c.get_run(parent).data.tags[tracking.RESUMES_TAG] == "1"
     assert res["ran"] == total - before  # only the unfinished trials
     client = tracking.mlflow_client(res["tracking_uri"])
     kids = tracking.children(client, res["experiment_id"], parent)
@@ -337,6 +338,12 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
     assert (got[common] == ref[common]).all()
     # a resume of a finished sweep runs nothing; a changed config is refused
     assert sweep.run_sweep(cfg, resume=True)["ran"] == 0
+    assert c.get_run(parent).data.tags[tracking.RESUMES_TAG] == "2"
+    # its logged phase times are the last run's: the dry run does not compare them with its estimate
+    said = []
+    dryrun.dry_run(cfg, log=said.append)
+    assert f"measured: sweep {parent} was continued 2 time(s) with --resume" in "\n".join(said)
+    assert not any(line.strip().startswith("measured phases") for line in said)
     changed = config_from_dict({**d, "training": {**d["training"], "lr": 1e-3}})
     with pytest.raises(ConfigError, match=r"began with other settings that change results \(training.lr: 0.005 -> 0.001\)"):
         sweep.run_sweep(changed, resume=True)
