@@ -283,7 +283,7 @@ def release_zero3_references(model) -> None:
     with. Left there, every training of a reused trial process stays in memory (on GPU too), and the
     ``gc.collect()`` inside ``deepspeed.initialize`` scans them all: on the synthetic grid it grew from 0.5 s
     to 2.9 s over ~300 trainings of one process. No public API releases them; if a DeepSpeed release
-    renames them this does nothing, and ``test_train_worker``'s count of live models fails."""
+    renames them this does nothing, and ``tests/test_train.py``'s check that no model outlives its training fails."""
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
