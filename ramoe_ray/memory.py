@@ -6,8 +6,8 @@ count that fits. The sweep runs the check before any trial (``sweep.plan_sweep``
 
 The model is built on the meta device from its HF config (no weights, no download: ``model_size``) and
 counted: parameters, the trained ones of each method of the config (expert LoRA on every expert; RISE's
-``rise.train: full`` trains K whole experts), and the largest unit ZeRO-3 gathers at once (an MoE block
-is a ZeRO-3 leaf: all its experts together). Then, per GPU of a model with GPUs (``RunConfig.resources_for``),
+``rise.train: full`` trains K whole experts), and the largest unit ZeRO-3 gathers at once (a decoder
+layer is a ZeRO-3 leaf, ``models.decoder_layers``: its attention and all its experts together). Then, per GPU of a model with GPUs (``RunConfig.resources_for``),
 with W = its Ray Train workers, b = ``training.batch_size``, s = ``resources.seq_len``:
 
 - **training worker** = model states + activations.
@@ -46,7 +46,7 @@ class ModelSize:
     """A model counted on the meta device (``model_size``)."""
 
     total: int  # parameters
-    largest_unit: int  # parameters ZeRO-3 gathers at once: the largest MoE block or other module's own
+    largest_unit: int  # parameters ZeRO-3 gathers at once: the largest decoder layer or other module's own
     lora: int  # expert LoRA of rank 1 on every expert (x lora_rank)
     expert: int  # one expert's parameters (RISE full trains K of them)
     hidden: int
@@ -99,12 +99,12 @@ def _widths(hf_config) -> tuple[int, int, int]:
     return h, heads * head_dim, kv * head_dim
 
 
-def _largest_unit(model, blocks: dict) -> int:
-    """Parameters of the largest unit ZeRO-3 gathers at once: an MoE block (a leaf, whole), or any other
-    module's own parameters."""
-    inside = {id(m) for b in blocks.values() for m in b.modules()}
+def _largest_unit(model, leaves: list) -> int:
+    """Parameters of the largest unit ZeRO-3 gathers at once: a leaf (a decoder layer, whole), or any other
+    module's own parameters (the embeddings, the LM head)."""
+    inside = {id(m) for b in leaves for m in b.modules()}
     own = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules() if id(m) not in inside]
-    return max([sum(p.numel() for p in b.parameters()) for b in blocks.values()] + own)
+    return max([sum(p.numel() for p in b.parameters()) for b in leaves] + own)
 
 
 def _expert_counts(model) -> tuple[int, int, int]:
@@ -131,7 +131,7 @@ def model_size(hf_config) -> ModelSize:
     lora, expert, width = _expert_counts(model)
     h, q, kv = _widths(hf_config)
     return ModelSize(total=sum(p.numel() for p in model.parameters()),
-                     largest_unit=_largest_unit(model, models.moe_blocks(model)), lora=lora, expert=expert,
+                     largest_unit=_largest_unit(model, models.decoder_layers(model)), lora=lora, expert=expert,
                      hidden=h, layers=hf_config.num_hidden_layers, q_width=q, kv_width=kv, experts=shape.num_experts,
                      per_token=shape.experts_per_token, expert_width=width, vocab=hf_config.vocab_size)
 

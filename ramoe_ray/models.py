@@ -1,8 +1,7 @@
 """The MoE model families, in one table, and the operations every stage uses on them.
 
 Everything in which the supported architectures (transformers 5) differ lives in ``FAMILIES``:
-where a decoder layer keeps its router and its fused experts, which class is the MoE block (a
-ZeRO-3 leaf), which fused expert parameters LoRA adapts, how the router turns its logits into the
+where a decoder layer keeps its router and its fused experts, which class is the MoE block, which fused expert parameters LoRA adapts, how the router turns its logits into the
 top-k it uses, and a tiny preset. The rest of the package is written once against that table:
 
 - ``capture(model)``: records, per MoE layer, the router logits of every token and the experts it
@@ -76,7 +75,7 @@ def _route_deepseek_v2(router: nn.Module, logits: torch.Tensor):
 class Family:
     name: str
     model_type: str  # HF config.model_type
-    moe_block: str  # class name of the MoE block: the ZeRO-3 leaf module
+    moe_block: str  # class name of the MoE block
     router: str  # attribute of the MoE block holding the router
     experts: str = "experts"  # attribute of the MoE block holding the fused experts
     lora_targets: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
@@ -217,6 +216,14 @@ def load_model(model_cfg, *, device: str | torch.device = "cpu"):
         trust_remote_code=model_cfg.trust_remote_code,
     )
     return model.to(device).eval()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers in order. Training makes each a ZeRO-3 leaf (``train_worker.setup``): DeepSpeed
+    gathers a layer's parameters whole on entry instead of hooking each of its submodules. The MoE block is
+    nearly all of a layer's parameters, so the gathered unit hardly grows (``memory.model_size``), and a CPU
+    training step of the synthetic world's models takes ~25 % less time (bench: 54 -> 41 ms)."""
+    return list(model.model.layers)
 
 
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:

@@ -17,8 +17,8 @@ Two callers:
    for every later training), DeepSpeed's config, the model built partitioned (``HfDeepSpeedConfig``;
    bf16 on GPU, fp32 on CPU), the expert adapter (``TrainPlan.adapter_kind``: expert LoRA on every MoE layer,
    masked to the RISE selection for ``rise`` with ``rise.train: lora``; or, for ``rise`` with
-   ``rise.train: full``, a full-rank delta on the selected experts, ``expert_delta``), the MoE block a
-   ZeRO-3 leaf, ``deepspeed.initialize``;
+   ``rise.train: full``, a full-rank delta on the selected experts, ``expert_delta``), each decoder layer a
+   ZeRO-3 leaf (``models.decoder_layers``), ``deepspeed.initialize``;
 2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model, computed
    by the first training of the cell and read by the others (``base_cache``);
 3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
@@ -256,7 +256,7 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     phases.mark("model_load")
     tok = load_tokenizer(plan.model_path)
     trainable = apply_adapter(model, plan)
-    deepspeed.utils.set_z3_leaf_modules(model, [type(next(iter(models.moe_blocks(model).values())))])
+    deepspeed.utils.set_z3_leaf_modules(model, list({type(layer) for layer in models.decoder_layers(model)}))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     phases.mark("lora_and_deepspeed_initialize")
     return Trainee(engine=engine, tok=tok, device=device, dtype=dtype, hf_ds_config=hf_ds_config)

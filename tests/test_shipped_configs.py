@@ -528,8 +528,10 @@ def test_real_models_counted_on_the_meta_device_have_their_published_sizes():
     for name, f in _real_fits(cfg).items():
         assert abs(f.size.total - published[name]) / published[name] < 0.01, (name, f.size.total)
     olmoe = _real_fits(cfg)["olmoe"].size
-    # an MoE block (a ZeRO-3 leaf) is gathered whole: 64 experts x (gate, up, down) of 2048 x 1024, + the router
-    assert olmoe.largest_unit == 64 * 3 * 2048 * 1024 + 64 * 2048
+    # a decoder layer (a ZeRO-3 leaf) is gathered whole: its MoE block (64 experts x (gate, up, down) of
+    # 2048 x 1024, + the router), attention (q, k, v, o of 2048 x 2048) and four norms of 2048 (input,
+    # post-attention, q, k)
+    assert olmoe.largest_unit == 64 * 3 * 2048 * 1024 + 64 * 2048 + 4 * 2048 * 2048 + 4 * 2048
     assert olmoe.lora == 16 * 64 * ((2048 + 2 * 1024) + (1024 + 2048))  # rank-1 expert LoRA on gate_up and down
 
 
