@@ -35,7 +35,8 @@ TRIAL_START_CPU = 0.3  # seconds of a Tune trial in-process beyond training and 
 def _training(cfg: RunConfig, model_cfg, task_cfg, language: str) -> dict:
     """One short training (module docstring); its result (train_cell's, with phases and step times)."""
     method = next(m for m in METHODS[::-1] if m in cfg.methods and m != "steering")
-    short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": STEPS})})
+    # the final pass on: it times the no-grad forward (Rates.forward) the base passes cost in any sweep
+    short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": STEPS, "final_train_pass": True})})
     train.plan_training(short, model_cfg, task_cfg, language, method=method)  # stages 1-2 first: not timed below
     with tempfile.TemporaryDirectory(prefix="ramoe-calibrate-") as tmp:
         return train.train_cell(short, model_cfg, task_cfg, language, method=method, run_dir=Path(tmp) / "run",

@@ -302,6 +302,15 @@ class TrainingConfig(_Strict):
         description="batch size of the no-grad passes (English targets, routing KL, train CE inside training; the "
         "evaluator's predictor); results do not depend on it",
     )
+    final_train_pass: bool = Field(
+        default=True,
+        description="after training, one no-grad pass over the train split for routing_kl_ci and ce_train (the "
+        "trained model's alignment KL on every ci train example and its train CE; train.RULES['metrics']). Off, a "
+        "training ends at its last step: those two metrics are not measured (their _base values and the train_* "
+        "curves still are), and each training saves one forward over the train split (on the demo 0.75 s of a "
+        "trial's 1.9 s fixed cost). The shipped sweeps turn it off: trials are compared on validation "
+        "(val_acc, and the routing divergence to English val_div_L*)",
+    )
 
     @field_validator("seeds")
     @classmethod

@@ -129,12 +129,13 @@ def _actors(cfg: RunConfig, model: str, machine: Machine) -> tuple[int, float]:
 
 
 def _trained(cfg: RunConfig, t: Trial, size: Size, machine: Machine, first_of_cell: bool) -> cost.Work:
-    """A trained trial: its steps, the training's passes (final; the base passes on the first of the cell,
-    base_cache), its validation (English + target), its model loads one after the other (the training's,
-    then the evaluation actors', which load at the same time)."""
+    """A trained trial: its steps, the training's passes (final, with ``training.final_train_pass``; the
+    base passes on the first of the cell, base_cache), its validation (English + target), its model loads one
+    after the other (the training's, then the evaluation actors', which load at the same time)."""
     n_ci = round(CI_SHARE * size.train)
     actors, _ = _actors(cfg, t.model, machine)
-    steps, final, examples, loads = model_steps(cfg, t.model, size), size.train + n_ci, 2 * size.val, 2
+    final = size.train + n_ci if cfg.training.final_train_pass else 0
+    steps, examples, loads = model_steps(cfg, t.model, size), 2 * size.val, 2
     if rungs := trial.rungs(cfg, t):  # ASHA: the expected share trained, a rung's validation per rung reached
         share, reach = asha.expected_share(rungs, cfg.sweep.asha_reduction_factor)
         end = cfg.sweep.asha_reduction_factor ** -len(rungs)

@@ -80,7 +80,8 @@ RULES: dict[str, str] = {
         "= the token-mean continuation CE over every train example, after (before) training, both from ONE no-grad "
         "pass over the train split (prompt + continuation, batches of eval_batch_size: the per-step metrics at λ = 0; "
         "the KL on the prompt tokens, whose routing causal attention makes that of the prompt alone); the _base ones "
-        "computed once per cell (base_cache)"
+        "computed once per cell (base_cache); the end-of-training pass only with training.final_train_pass "
+        "(off: routing_kl_ci and ce_train are not measured)"
     ),
     "checkpoint": "DeepSpeed engine checkpoint (adapter + optimizer + step) + ramoe_meta.json, every checkpoint_every steps",
     "rise_train": (

@@ -23,8 +23,9 @@ Two callers:
    by the first training of the cell and read by the others (``base_cache``);
 3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
    ``save_checkpoint`` every ``checkpoint_every`` steps and at the end;
-4. ``finish``: the final pass (``split_metrics``: ONE no-grad pass over the train split), the probe
-   logits, the adapter (peft format; ``full``: the selected experts' trained weights) and the result file;
+4. ``finish``: with ``training.final_train_pass`` the final pass (``split_metrics``: ONE no-grad pass
+   over the train split), the probe logits, the adapter (peft format; ``full``: the selected experts'
+   trained weights) and the result file;
 5. ``teardown``: ``engine.destroy()`` and transformers' ZeRO-3 switch off, so the next training of the
    process starts clean (the process group stays).
 """
@@ -546,12 +547,16 @@ def _save_adapter(trainee: Trainee, plan: TrainPlan, adapter: Path, context: Wor
 
 def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, progress: Progress, run_dir: Path,
            probe: list[str] | None, context: WorkerContext, phases: Phases) -> None:
-    """Step 4: the final pass, probe logits (``probe_logits.pt``), the adapter and the result file."""
+    """Step 4: the final pass (``training.final_train_pass``), probe logits (``probe_logits.pt``), the adapter
+    and the result file."""
     import torch.distributed as dist
 
     trainee.engine.eval()
-    kl, ce = split_metrics(trainee, plan, base.targets)
-    phases.mark("final_passes")
+    measured = {}
+    if plan.training.final_train_pass:
+        kl, ce = split_metrics(trainee, plan, base.targets)
+        measured = {"routing_kl_ci": kl, "ce_train": ce}
+        phases.mark("final_passes")
     if probe:
         _save_probe_logits(trainee, probe, run_dir / "probe_logits.pt", context.rank)
     adapter = run_dir / "adapter"
@@ -559,7 +564,7 @@ def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, pr
     phases.mark("save_adapter")
     if context.rank == 0:
         final = dict(progress.history[-1]) if progress.history else {}
-        final.update(routing_kl_ci=kl, routing_kl_ci_base=base.routing_kl_ci, ce_train=ce, ce_train_base=base.ce_train)
+        final.update(measured, routing_kl_ci_base=base.routing_kl_ci, ce_train_base=base.ce_train)
         write_json_atomic(run_dir / RESULT, jsonable({
             "adapter": str(adapter), "final": final, "history": progress.history, "restarts": progress.restarts,
             "world_size": context.world_size, "step_seconds_rank0": progress.step_seconds,

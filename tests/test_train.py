@@ -198,6 +198,23 @@ def test_trainings_in_one_process_leave_no_model_behind(shared_cache, tmp_path, 
     assert gc.get_freeze_count() > 0
 
 
+@pytest.mark.slow
+def test_without_the_final_train_pass_the_training_is_the_same_and_two_metrics_are_not_measured(shared_cache, tmp_path):
+    """training.final_train_pass (off in the shipped sweeps) only skips the end-of-training pass over the
+    train split: the same steps and adapter, bit for bit, and the base values; no routing_kl_ci / ce_train."""
+    on = fit(cfg_for(shared_cache, batch_size=6, max_steps=3), "ramoe", tmp_path / "on", lam=10.0)
+    off = fit(cfg_for(shared_cache, batch_size=6, max_steps=3, final_train_pass=False), "ramoe", tmp_path / "off", lam=10.0)
+    assert "final_passes" in on["phases_rank0"] and "final_passes" not in off["phases_rank0"]
+    assert {"routing_kl_ci", "ce_train"} <= on["final"].keys()
+    assert not {"routing_kl_ci", "ce_train"} & off["final"].keys()
+    for k in ("routing_kl_ci_base", "ce_train_base", "loss", "ce", "routing_kl"):
+        assert off["final"][k] == on["final"][k], k
+    assert [h["loss"] for h in off["history"]] == [h["loss"] for h in on["history"]]
+    w_on = load_file(f"{on['adapter']}/{lora.ADAPTER_WEIGHTS}")
+    w_off = load_file(f"{off['adapter']}/{lora.ADAPTER_WEIGHTS}")
+    assert w_on.keys() == w_off.keys() and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
+
+
 # ------------------------------------------------------------------ ZeRO-3 on two Ray Train workers
 
 
