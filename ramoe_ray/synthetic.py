@@ -313,7 +313,7 @@ SMALL = WorldSpec(n_task_examples=60, n_general=40, num_layers=4, hidden_size=32
 WORLDS = {"synthetic": WorldSpec(), "synthetic-small": SMALL}
 
 SHIPPED = Path(__file__).parent / "world"  # the package's pretrained world models: SHIPPED/KEY/FAMILY/ (``ship``)
-SHIPPED_FAMILIES = ("olmoe", "qwen3_moe")  # the default world's, for the demo's models (sweeps/demo.yaml)
+SHIPPED_FAMILIES = ("olmoe", "qwen3_moe", "mixtral")  # the default world's: the demo's two and synthetic-grid's third
 
 
 def parse_scheme(text: str) -> tuple[WorldSpec, str] | None:
