@@ -140,8 +140,8 @@ def hours(s: float) -> str:
 
 # Stated assumptions: a CPU run of the synthetic world's tiny models (measured once on a 2-core machine,
 # sweeps/demo.yaml) and a GPU run of a real model (H100 80 GB figures from NVIDIA's datasheet; the rest named).
-CPU_ASSUMED = Rates(fixed_train=2.5, fixed_eval=0.5, load=0.1, step=0.06, forward=0.001, example=0.002,
-                    source="default: the synthetic world on a 2-core CPU (sweeps/demo.yaml, measured once)")
+CPU_ASSUMED = Rates(fixed_train=0.3, fixed_eval=0.45, load=0.08, step=0.047, forward=0.001, example=0.0017,
+                    source="default: the synthetic world on a 2-core CPU (sweeps/demo.yaml, measured 2026-12-01)")
 GPU_ASSUMED = {
     "peak_flops": 989e12,  # H100 SXM bf16 dense (NVIDIA datasheet)
     "mfu": 0.05,  # model FLOPs utilisation of HF MoE layers under ZeRO-3, ~1k tokens per GPU per step: assumed
