@@ -137,8 +137,7 @@ def _trained(cfg: RunConfig, t: Trial, size: Size, machine: Machine, first_of_ce
     final = size.train + n_ci if cfg.training.final_train_pass else 0
     steps, examples, loads = model_steps(cfg, t.model, size), 2 * size.val, 2
     if rungs := trial.rungs(cfg, t):  # ASHA: the expected share trained, a rung's validation per rung reached
-        share, reach = asha.expected_share(rungs, cfg.sweep.asha_reduction_factor)
-        end = cfg.sweep.asha_reduction_factor ** -len(rungs)
+        share, reach, end = asha.expected_share(rungs)
         steps, final = round(steps * share), round(final * end)
         examples, loads = round(size.val * sum(reach) + examples * end), 1 + round(end)
     passes = final + ((size.train + 2 * n_ci) if first_of_cell else 0)
@@ -376,7 +375,8 @@ def _rates_lines(rates: dict) -> list[str]:
                    f"{r.forward:.3g} / {r.example:.3g}  [{r.source}]")
     if any(r.source.startswith("default: assumed GPU") for r in rates.values()):
         out.append("  assumed GPU figures: " + ", ".join(f"{k} {v:g}" for k, v in cost.GPU_ASSUMED.items()))
-    return out + [f"  assumed: ci share {CI_SHARE:g} of a train split, {EXPERTS_SECONDS:g} s per experts.json; "
+    return out + [f"  assumed: ci share {CI_SHARE:g} of a train split, {EXPERTS_SECONDS:g} s per experts.json, "
+                  f"under ASHA {asha.SURVIVAL:g} of a cell's RA-MoE trials past each rung; "
                   "beyond the units' timings " + "; ".join(f"{k}: " + ", ".join(f"{n} {v:g}" for n, v in o.items())
                                                           for k, o in cost.OVERHEAD.items())]
 

@@ -149,13 +149,15 @@ def test_asha_sweep_stops_by_its_rule_and_logs_the_stopped(shared_cache, tmp_pat
 
 
 def test_expected_share_and_the_dry_runs_ramoe_units():
-    """ASHA's assumed survival 1/rf per rung: rungs 25, 75 % at rf 3 train 0.25 + 0.5/3 + 0.25/9 of the steps;
-    the dry run's RA-MoE units under asha carry that share, SFT's do not."""
+    """ASHA's assumed survival q per rung (asha.SURVIVAL, measured): rungs 25, 75 % train 0.25 + 0.5 q + 0.25 q^2
+    of the steps; the dry run's RA-MoE units under asha carry that share, SFT's do not."""
     from ramoe_ray import dryrun
 
-    share, reach = asha.expected_share([25.0, 75.0], 3.0)
-    assert share == pytest.approx(0.25 + 0.5 / 3 + 0.25 / 9) and reach == pytest.approx([1.0, 1 / 3])
-    assert asha.expected_share([], 3.0) == (1.0, [])
+    q = asha.SURVIVAL
+    share, reach, end = asha.expected_share([25.0, 75.0])
+    assert share == pytest.approx(0.25 + 0.5 * q + 0.25 * q * q) and reach == pytest.approx([1.0, q]) and end == pytest.approx(q * q)
+    assert asha.expected_share([25.0, 75.0], 1 / 3)[0] == pytest.approx(0.25 + 0.5 / 3 + 0.25 / 9)  # ASHA's asymptotic 1/rf
+    assert asha.expected_share([]) == (1.0, [], 1.0)
     base = config_from_dict(sweep_dict("/tmp/none-cache", "/tmp/none-out", methods=["sft", "ramoe"]))
     on = config_from_dict(sweep_dict("/tmp/none-cache", "/tmp/none-out", methods=["sft", "ramoe"],
                                      sweep=dict(train_workers=0, scheduler="asha", asha_grace=0.25,
@@ -166,7 +168,7 @@ def test_expected_share_and_the_dry_runs_ramoe_units():
         units = {t.method: dryrun._trained(cfg, t, size, machine, False) for t in grid.trials(cfg)}
         full = dryrun.model_steps(cfg, "m", size)
         assert units["sft"].steps == full and units["ramoe"].steps == round(full * ramoe_share)
-        assert units["ramoe"].examples == (2 * 100 if ramoe_share == 1 else round(100 * (1 + 1 / 3) + 200 / 9))
+        assert units["ramoe"].examples == (2 * 100 if ramoe_share == 1 else round(100 * (1 + q) + 200 * q * q))
     assert dryrun.baseline(on).sweep.scheduler == "grid"  # "without the savings": every trial to the end
 
 
