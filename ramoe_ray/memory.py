@@ -7,7 +7,8 @@ count that fits. The sweep runs the check before any trial (``sweep.plan_sweep``
 The model is built on the meta device from its HF config (no weights, no download: ``model_size``) and
 counted: parameters, the trained ones of each method of the config (expert LoRA on every expert; RISE's
 ``rise.train: full`` trains K whole experts), and the largest unit ZeRO-3 gathers at once (a decoder
-layer is a ZeRO-3 leaf, ``models.decoder_layers``: its attention and all its experts together). Then, per GPU of a model with GPUs (``RunConfig.resources_for``),
+layer is a ZeRO-3 leaf, ``models.decoder_layers``: its attention and all its experts together). Then,
+per GPU of a model with GPUs (``RunConfig.resources_for``),
 with W = its Ray Train workers, b = ``training.batch_size``, s = ``resources.seq_len``:
 
 - **training worker** = model states + activations.

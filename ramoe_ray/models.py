@@ -1,7 +1,8 @@
 """The MoE model families, in one table, and the operations every stage uses on them.
 
 Everything in which the supported architectures (transformers 5) differ lives in ``FAMILIES``:
-where a decoder layer keeps its router and its fused experts, which class is the MoE block, which fused expert parameters LoRA adapts, how the router turns its logits into the
+where a decoder layer keeps its router and its fused experts, which class is the MoE block, which
+fused expert parameters LoRA adapts, how the router turns its logits into the
 top-k it uses, and a tiny preset. The rest of the package is written once against that table:
 
 - ``capture(model)``: records, per MoE layer, the router logits of every token and the experts it
