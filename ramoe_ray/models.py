@@ -227,6 +227,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(model.model.layers)
 
 
+def zero3_leaf_classes(model: nn.Module) -> list[type]:
+    """The classes training marks ZeRO-3 leaves (``deepspeed.utils.set_z3_leaf_modules``): the decoder layers'."""
+    return list(dict.fromkeys(type(layer) for layer in decoder_layers(model)))
+
+
 def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """Decoder-layer index -> MoE block, for the layers that have one."""
     fam = family_of(model)

@@ -257,7 +257,7 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     phases.mark("model_load")
     tok = load_tokenizer(plan.model_path)
     trainable = apply_adapter(model, plan)
-    deepspeed.utils.set_z3_leaf_modules(model, list({type(layer) for layer in models.decoder_layers(model)}))
+    deepspeed.utils.set_z3_leaf_modules(model, models.zero3_leaf_classes(model))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     phases.mark("lora_and_deepspeed_initialize")
     return Trainee(engine=engine, tok=tok, device=device, dtype=dtype, hf_ds_config=hf_ds_config)

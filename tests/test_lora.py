@@ -240,7 +240,7 @@ def z3_worker(config):
     assert all(p.numel() == 0 for p in model.parameters()), "the model should be built partitioned (ZeRO-3)"
     mask = {int(k): v for k, v in config["mask"].items()}
     LA.apply_expert_lora(model, rank=4, alpha=8, seed=0, experts_mask=mask)
-    deepspeed.utils.set_z3_leaf_modules(model, list({type(l) for l in M.decoder_layers(model)}))  # as train_worker.setup
+    deepspeed.utils.set_z3_leaf_modules(model, M.zero3_leaf_classes(model))  # as train_worker.setup
     engine, *_ = deepspeed.initialize(model=model, model_parameters=LA.lora_parameters(model), config=cfg)
     assert all(p.numel() == 0 for p in LA.lora_parameters(engine.module)), "LoRA factors should be partitioned"
     engine.train()

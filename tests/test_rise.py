@@ -416,7 +416,7 @@ def _z3_worker(config: dict) -> None:
     dschf = HfDeepSpeedConfig(config["ds_config"])  # noqa: F841  (must stay alive while the model is built)
     model = AutoModelForCausalLM.from_pretrained(config["base"], dtype=torch.float32)
     expert_delta.apply_expert_delta(model, experts={int(k): v for k, v in config["experts"].items()})
-    deepspeed.utils.set_z3_leaf_modules(model, list({type(l) for l in models.decoder_layers(model)}))  # as train_worker.setup
+    deepspeed.utils.set_z3_leaf_modules(model, models.zero3_leaf_classes(model))  # as train_worker.setup
     engine, *_ = deepspeed.initialize(model=model, model_parameters=expert_delta.delta_parameters(model),
                                       config=config["ds_config"])
     assert all(p.numel() == 0 for p in expert_delta.delta_parameters(engine.module)), "deltas should be partitioned"
