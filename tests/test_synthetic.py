@@ -150,6 +150,12 @@ def test_pretraining_batches_weight_exactly_the_answer_tokens(tmp_path):
 STALE = "remake the shipped models with `python bench/world.py --ship` (~20 min on 2 cores) and commit ramoe_ray/world/"
 
 
+def _demo_families() -> set[str]:
+    """The synthetic-world families of sweeps/demo.yaml's models."""
+    demo = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "demo.yaml").read_text())
+    return {S.parse_scheme(m["path"])[1] for m in demo["models"] if S.parse_scheme(m["path"])}
+
+
 def test_shipped_world_models_have_the_key_the_code_computes():
     """ramoe_ray/world/ holds the default world's models under the key the code computes now, for every world
     model of the demo: a change to synthetic.py or the spec fails here at once, instead of every first run
@@ -159,8 +165,7 @@ def test_shipped_world_models_have_the_key_the_code_computes():
     assert shipped == [spec.key()], (f"ramoe_ray/world/ holds world {shipped}, the code computes {spec.key()}: synthetic.py "
                                      f"or the default WorldSpec changed; {STALE}")
     assert sorted(p.name for p in (S.SHIPPED / spec.key()).iterdir()) == sorted(S.SHIPPED_FAMILIES)
-    demo = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "demo.yaml").read_text())
-    families = {S.parse_scheme(m["path"])[1] for m in demo["models"] if S.parse_scheme(m["path"])}
+    families = _demo_families()
     assert families and families <= set(S.SHIPPED_FAMILIES)
 
 
@@ -171,8 +176,7 @@ def test_the_default_world_model_is_copied_from_the_shipped_one(tmp_path, monkey
 
     monkeypatch.setattr(S, "pretrain", lambda *a, **k: pytest.fail("pretrained instead of copying the shipped model"))
     spec = S.WORLDS["synthetic"]
-    demo = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "demo.yaml").read_text())
-    demo_families = {S.parse_scheme(m["path"])[1] for m in demo["models"]}
+    demo_families = _demo_families()
     for family in S.SHIPPED_FAMILIES:
         path, shipped = S.build_model(spec, family, tmp_path), S.shipped_model(spec, family)
         assert path == S.world_dir(spec, tmp_path) / "models" / family
