@@ -58,6 +58,11 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     parent = client.get_run(parent_id)
     kids = tracking.children(client, exp.experiment_id, parent_id)
     kids = kids[kids.status == "FINISHED"]
+    twin_col = f"tags.{tracking.SAME_AS_TAG}"
+    twins = kids[twin_col].fillna("").astype(str).ne("") if twin_col in kids else kids.status.ne(kids.status)
+    if twins.any():  # logged with the results of the trial they repeat (grid.twins): they cost nothing
+        print(f"{int(twins.sum())} twins (the same computation as another trial of their cell) left out below")
+    kids = kids[~twins]
     stopped = kids[tracking.stopped_rows(kids)]  # ASHA stopped them at a rung: no trial.json, steps from the rung
     kids = kids[~tracking.stopped_rows(kids)]
     records = [json.loads((Path(d) / grid.TRIAL_JSON).read_text()) for d in kids["tags.ramoe.trial_dir"]]
@@ -112,11 +117,22 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
         print(f"  sum of in-loop times {in_loop:.0f} s; sum of trial times {trial_sum:.0f} s")
         print(f"  sweep overhead = (stages + trials + replicates + selection) / (in-loop / {conc}) = "
               f"{work / max(in_loop / conc, 1e-9):.1f}")
-        if ph["trials"]:
+        busy = tune_busy(cfg, parent_id)
+        if ph["trials"] and busy:
             tune = ph["trials"] + (ph["replicates"] or 0)
-            print(f"  Tune phases / (trial time / {conc}) = {tune / max(trial_sum / conc, 1e-9):.2f} "
-                  f"(1.0 = no scheduling gaps)")
+            print(f"  Tune phases / (Tune trials' own time / {conc}) = {tune / max(busy / conc, 1e-9):.2f} "
+                  f"(1.0 = no scheduling gaps; the trials' time as Tune measured it, those ASHA stopped included)")
     return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
+
+
+def tune_busy(cfg, parent_id: str) -> float:
+    """The sum of the Tune trials' own times (time_total_s of each trial's last result, Tune's result.json)."""
+    total = 0.0
+    storage = Path(cfg.sweep.storage_path or Path(cfg.run_dir) / "tune").resolve()
+    for f in storage.glob(f"tune/sweep-{parent_id}*/*/result.json"):
+        lines = f.read_text().strip().splitlines()
+        total += json.loads(lines[-1]).get("time_total_s", 0.0) if lines else 0.0
+    return total
 
 
 def compare_workers(args) -> None:

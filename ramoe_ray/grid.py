@@ -26,6 +26,9 @@ RULES: dict[str, str] = {
                   "in the target language; ties go to the earlier trial in grid order"),
     "test": "only the selected trial of each (cell, method) and its replicates are evaluated on the test split",
     "stages_1_2": "train split, computed once per cell in the driver before any trial; trials read the cache",
+    "twins": ("trials of a cell that differ only in the band's spelling (a band that resolves to the same layers as "
+              "another, e.g. auto) are one computation: the first in grid order runs, each twin is logged as its own "
+              "child with the first's results and the tag ramoe.same_as"),
     "seeds": ("the grid is searched at training.seeds[0] (which also fixes the data split); the selected "
               "configuration of each (cell, trained method) is then retrained with every other seed (a replicate, "
               "tagged ramoe.replicate_of) and evaluated on test with it; steering has no seed"),
@@ -123,6 +126,21 @@ def n_replicates(cfg: RunConfig) -> int:
     """How many replicates a finished grid adds: one per (cell, trained method) and extra seed."""
     trained = sum(m != "steering" for m in cfg.methods)
     return len(cfg.models) * len(cfg.tasks) * len(cfg.languages) * trained * (len(cfg.training.seeds) - 1)
+
+
+def twins(todo: list[Trial], band_layers: dict[str, dict[str, list[int]]]) -> tuple[list[Trial], dict[str, list[Trial]]]:
+    """``RULES["twins"]``: (the trials to run, {run trial's key: its twins}). ``band_layers``: cell id -> band
+    label -> the MoE layers stage 2 resolved it to (a cell or band not in it: the band's label stands)."""
+    first: dict[tuple, Trial] = {}
+    out: dict[str, list[Trial]] = {}
+    for t in todo:
+        layers = band_layers.get(t.cell, {}).get(t.band_label(), t.band_label())
+        what = (t.cell, t.method, t.lam, str(layers), t.top_k, t.strength, t.seed, t.replicate_of)
+        if what in first:
+            out.setdefault(first[what].key, []).append(t)
+        else:
+            first[what] = t
+    return list(first.values()), out
 
 
 def config_hash(cfg: RunConfig) -> str:

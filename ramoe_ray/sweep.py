@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ramoe_ray import asha, experts, grid, inference, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
-from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, check_tracking_scheme, differing_keys, result_fields
+from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, band_label, check_tracking_scheme, differing_keys, result_fields
 from ramoe_ray.grid import SELECT_METRIC, Trial
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -155,13 +155,14 @@ def _stages_of(cfg: RunConfig, plan) -> tuple[list[dict], int, int]:
     paths = {lang: path for lang, (path, _) in done.items()}
     cells, n2 = [], 0
     for lang in cfg.languages:
-        facts = None
+        facts, bands = None, {}
         for band in cfg.knobs.bands:
             for k in cfg.knobs.top_k:  # the same artefact (key) run_experts gives the trials
                 path, hit = experts.build_experts(plan, paths, general[0], lang, band, k)
                 n2 += not hit
                 facts = facts or _cell_facts(plan, paths[lang], path, lang)
-        cells.append(facts)
+            bands[band_label(band)] = json.loads(Path(path).read_text())["band"]["layers"]
+        cells.append({**facts, "bands": bands})  # band label -> its layers in this cell (grid.twins)
     return cells, n1, n2
 
 
@@ -308,7 +309,7 @@ def run_trials(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tra
         if _tune_group(cfg, group, cells, logger, storage=storage, root=root, name=name, log=log):
             interrupted = True
             break
-    ran = logger.finished + logger.failed + logger.stopped
+    ran = logger.finished + logger.failed + logger.stopped - logger.twins_logged
     return {"seconds": time.time() - t0, "interrupted": interrupted or ran < len(todo)}
 
 
@@ -537,12 +538,19 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
 
 
 def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, log, phase: str = "trials") -> bool:
-    """The trials still to run, through Tune; counts them into the summary. True if interrupted."""
+    """The trials still to run, through Tune, their twins (``grid.twins``) logged with them; counts them into
+    the summary. True if interrupted."""
     storage = Path(sw.cfg.sweep.storage_path or run_dir / "tune").resolve()
+    run, twins = grid.twins(todo, {cell_id(c): c.get("bands", {}) for c in cells})
+    if twins:
+        n = sum(map(len, twins.values()))
+        log(f"{n} of the {len(todo)} trials are twins of another trial of their cell (a band resolved to the same "
+            f"layers as another): {len(run)} run, each twin is logged with its trial's results ({tracking.SAME_AS_TAG})")
+        sw.summary["twins"] = sw.summary.get("twins", 0) + n
     logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"],
                                   sw.summary["finished"] + sw.summary["stopped"],
-                                  task_sources={t.name: t.source for t in sw.cfg.tasks})
-    ran = run_trials(sw.cfg, todo, cells, logger, storage=storage, root=storage / "trials" / sw.parent_id, log=log)
+                                  task_sources={t.name: t.source for t in sw.cfg.tasks}, twins=twins)
+    ran = run_trials(sw.cfg, run, cells, logger, storage=storage, root=storage / "trials" / sw.parent_id, log=log)
     sw.phases[f"seconds_{phase}"] = ran["seconds"]
     sw.summary["ran"] += logger.finished + logger.failed + logger.stopped
     sw.summary["failed"] += logger.failed
@@ -586,6 +594,7 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     summary["seconds"] = time.time() - sw.t0
     summary["phases"] = sw.phases
     tracking.log_metrics(client, sw.parent_id, {"sweep_seconds": summary["seconds"], "trials_stopped": summary["stopped"],
+                                                "trials_twins": summary.get("twins", 0),
                                                 **sw.phases})
     client.set_terminated(sw.parent_id, "FINISHED" if not summary["failed"] else "FAILED")
     return {**summary, "interrupted": False}

@@ -11,11 +11,14 @@ What a sweep logs (the report's input, report.py):
   ``mlflow.parentRunId``, ``ramoe.kind = trial``, model/task/language/method, ``trial_key``,
   ``trial_index``, ``selected``, ``ramoe.trial_dir``; params (knobs and training facts); metrics
   (validation accuracy, ci proportion, routing KL before/after, loss curves, timings); trial.png and
-  trial.json as artefacts. A failed trial is a FAILED child with its ``error`` tag.
+  trial.json as artefacts. A failed trial is a FAILED child with its ``error`` tag. A twin (``grid.twins``:
+  the same computation as an earlier trial of its cell) is its own child with that trial's results and
+  the tag ``ramoe.same_as`` (the trial's key).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -29,6 +32,7 @@ from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolve
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
 
 CELLS_ARTIFACT = "cells"
+SAME_AS_TAG = "ramoe.same_as"  # on a twin (grid.twins): the trial_key of the trial whose results it carries
 REPLICATE_TAG = "ramoe.replicate_of"  # on a selected configuration retrained with another seed: its trial_key
 DRIVER_TAG, DRIVER_START_TAG = "ramoe.driver", "ramoe.driver_started"  # pid@host, its start time
 RESUMES_TAG = "ramoe.resumes"  # on a parent: how many times --resume continued it (its phase times: the last run's)
@@ -260,7 +264,7 @@ def run_name(trial: Trial) -> str:
 
 
 def _trial_folder(record: dict) -> Path:
-    return Path(record["eval"]["path"]).parents[1]
+    return Path(record["folder"]) if record.get("folder") else Path(record["eval"]["path"]).parents[1]
 
 
 def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str) -> dict:
@@ -270,7 +274,7 @@ def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str
             "ramoe.trial_dir": str(_trial_folder(record)) if record else "",
             # a training reused from the trial folder (a resumed sweep whose trial had finished training)
             "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower(),
-            REPLICATE_TAG: trial.replicate_of,
+            REPLICATE_TAG: trial.replicate_of, SAME_AS_TAG: (record or {}).get("same_as", ""),
             "ramoe.adapter": str((record or {}).get("train", {}).get("adapter") or "")}
 
 
@@ -354,6 +358,22 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
     return rid
 
 
+def twin_record(record: dict, twin: Trial, trial_json: Path) -> Path:
+    """A twin's trial.json, in its own folder next to the trial's (``trial_json``): the trial's record under the
+    twin's spec, ``same_as`` the trial's key, its timings 0 (it ran nothing; its figure is the trial's)."""
+    import shutil
+
+    folder = trial_json.parent.parent / twin.dir
+    folder.mkdir(parents=True, exist_ok=True)
+    if (trial_json.parent / TRIAL_FIGURE).is_file():
+        shutil.copyfile(trial_json.parent / TRIAL_FIGURE, folder / TRIAL_FIGURE)
+    out = {**record, "spec": {**record["spec"], **dataclasses.asdict(twin)}, "same_as": record["spec"]["key"],
+           "folder": str(folder), "timing": {k: 0.0 for k in record["timing"]},  # it cost nothing more
+           "train": {**record["train"], "base_passes_recomputed": 0}}
+    write_json_atomic(folder / TRIAL_JSON, out)
+    return folder / TRIAL_JSON
+
+
 STOPPED_TAG = "stopped"  # "true" on a child that ASHA stopped at a rung (sweep.scheduler: asha)
 STOPPED_METRICS = (asha.METRIC, asha.TIME_ATTR, "step", "n_val", "rung_seconds", "seconds_in_loop")
 
@@ -399,10 +419,11 @@ class ChildLogger:
     is made on first use, progress goes to print looked up at call time)."""
 
     def __init__(self, uri: str, exp_id: str, parent_id: str, total: int, done_before: int,
-                 task_sources: dict[str, str] | None = None):
+                 task_sources: dict[str, str] | None = None, twins: dict[str, list[Trial]] | None = None):
         self.uri, self.exp_id, self.parent_id, self.total, self.done_before = uri, exp_id, parent_id, total, done_before
         self.task_sources = task_sources or {}
-        self.finished, self.failed, self.stopped, self._client = 0, 0, 0, None
+        self.twins = {k: [dataclasses.asdict(t) for t in v] for k, v in (twins or {}).items()}  # grid.twins
+        self.finished, self.failed, self.stopped, self.twins_logged, self._client = 0, 0, 0, 0, None
         self.t0 = time.time()
 
     def __getstate__(self):
@@ -435,25 +456,43 @@ class ChildLogger:
             return self.errored(tune_trial)
         for d, path in zip(tune_trial.config["trials"], paths):
             trial, record = Trial(**d), json.loads(Path(path).read_text())
-            log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None,
-                      trial_id=tune_trial.trial_id, task_source=self.task_sources.get(trial.task, ""))
-            self.finished += 1
-            ev, tm = record["eval"], record["timing"]
-            lang = trial.language
-            self._line(trial, f"val acc {100 * ev['accuracy'][lang]:.1f}% (en {100 * ev['accuracy']['en']:.1f}%), "
-                              f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
+            self._finished(trial, record, tune_trial.trial_id)
+            for twin in self._twins_of(trial):
+                self._finished(twin, json.loads(twin_record(record, twin, Path(path)).read_text()), tune_trial.trial_id)
 
-    def _stopped(self, trial: Trial, tune_trial, last: dict) -> None:
-        """ASHA stopped it at a rung: a FINISHED child tagged ``stopped`` with the rung's metrics (never selected)."""
-        log_stopped(self.client, self.exp_id, self.parent_id, trial, last, trial_id=tune_trial.trial_id)
+    def _twins_of(self, trial: Trial) -> list[Trial]:
+        twins = [Trial(**d) for d in self.twins.get(trial.key, [])]
+        self.twins_logged += len(twins)
+        return twins
+
+    def _finished(self, trial: Trial, record: dict, trial_id: str) -> None:
+        log_child(self.client, self.exp_id, self.parent_id, trial, record=record, error=None, trial_id=trial_id,
+                  task_source=self.task_sources.get(trial.task, ""))
+        self.finished += 1
+        ev, tm, lang = record["eval"], record["timing"], trial.language
+        said = f"val acc {100 * ev['accuracy'][lang]:.1f}% (en {100 * ev['accuracy']['en']:.1f}%), "
+        if record.get("same_as"):
+            return self._line(trial, said + f"the same computation as {record['same_as']} (its results)")
+        self._line(trial, said + f"{tm['total']:.1f} s ({tm['in_loop']:.1f} s in the training loop)")
+
+    def _stopped(self, trial: Trial, tune_trial, last: dict, same_as: str = "") -> None:
+        """ASHA stopped it at a rung: a FINISHED child tagged ``stopped`` with the rung's metrics (never selected);
+        its twins too."""
+        rid = log_stopped(self.client, self.exp_id, self.parent_id, trial, last, trial_id=tune_trial.trial_id)
+        if same_as:
+            self.client.set_tag(rid, SAME_AS_TAG, same_as)
         self.stopped += 1
         self._line(trial, f"stopped by ASHA at {last[asha.TIME_ATTR]:g} % of its steps (step {last.get('step')}): "
-                          f"val acc {100 * last[asha.METRIC]:.1f}%")
+                          f"val acc {100 * last[asha.METRIC]:.1f}%" + (f" (as {same_as})" if same_as else ""))
+        for twin in [] if same_as else self._twins_of(trial):
+            self._stopped(twin, tune_trial, last, same_as=trial.key)
 
     def errored(self, tune_trial) -> None:
         """A Tune trial that raised: a FAILED child per trial it ran, with Tune's error file (or its pickled error)."""
         for d in tune_trial.config["trials"]:
             self._failed(Trial(**d), tune_trial)
+            for twin in self._twins_of(Trial(**d)):
+                self._failed(twin, tune_trial)
 
     def _failed(self, trial: Trial, tune_trial) -> None:
         err = ""

@@ -565,3 +565,27 @@ def test_memory_fit_refuses_a_plan_that_cannot_fit_with_its_numbers(tmp_path, re
     with pytest.raises(ConfigError, match="evaluation actor holds the whole model"):
         memory.check_fit(load_config(PAPER, ["resources.gpu_memory_gb=40"]),
                          {m.name: _hf_config(m.path) for m in load_config(PAPER).models})
+
+
+def test_twins_are_the_trials_whose_band_resolves_to_the_same_layers():
+    """grid.twins on synthetic-grid.yaml: where stage 2 resolved auto to band 0.25-0.5's layers, each RA-MoE and
+    steering trial with band auto is a twin of the same trial with band 0.25-0.5 (earlier in grid order);
+    SFT, RISE and the other bands are not; a cell whose bands all differ has none."""
+    from ramoe_ray import grid
+
+    cfg = load_config(GRID)
+    todo = grid.trials(cfg)
+    cells = {t.cell for t in todo}
+    layers = {c: {"0.25-0.5": [1, 2], "0.375-0.625": [2, 3], "auto": [1, 2]} for c in cells}
+    first = sorted(cells)[0]
+    layers[first]["auto"] = [3]
+    run, twins = grid.twins(todo, layers)
+    got = [t for v in twins.values() for t in v]
+    assert len(got) == (len(cells) - 1) * (27 + 27) // 3 and len(run) + len(got) == len(todo)
+    by_key = {t.key: t for t in todo}
+    for key, ts in twins.items():
+        for t in ts:
+            assert t.band == "auto" and t.cell != first and t.method in ("ramoe", "steering")
+            assert by_key[key].band == [0.25, 0.5] and by_key[key].index < t.index
+            assert (by_key[key].lam, by_key[key].top_k, by_key[key].strength) == (t.lam, t.top_k, t.strength)
+    assert grid.twins(todo, {})[1] == {}  # nothing resolved: nothing is a twin

@@ -119,6 +119,8 @@ def swept(shared_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     d = sweep_dict(shared_cache, out)
     d["training"]["seeds"] = [0, 1]  # the selected configurations are retrained with seed 1 and tested
+    # a second band that resolves to the same layers (1-3 of 4): its RA-MoE and steering trials are twins
+    d["knobs"]["bands"] = [[0.25, 1.0], [0.2, 1.0]]
     cfg = config_from_dict(d)
     fail = next(t.key for t in grid.trials(cfg) if t.method == "rise" and t.language == "syn4")
     with failing_trial(fail):
@@ -133,7 +135,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     trials = grid.trials(cfg)
     replicas = kids[kids["tags.ramoe.replicate_of"].fillna("") != ""]
     kids = kids[kids["tags.ramoe.replicate_of"].fillna("") == ""]
-    assert len(trials) == 3 * 5 and summary["trials"] == 3 * 5 + 3 * 3  # + one replicate per cell x trained method
+    assert len(trials) == 3 * 8 and summary["trials"] == 3 * 8 + 3 * 3  # + one replicate per cell x trained method
     assert sorted(kids["tags.trial_key"]) == sorted(t.key for t in trials)
     failed = kids[kids.status == "FAILED"]
     assert list(failed["tags.trial_key"]) == [fail] and "injected failure" in failed["tags.error"].iloc[0]
@@ -141,7 +143,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     assert len(ok) == len(trials) - 1 and summary["failed"] == 1
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
-    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 5 + 3 * 3)
+    assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 8 + 3 * 3)
     # seed 1: each selected configuration of a trained method, once (the failed RISE cell has none)
     selected = ok[(ok["tags.selected"] == "true") & (ok["tags.method"] != "steering")]
     assert sorted(replicas["tags.trial_key"]) == sorted(f"{k}/seed=1" for k in selected["tags.trial_key"])
@@ -150,8 +152,19 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     assert (ok[ok["tags.method"] == "steering"]["params.seed"] == "none").all()
     # steering: both strengths of a cell evaluated in one model load
     steer = ok[ok["tags.method"] == "steering"]
-    assert len(steer) == 3 * 2 and (steer["metrics.eval_settings"] == 2).all()
+    assert len(steer) == 3 * 4 and (steer["metrics.eval_settings"] == 2).all()  # the twins not evaluated again
     assert (steer["metrics.eval_model_loads"] == 1).all()
+    # twins (grid.twins): band 0.2-1 is each cell's band 0.25-1 again; only the first ran, each twin is its own
+    # child with the first's results, tagged with its key, and selection keeps the first (grid order)
+    twin = ok["tags.ramoe.same_as"].fillna("") != ""
+    assert summary["twins"] == 3 * 3 and twin.sum() == 3 * 3 and parent.data.metrics["trials_twins"] == 9
+    assert set(ok[twin]["params.band"]) == {"0.2-1"} and (ok[twin]["tags.selected"] == "false").all()
+    by_key = ok.set_index("tags.trial_key")
+    for _, row in ok[twin].iterrows():
+        first = by_key.loc[row["tags.ramoe.same_as"]]
+        assert row["tags.trial_key"].replace("band=0.2-1", "band=0.25-1") == row["tags.ramoe.same_as"]
+        assert row["metrics.val_acc"] == first["metrics.val_acc"] and row["metrics.seconds_total"] == 0
+        assert row["tags.tune_trial_id"] == first["tags.tune_trial_id"]  # one Tune trial ran both
     # every rule of the method's definitions is a param of the parent
     for k in train.RULES:
         assert parent.data.params[f"rule.train.{k}"] == train.RULES[k]
@@ -184,7 +197,7 @@ def test_stages_1_2_run_once_per_cell(swept):
     # the driver computed stage 1 for each of the 3 cells (fresh module cache), and 4 trials per cell all
     # found stages 1-2 in the cache
     assert summary["stage1_computed"] == 3
-    assert summary["stage2_computed"] == 3  # one (band, top-k) per cell
+    assert summary["stage2_computed"] == 6  # two (band, top-k) per cell
     ok = kids[kids.status == "FINISHED"]
     assert (ok["metrics.stage12_recomputed"] == 0).all() and summary["stage12_recomputed_in_trials"] == 0
     # the base passes (English targets, base KL and CE): the first training of each cell computes them, every

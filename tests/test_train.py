@@ -14,7 +14,7 @@ import torch
 from conftest import small_config
 from safetensors.torch import load_file
 
-from ramoe_ray import lora, train, train_worker
+from ramoe_ray import lora, synthetic, train, train_worker
 from ramoe_ray.config import Band, ConfigError
 from ramoe_ray.tasks import build_prompt, load_parallel
 
@@ -394,3 +394,19 @@ def test_base_cache_round_trip_and_lock(tmp_path):
     got = base_cache.load(empty)
     assert got.targets == {} and math.isnan(got.routing_kl_ci) and got.ce_train == 1.5
     assert base_cache.agree(True, torch.device("cpu"), 1) and not base_cache.agree(False, torch.device("cpu"), 1)
+
+
+@pytest.mark.slow
+def test_twin_bands_are_one_training(shared_cache, tmp_path):
+    """grid.twins: two bands that resolve to the same layers (here auto and an explicit band) give the same
+    training, bit for bit: only the first of them runs in a sweep."""
+    cfg = cfg_for(shared_cache, max_steps=3)
+    auto = fit(cfg, "ramoe", tmp_path / "auto", lam=10.0, band="auto")
+    layers = auto["band_layers"]
+    n = synthetic.SMALL.num_layers
+    explicit = [layers[0] / n, (layers[-1] + 1) / n]  # [first, last + 1) as fractions of the layers
+    same = fit(cfg, "ramoe", tmp_path / "explicit", lam=10.0, band=explicit)
+    assert same["band_layers"] == layers and same["task_experts"] == auto["task_experts"]
+    _assert_same_training(auto, same, tol=0.0)
+    other = fit(cfg, "ramoe", tmp_path / "other", lam=10.0, band=[0.0, 1.0])  # every layer: not a twin
+    assert other["band_layers"] != layers
