@@ -8,6 +8,7 @@ this module reads stage 1's artefacts, applies it, and writes the artefact (cont
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -116,6 +117,26 @@ def experts_key_inputs(plan: Any, language: str, band: Any, top_k: int) -> dict:
     }
 
 
+_PNGS: dict[str, bytes] = {}  # a figure's inputs -> its PNG: stage 2 draws the same figures for every top-k
+
+
+def _png(path: Path, inputs: list, draw) -> Path:
+    """``draw()``'s matplotlib figure as a PNG at ``path``; the bytes of a figure of the same ``inputs`` drawn
+    earlier in this process are written again instead (the importance figure is a cell's, divergence a band's)."""
+    import matplotlib.pyplot as plt
+
+    key = content_key(inputs, 24)
+    if key not in _PNGS:
+        if len(_PNGS) >= 256:
+            _PNGS.clear()
+        fig, buf = draw(), io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        _PNGS[key] = buf.getvalue()
+    path.write_bytes(_PNGS[key])
+    return path
+
+
 def experts_figures(out_dir: Any, *, curves: Mapping[str, Any], moe_layers: Sequence[int], band_layers: Sequence[int],
                     en_importance: Any, tgt_importance: Any, language: str, title: str = "") -> list:
     """Two PNGs in ``out_dir``: divergence.png (divergence by MoE layer, one line per language, the
@@ -127,34 +148,38 @@ def experts_figures(out_dir: Any, *, curves: Mapping[str, Any], moe_layers: Sequ
 
     out_dir = Path(out_dir)
     layers = list(moe_layers)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for lang, c in curves.items():
-        ax.plot(layers, np.asarray(c), marker="o", label=lang, linewidth=2.5 if lang == language else 1.2)
-    if band_layers:
-        ax.axvspan(min(band_layers) - 0.5, max(band_layers) + 0.5, color="tab:gray", alpha=0.2, label="band")
-    ax.set_xticks(layers)
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("normalised JSD to English")
-    ax.set_title(title or "routing divergence")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    div = out_dir / "divergence.png"
-    fig.savefig(div, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    curves = {lang: np.asarray(c).tolist() for lang, c in curves.items()}
+
+    def divergence():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for lang, c in curves.items():
+            ax.plot(layers, c, marker="o", label=lang, linewidth=2.5 if lang == language else 1.2)
+        if band_layers:
+            ax.axvspan(min(band_layers) - 0.5, max(band_layers) + 0.5, color="tab:gray", alpha=0.2, label="band")
+        ax.set_xticks(layers)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("normalised JSD to English")
+        ax.set_title(title or "routing divergence")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
 
     en, tg = np.asarray(to_numpy(en_importance)), np.asarray(to_numpy(tgt_importance))
-    vmax = float(max(en.max(), tg.max()))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
-    for ax, m, name in zip(axes, (en, tg), ("en", language)):
-        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.set_title(f"importance ({name})")
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-    axes[0].set_ylabel("MoE layer")
-    fig.colorbar(im, ax=list(axes))
-    imp = out_dir / "importance.png"
-    fig.savefig(imp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+
+    def importance():
+        vmax = float(max(en.max(), tg.max()))
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+        for ax, m, name in zip(axes, (en, tg), ("en", language)):
+            im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+            ax.set_title(f"importance ({name})")
+            ax.set_xlabel("expert")
+            ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        axes[0].set_ylabel("MoE layer")
+        fig.colorbar(im, ax=list(axes))
+        return fig
+
+    div = _png(out_dir / "divergence.png", ["divergence", curves, layers, list(band_layers), language, title], divergence)
+    imp = _png(out_dir / "importance.png", ["importance", en.tolist(), tg.tolist(), layers, language], importance)
     return [div, imp]
 
 

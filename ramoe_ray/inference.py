@@ -74,13 +74,19 @@ def routing_forward(model, ids: torch.Tensor, mask: torch.Tensor, *, k: int):
     frequency) as (B, L, E) float32 numpy (``sequence_importance`` of the captured routing, ``k`` = the
     model's experts per token) and the (B, V) log-probabilities of the next token after each row's
     last real position."""
-    last = mask.sum(1) - 1
     with models.capture(model) as rec:
-        out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last[:, None])
+        logp = next_token_logp(model, ids, mask)
     routing = rec.routing(mask)
     importance, frequency = sequence_importance(routing.probs(), routing.selected, routing.mask, k=k)
-    logp = out.logits[:, -1].float().log_softmax(-1)
     return importance, frequency, logp
+
+
+@torch.no_grad()
+def next_token_logp(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The (B, V) log-probabilities of the next token after each right-padded row's last real position."""
+    last = mask.sum(1) - 1
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last[:, None])
+    return out.logits[:, -1].float().log_softmax(-1)
 
 
 # -------------------------------------------------------------------------------------- generation
@@ -200,20 +206,28 @@ def choice_logliks(model, tok, rows: list[dict], ids: torch.Tensor, lengths: lis
 
 @torch.no_grad()
 def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_new_tokens: int = MAX_NEW_TOKENS,
-                  max_length: int | None = None, scoring: str = "exact", synced_gpus: bool = False) -> list[dict]:
+                  max_length: int | None = None, scoring: str = "exact", synced_gpus: bool = False,
+                  routing: bool = True) -> list[dict]:
     """One batch of rows of ONE format (``fmt`` None: routing only, as for general text; the module
     docstring gives the steps). ``max_length``: prompts are truncated to this many tokens. ``scoring``:
-    how generated answers are scored (``tasks.score_generative``).
+    how generated answers are scored (``tasks.score_generative``). ``routing`` False: the answers only
+    (ASHA's rungs), the same predictions without the capture (a generative format without the prompt
+    forward: generation makes its own); importance and frequency are None.
     Returns one dict per row: prediction, output, correct, n_tokens, importance, frequency."""
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, truncation=max_length is not None,
               max_length=max_length)
     ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
     lengths = mask.sum(1).tolist()
-    importance, frequency, logp = routing_forward(model, ids, mask, k=k)
-
+    generative = fmt is not None and FORMATS[fmt]["output"] == "generate"
     n = len(rows)
+    if routing:
+        importance, frequency, logp = routing_forward(model, ids, mask, k=k)
+    else:
+        importance, frequency = [None] * n, [None] * n
+        logp = None if generative or fmt is None else next_token_logp(model, ids, mask)
+
     preds, outputs, correct = [""] * n, [""] * n, [False] * n
-    if fmt is not None and FORMATS[fmt]["output"] == "generate":
+    if generative:
         outputs = generate_texts(model, tok, ids, mask, max_new_tokens, synced_gpus)
         preds = [generative_prediction(t, scoring) for t in outputs]
         correct = score_generative(outputs, [r["answer"] for r in rows], scoring)
@@ -229,7 +243,7 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
 
 
 def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = MAX_NEW_TOKENS,
-                 synced_gpus: bool = False) -> list[dict]:
+                 synced_gpus: bool = False, routing: bool = True) -> list[dict]:
     """``predict_batch`` over rows that may mix formats (``fmt``; "" = general text, truncated to
     GENERAL_MAX_TOKENS), in order; each output dict also carries the row's id, language, kind and answer.
     A row's optional ``scoring`` (the task's, ``TaskConfig.scoring``; default "exact") is passed on."""
@@ -239,7 +253,8 @@ def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = 
         groups.setdefault((r["fmt"], r.get("scoring") or "exact"), []).append(i)
     for (fmt, scoring), idx in groups.items():
         res = predict_batch(model, tok, [rows[i] for i in idx], fmt=fmt or None, k=k, max_new_tokens=max_new_tokens,
-                            max_length=None if fmt else GENERAL_MAX_TOKENS, scoring=scoring, synced_gpus=synced_gpus)
+                            max_length=None if fmt else GENERAL_MAX_TOKENS, scoring=scoring, synced_gpus=synced_gpus,
+                            routing=routing)
         for i, r in zip(idx, res):
             out[i] = {"id": rows[i]["id"], "language": rows[i]["language"], "kind": rows[i]["kind"],
                       "answer": rows[i]["answer"], **r}

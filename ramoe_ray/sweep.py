@@ -330,10 +330,11 @@ def _tune_group(cfg: RunConfig, todo: list[Trial], cells: list[dict], logger: tr
         ms = asha.milestones(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
         log(f"ASHA per cell over the RA-MoE settings: rungs at {', '.join(f'{m:g}' for m in ms)} % of each training; "
             f"at a rung, the top 1/{cfg.sweep.asha_reduction_factor:g} of the cell's settings continue")
-    space = {"trials": tune.grid_search(tune_units(todo)), "cfg": cfg.model_dump(mode="json"),
-             "root": str(root), "cells": {cell_id(c): c for c in cells}}
+    space = {"trials": tune.grid_search(tune_units(todo)), "root": str(root)}
+    shared = tune.with_parameters(trial.run_trial, cfg_json=cfg.model_dump(mode="json"),
+                                  cells={cell_id(c): c for c in cells})  # once, in the object store
     tuner = tune.Tuner(
-        tune.with_resources(trial.run_trial, res),
+        tune.with_resources(shared, res),
         param_space=space,
         # a trial process is reused when it trains itself; one that drives a Ray Train worker group is not: a
         # trial stopped early (asha) ends with its process, which takes its controller and worker group along

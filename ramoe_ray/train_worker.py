@@ -578,7 +578,8 @@ def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, pr
 
 def rung_accuracy(trainee: Trainee, rung_eval: dict, world_size: int) -> float:
     """The model as trained so far on the rung's validation rows: the share answered correctly, by the
-    evaluator's own prediction (``inference.predict_rows``: generation or choice scoring, as in stage 4).
+    evaluator's own prediction (``inference.predict_rows``: generation or choice scoring, as in stage 4, without
+    the routing capture: a rung needs the answers only).
     Every rank evaluates every row (ZeRO-3 gathers each layer from all ranks; ``synced_gpus`` keeps the
     ranks' generation steps in step)."""
     engine, rows, bs = trainee.engine, rung_eval["rows"], int(rung_eval["batch_size"])
@@ -587,7 +588,8 @@ def rung_accuracy(trainee: Trainee, rung_eval: dict, world_size: int) -> float:
     with torch.no_grad():
         for i in range(0, len(rows), bs):
             out = inference.predict_rows(engine.module, trainee.tok, rows[i : i + bs], k=int(rung_eval["k"]),
-                               max_new_tokens=int(rung_eval["max_new_tokens"]), synced_gpus=world_size > 1)
+                                         max_new_tokens=int(rung_eval["max_new_tokens"]), synced_gpus=world_size > 1,
+                                         routing=False)  # the answers only: no capture, no routing forward
             correct += sum(bool(r["correct"]) for r in out)
     return correct / len(rows)
 

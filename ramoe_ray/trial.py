@@ -128,20 +128,22 @@ def _tune_metrics(record: dict, result: dict, record_path: Path) -> dict:
     return metrics
 
 
-def run_trial(config: dict) -> None:
+def run_trial(config: dict, cfg_json: dict, cells: dict) -> None:
     """The Tune function (module docstring). ``config``: {"trials": one grid.Trial as a dict, or every
-    steering setting of a cell (evaluated in one model load), "cfg": the RunConfig as JSON, "root": trial
-    folders, "cells": cell id -> the cell's facts (stages 1-2)}. Reports the first trial's metrics and
-    every trial.json ("trial_jsons": one path per line; a string, as Tune's loggers take no lists)."""
+    steering setting of a cell (evaluated in one model load), "root": trial folders}. What every trial shares
+    comes through ``tune.with_parameters`` (Ray's object store, once, not in every trial's config and Tune's
+    experiment state): ``cfg_json``, the RunConfig as JSON, and ``cells``, cell id -> the cell's facts (stages
+    1-2). Reports the first trial's metrics and every trial.json ("trial_jsons": one path per line; a string,
+    as Tune's loggers take no lists)."""
     from ray import tune
 
-    cfg = config_from_dict(config["cfg"], "sweep trial config")
+    cfg = config_from_dict(cfg_json, "sweep trial config")
     trials = [Trial(**d) for d in config["trials"]]
     _use_trial_cpus(cfg, trials[0].model)
     if trials[0].method == "steering":
-        done = _steering_trials(cfg, trials, Path(config["root"]), config["cells"])
+        done = _steering_trials(cfg, trials, Path(config["root"]), cells)
     else:
-        done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, config["cells"], tune.report)]
+        done = [_one_trial(cfg, trials[0], Path(config["root"]) / trials[0].dir, cells, tune.report)]
     record, result, path = done[0]
     tune.report({**_tune_metrics(record, result, path), asha.TIME_ATTR: 100.0,
                  "trial_jsons": "\n".join(str(p) for _, _, p in done)})

@@ -4,6 +4,7 @@ it writes nothing (a snapshot of the working folder, output_dir and cache_dir be
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -199,30 +200,43 @@ def test_dry_run_of_the_demo_prints_cells_trials_steps_and_writes_nothing(tmp_pa
 
 
 def test_dry_run_finds_the_cached_stages_by_their_real_keys(cache_dir, tmp_path, monkeypatch):
-    """The keys the dry run computes are those stages 1-2 write under: computed here, then looked up."""
+    """The keys the dry run computes are those stages 1-2 write under: computed here, then looked up; the auto
+    band's layers come from its cached experts.json, and its trial is a twin when they are the other band's."""
     monkeypatch.chdir(tmp_path)
     d = dict(name="keys", models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
              tasks=[dict(name="arith", format="generative_numeric", source="synthetic-small:arith")],
-             languages=["syn3"], methods=["sft"], knobs=dict(bands=[[0.25, 1.0]], top_k=[1]),
+             languages=["syn3"], methods=["sft", "ramoe"], knobs=dict(lambdas=[1.0], bands=[[0.25, 1.0], "auto"], top_k=[1]),
              resources=dict(inference_actors=0), cache_dir=str(cache_dir), output_dir=str(tmp_path / "runs"))
     cfg = config_from_dict(d)
     said: list[str] = []
     dryrun.dry_run(cfg, log=said.append)
-    assert "  m/arith: taxonomy en- syn3- (cells 0/1), general text -, experts.json 0/1" in said
+    assert "  m/arith: taxonomy en- syn3- (cells 0/1), general text -, experts.json 0/2" in said
+    twins = "twins (a band resolving to another band's layers; they run once): "
+    assert twins + "0 of 3; auto resolved from the cache in 0 of 1 cells, the others counted as distinct (their " \
+        "trials in full)" in said
     built = sources.build(cfg)
     p = taxonomy.plan(built, built.models[0], built.tasks[0], ["syn3"], "train", general=True)
     cells, general = taxonomy.execute(p, num_actors=0)
     said.clear()
     before = snapshot(tmp_path, cache_dir)
     dryrun.dry_run(cfg, log=said.append)
-    assert "  m/arith: taxonomy en+ syn3+ (cells 1/1), general text +, experts.json 0/1" in said
+    assert "  m/arith: taxonomy en+ syn3+ (cells 1/1), general text +, experts.json 0/2" in said
     assert snapshot(tmp_path, cache_dir) == before  # file digests read their memos, write none
     from ramoe_ray import experts
 
-    experts.build_experts(p, {"syn3": cells["syn3"][0]}, general[0], "syn3", built.knobs.bands[0], 1)
+    layers = [json.loads(Path(experts.build_experts(p, {"syn3": cells["syn3"][0]}, general[0], "syn3", b, 1)[0])
+                         .read_text())["band"]["layers"] for b in built.knobs.bands]
     said.clear()
-    dryrun.dry_run(cfg, log=said.append)
-    assert "  m/arith: taxonomy en+ syn3+ (cells 1/1), general text +, experts.json 1/1" in said
+    res = dryrun.dry_run(cfg, log=said.append)
+    assert "  m/arith: taxonomy en+ syn3+ (cells 1/1), general text +, experts.json 2/2" in said
+    n = int(layers[0] == layers[1])  # auto's RA-MoE trial repeats band 0.25-1's when it resolved to its layers
+    assert twins + f"{n} of 3; auto resolved from the cache in 1 of 1 cells" in said and res["twins"] == n
+    # an explicit band of auto's very layers (fractions of the 4 layers): auto's trial is its twin
+    auto = layers[1]
+    d["knobs"]["bands"] = [[auto[0] / 4, (auto[-1] + 1) / 4], "auto"]
+    said.clear()
+    assert dryrun.dry_run(config_from_dict(d), log=said.append)["twins"] == 1
+    assert twins + "1 of 3; auto resolved from the cache in 1 of 1 cells" in said
 
 
 @pytest.mark.skipif(not DEMO_DB.is_file(), reason="no earlier demo sweep in runs/demo/mlflow.db")

@@ -151,3 +151,22 @@ def test_cli_train_and_evaluate(shared_cache, tmp_path, capsys):
     assert main(["evaluate", str(path), "--method", "steering", "--top-k", "1", "--out-dir", str(tmp_path / "ev")]) == 0
     text = capsys.readouterr().out
     assert "steering" in text and LANG in text and (tmp_path / "ev" / evaluate.EVAL).is_file()
+
+
+@pytest.mark.parametrize("task", ["category", "arith"])  # choice scoring; generation
+def test_answers_without_the_routing_are_the_same_answers(shared_cache, tmp_path, task):
+    """``routing=False`` (ASHA's rungs): the same predictions, outputs and correctness as the full predictor,
+    with no routing recorded."""
+    cfg = small_config(shared_cache, task=task, languages=(LANG,), resources=dict(inference_actors=0),
+                       output_dir=str(tmp_path / "runs"))
+    plan = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], [LANG], "validation")
+    model, tok = inference.load_model_and_tokenizer(plan.model_path, cfg.models[0])
+    rows = taxonomy.rows_frame(plan, ["en", LANG], False).to_dict("records")
+    k, n = plan.shape.experts_per_token, plan.max_new_tokens
+    full = inference.predict_rows(model.eval(), tok, rows, k=k, max_new_tokens=n)
+    bare = inference.predict_rows(model, tok, rows, k=k, max_new_tokens=n, routing=False)
+    assert [(r["prediction"], r["output"], r["correct"]) for r in bare] == \
+        [(r["prediction"], r["output"], r["correct"]) for r in full]
+    assert len({r["output"] for r in full}) > 1  # the comparison can fail: the rows' outputs differ
+    assert all(r["importance"] is None and r["frequency"] is None for r in bare)
+    assert all(r["importance"] is not None for r in full)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import entropy
 
+from ramoe_ray import experts as experts_mod
 from ramoe_ray import taxonomy
 from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.experts import experts_artifact, run_experts
@@ -323,3 +324,28 @@ def test_run_experts_logs_to_the_active_mlflow_run_only(make_config, tmp_path):
         assert len(runs) == 1  # the call outside the run created none
     finally:
         mlflow.set_tracking_uri(old)
+
+
+def test_figures_of_the_same_inputs_are_drawn_once(tmp_path, monkeypatch):
+    """Stage 2 draws a cell's importance figure and a band's divergence figure once per process: another top-k
+    (same inputs) writes the same PNG bytes without drawing; another band draws its divergence figure only."""
+    import matplotlib.figure
+
+    drawn = []
+    monkeypatch.setattr(experts_mod, "_PNGS", {})  # this process's memo, empty
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: drawn.append(1) or real(self, *a, **k))
+    rng = np.random.default_rng(0)
+    kw = dict(curves={"en": [0.0] * 4, "syn3": rng.random(4).tolist()}, moe_layers=[0, 1, 2, 3],
+              en_importance=rng.random((4, 8)), tgt_importance=rng.random((4, 8)), language="syn3", title="m/t: band x")
+    paths = {}
+    for name, band in (("k1", [1, 2]), ("k2", [1, 2]), ("other", [2, 3])):
+        (tmp_path / name).mkdir()
+        before = len(drawn)
+        paths[name] = experts_mod.experts_figures(tmp_path / name, band_layers=band, **kw)
+        drawn_now = len(drawn) - before
+        assert drawn_now == {"k1": 2, "k2": 0, "other": 1}[name], name
+    for a, b in zip(paths["k1"], paths["k2"]):
+        assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["other"][0].read_bytes() != paths["k1"][0].read_bytes()  # the band is shaded elsewhere
+    assert paths["other"][1].read_bytes() == paths["k1"][1].read_bytes()  # the cell's importance: the same
