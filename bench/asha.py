@@ -51,7 +51,8 @@ def _label(row) -> str:
 
 
 def _steps(kids) -> int:
-    """Steps trained: a completed trial's schedule, a stopped trial's rung step."""
+    """Steps trained: a completed trial's schedule, a stopped trial's rung step (twins trained nothing)."""
+    kids = kids[~tracking.twin_rows(kids)]
     stopped = tracking.stopped_rows(kids)
     done = kids.loc[~stopped, "params.steps"].astype(float).sum()
     return int(done + (kids.loc[stopped, "metrics.step"].astype(float).sum() if stopped.any() else 0))

@@ -58,8 +58,7 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     parent = client.get_run(parent_id)
     kids = tracking.children(client, exp.experiment_id, parent_id)
     kids = kids[kids.status == "FINISHED"]
-    twin_col = f"tags.{tracking.SAME_AS_TAG}"
-    twins = kids[twin_col].fillna("").astype(str).ne("") if twin_col in kids else kids.status.ne(kids.status)
+    twins = tracking.twin_rows(kids)
     if twins.any():  # logged with the results of the trial they repeat (grid.twins): they cost nothing
         print(f"{int(twins.sum())} twins (the same computation as another trial of their cell) left out below")
     kids = kids[~twins]

@@ -334,8 +334,8 @@ def earlier_sweep(cfg: RunConfig, uri: str):
     if parent is None:
         return None
     kids = tracking.children(client, exp.experiment_id, parent)
-    if not kids.empty:  # a trial ASHA stopped at a rung measures no whole trial
-        kids = kids[~tracking.stopped_rows(kids)]
+    if not kids.empty:  # a trial ASHA stopped at a rung measures no whole trial; a twin ran nothing
+        kids = kids[~tracking.stopped_rows(kids) & ~tracking.twin_rows(kids)]
     return kids, client.get_run(parent).data, parent
 
 

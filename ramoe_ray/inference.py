@@ -11,7 +11,8 @@ One batch of rows of one format (``predict_batch``):
 
 1. ``routing_forward``: ONE forward over the right-padded prompts (attention mask, each row's last
    real position) under ``models.capture``; it gives the routing and the log-probabilities of the
-   next token after each prompt.
+   next token after each prompt. ``routing=False`` (ASHA's rungs) skips the capture, and for a
+   generative format this forward: the answers only.
 2. Generative formats: ``generate_texts``, HF ``model.generate`` (greedy) on a left-padded copy of
    the prompts (so a row's text does not depend on its batch, sliding-window layers included). A
    row stops at an eos token or once its text holds a stop string (STOP_STRINGS); the text is cut

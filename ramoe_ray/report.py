@@ -128,7 +128,7 @@ def _trial(run) -> dict:
         "trial_key": t.get("trial_key"), "selected": str(t.get("selected", "")).lower() == "true",
         "replicate_of": t.get(tracking.REPLICATE_TAG) or None, "seed": d.params.get("seed"),
         "error": t.get("error"), "metrics": dict(d.metrics), "params": dict(d.params),
-        "stopped": str(t.get(tracking.STOPPED_TAG, "")).lower() == "true",
+        "stopped": str(t.get(tracking.STOPPED_TAG, "")).lower() == "true", "twin": bool(t.get(tracking.SAME_AS_TAG)),
     }
 
 
@@ -469,7 +469,7 @@ def _counts(trials: list[dict], expected: int | None) -> dict:
     statuses = [tr["status"] for tr in trials]
     stopped = sum(tr.get("stopped", False) for tr in trials)  # FINISHED children that ASHA stopped at a rung
     return {"total": len(statuses), "finished": statuses.count("FINISHED") - stopped, "stopped": stopped,
-            "failed": statuses.count("FAILED"),
+            "failed": statuses.count("FAILED"), "twins": sum(tr.get("twin", False) for tr in trials),
             "running": sum(s in ("RUNNING", "SCHEDULED") for s in statuses), "killed": statuses.count("KILLED"),
             "expected": expected}
 
@@ -723,7 +723,10 @@ def _summary_lines(report: dict) -> list[str]:
     extra = "".join(f", {n[k]} {k}" for k in ("running", "killed") if n[k])
     stopped = (f", {n['stopped']} stopped early by ASHA (sweep.scheduler: asha; never selected)"
                if n.get("stopped") else "")
-    lines.append(f"- trials: {n['finished']} finished{stopped}, {n['failed']} failed{extra} ({n['total']} logged{exp})")
+    twins = (f"; {n['twins']} of them twins (the same computation as another trial of their cell, run once: "
+             f"tag {tracking.SAME_AS_TAG})" if n.get("twins") else "")
+    lines.append(f"- trials: {n['finished']} finished{stopped}, {n['failed']} failed{extra} ({n['total']} logged{exp})"
+                 + twins)
     if report["partial"]:
         what = []
         if report["missing"]:

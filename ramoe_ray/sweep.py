@@ -10,7 +10,8 @@ the order ``run_sweep`` runs them:
    train split's taxonomy of every language of a (model, task) in one Ray Data pass, then experts.json for
    every (language, band, top-k). Trials find both in the cache; each trial reports how many it had to
    recompute (``stage12_recomputed``: 0 expected), the sweep's result sums them.
-3. **Trials** (``run_trials``): the grid (grid.py) minus what is already finished, one Ray Tune trial each
+3. **Trials** (``run_trials``): the grid (grid.py) minus what is already finished and minus the twins (``grid.twins``:
+   logged with the trial they repeat), one Ray Tune trial each
    (grid order; trial names = Tune's trial ids; one Tune run per model when models ask for different
    resources, ``resource_groups``, each at its model's concurrency) running ``trial.run_trial``: train, evaluate on the
    **validation** split, report. ``sweep.train_workers = 0`` trains in the trial process itself (small
@@ -388,8 +389,7 @@ def select(client, exp_id: str, parent_id: str) -> list:
 
 def _replicate_rows(df):
     """The rows of ``tracking.children`` that are replicates (another seed of a selected trial)."""
-    col = f"tags.{tracking.REPLICATE_TAG}"
-    return df[col].fillna("").astype(str).ne("") if col in df else df.status.ne(df.status)
+    return tracking.tagged_rows(df, tracking.REPLICATE_TAG)
 
 
 def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=print) -> list[dict]:
@@ -547,7 +547,6 @@ def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, l
         n = sum(map(len, twins.values()))
         log(f"{n} of the {len(todo)} trials are twins of another trial of their cell (a band resolved to the same "
             f"layers as another): {len(run)} run, each twin is logged with its trial's results ({tracking.SAME_AS_TAG})")
-        sw.summary["twins"] = sw.summary.get("twins", 0) + n
     logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"],
                                   sw.summary["finished"] + sw.summary["stopped"],
                                   task_sources={t.name: t.source for t in sw.cfg.tasks}, twins=twins)
@@ -580,6 +579,7 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     df = tracking.children(client, sw.exp_id, sw.parent_id)
     if not df.empty and "metrics.stage12_recomputed" in df:
         summary["stage12_recomputed_in_trials"] = int(df["metrics.stage12_recomputed"].fillna(0).sum())
+    summary["twins"] = int(tracking.twin_rows(df).sum()) if not df.empty else 0  # this run's and earlier runs'
     if not df.empty and "metrics.base_passes_recomputed" in df:  # the base passes' cache (base_cache)
         summary["base_passes_recomputed_in_trials"] = int(df["metrics.base_passes_recomputed"].fillna(0).sum())
     if interrupted:
@@ -595,7 +595,7 @@ def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
     summary["seconds"] = time.time() - sw.t0
     summary["phases"] = sw.phases
     tracking.log_metrics(client, sw.parent_id, {"sweep_seconds": summary["seconds"], "trials_stopped": summary["stopped"],
-                                                "trials_twins": summary.get("twins", 0),
+                                                "trials_twins": summary["twins"],
                                                 **sw.phases})
     client.set_terminated(sw.parent_id, "FINISHED" if not summary["failed"] else "FAILED")
     return {**summary, "interrupted": False}

@@ -369,7 +369,7 @@ def twin_record(record: dict, twin: Trial, trial_json: Path) -> Path:
         shutil.copyfile(trial_json.parent / TRIAL_FIGURE, folder / TRIAL_FIGURE)
     out = {**record, "spec": {**record["spec"], **dataclasses.asdict(twin)}, "same_as": record["spec"]["key"],
            "folder": str(folder), "timing": {k: 0.0 for k in record["timing"]},  # it cost nothing more
-           "train": {**record["train"], "base_passes_recomputed": 0}}
+           "phases": {k: 0.0 for k in record.get("phases") or {}}, "train": {**record["train"], "base_passes_recomputed": 0}}
     write_json_atomic(folder / TRIAL_JSON, out)
     return folder / TRIAL_JSON
 
@@ -396,10 +396,21 @@ def log_stopped(client, exp_id: str, parent_id: str, trial: Trial, last: dict, *
     return rid
 
 
+def tagged_rows(df, tag: str):
+    """The rows of ``children`` whose tag ``tag`` is set (not empty; all False when the column is absent)."""
+    col = f"tags.{tag}"
+    return df[col].fillna("").astype(str).ne("") if col in df else df.status.ne(df.status)
+
+
 def stopped_rows(df):
     """The rows of ``children`` that ASHA stopped (all False when the column is absent)."""
     col = f"tags.{STOPPED_TAG}"
     return df[col].fillna("").astype(str).eq("true") if col in df else df.status.ne(df.status)
+
+
+def twin_rows(df):
+    """The rows of ``children`` that are twins (``grid.twins``: they carry another trial's results)."""
+    return tagged_rows(df, SAME_AS_TAG)
 
 
 # ---------------------------------------------------------------------------------------------- Tune callback
@@ -484,24 +495,26 @@ class ChildLogger:
         self.stopped += 1
         self._line(trial, f"stopped by ASHA at {last[asha.TIME_ATTR]:g} % of its steps (step {last.get('step')}): "
                           f"val acc {100 * last[asha.METRIC]:.1f}%" + (f" (as {same_as})" if same_as else ""))
-        for twin in [] if same_as else self._twins_of(trial):
-            self._stopped(twin, tune_trial, last, same_as=trial.key)
+        for twin in [] if same_as else self._twins_of(trial):  # its rung's numbers, no time of its own
+            self._stopped(twin, tune_trial, {**last, "rung_seconds": 0.0, "seconds_in_loop": 0.0}, same_as=trial.key)
 
     def errored(self, tune_trial) -> None:
         """A Tune trial that raised: a FAILED child per trial it ran, with Tune's error file (or its pickled error)."""
         for d in tune_trial.config["trials"]:
             self._failed(Trial(**d), tune_trial)
             for twin in self._twins_of(Trial(**d)):
-                self._failed(twin, tune_trial)
+                self._failed(twin, tune_trial, same_as=d["key"])
 
-    def _failed(self, trial: Trial, tune_trial) -> None:
+    def _failed(self, trial: Trial, tune_trial, same_as: str = "") -> None:
         err = ""
         if getattr(tune_trial, "error_file", None) and Path(tune_trial.error_file).is_file():
             err = Path(tune_trial.error_file).read_text()
         elif tune_trial.get_pickled_error() is not None:
             err = repr(tune_trial.get_pickled_error())
-        log_child(self.client, self.exp_id, self.parent_id, trial, record=None, error=err or "unknown error",
-                  trial_id=tune_trial.trial_id)
+        rid = log_child(self.client, self.exp_id, self.parent_id, trial, record=None, error=err or "unknown error",
+                        trial_id=tune_trial.trial_id)
+        if same_as:
+            self.client.set_tag(rid, SAME_AS_TAG, same_as)
         self.failed += 1
         last = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["unknown error"]
         self._line(trial, f"FAILED: {last[0][:200]}")

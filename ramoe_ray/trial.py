@@ -1,7 +1,7 @@
 """What runs inside one Ray Tune trial of the sweep (docs/architecture.md, "The method"), and the test-split
 evaluation of a selected trial afterwards.
 
-``run_trial(config)`` is the Tune function: it trains the trial's cell with its method and knobs
+``run_trial(config, cfg_json, cells)`` is the Tune function: it trains the trial's cell with its method and knobs
 (``train.train_cell``: a Ray Train ``TorchTrainer`` with DeepSpeed ZeRO-3; ``sweep.train_workers = 0``
 runs the training recipe in the trial process itself, no worker group to start per trial), evaluates
 on the **validation** split (``evaluate.evaluate_cell``), draws its figure, writes trial.json in its

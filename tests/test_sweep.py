@@ -165,6 +165,9 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
         assert row["tags.trial_key"].replace("band=0.2-1", "band=0.25-1") == row["tags.ramoe.same_as"]
         assert row["metrics.val_acc"] == first["metrics.val_acc"] and row["metrics.seconds_total"] == 0
         assert row["tags.tune_trial_id"] == first["tags.tune_trial_id"]  # one Tune trial ran both
+    # the dry run's rates from this sweep: the twins' zero timings left out, as the stopped trials are
+    rated = dryrun.earlier_sweep(cfg, summary["tracking_uri"])[0]
+    assert not tracking.twin_rows(rated).any() and len(rated) == len(kids) + len(replicas) - 3 * 3
     # every rule of the method's definitions is a param of the parent
     for k in train.RULES:
         assert parent.data.params[f"rule.train.{k}"] == train.RULES[k]
@@ -194,7 +197,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
 
 def test_stages_1_2_run_once_per_cell(swept):
     cfg, summary, client, kids, _ = swept
-    # the driver computed stage 1 for each of the 3 cells (fresh module cache), and 4 trials per cell all
+    # the driver computed stage 1 for each of the 3 cells (fresh module cache), and the trials of each cell all
     # found stages 1-2 in the cache
     assert summary["stage1_computed"] == 3
     assert summary["stage2_computed"] == 6  # two (band, top-k) per cell
@@ -272,6 +275,7 @@ def test_report_numbers_are_mlflows(swept):
     else:  # every Δ equal: no correlation to compute, and the report says so
         assert rep["pearson"]["r"] is None and "n/a" in rep["markdown"]
     assert "| syn4 |" in rep["markdown"]
+    assert "; 9 of them twins (the same computation as another trial of their cell" in rep["markdown"]
     assert "RA-MoE vs SFT:" in rep["markdown"].split("\n## ")[0]  # the headline, above every section
 
 
