@@ -127,8 +127,7 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
 def tune_busy(cfg, parent_id: str) -> float:
     """The sum of the Tune trials' own times (time_total_s of each trial's last result, Tune's result.json)."""
     total = 0.0
-    storage = Path(cfg.sweep.storage_path or Path(cfg.run_dir) / "tune").resolve()
-    for f in storage.glob(f"tune/sweep-{parent_id}*/*/result.json"):
+    for f in sweep.tune_storage(cfg).glob(f"tune/sweep-{parent_id}*/*/result.json"):
         lines = f.read_text().strip().splitlines()
         total += json.loads(lines[-1]).get("time_total_s", 0.0) if lines else 0.0
     return total

@@ -221,6 +221,11 @@ def max_concurrent(cfg: RunConfig, cluster: dict, model: str | None = None) -> i
     return max(1, min(n, cap) if cap else n)
 
 
+def tune_storage(cfg: RunConfig) -> Path:
+    """Where Tune keeps its runs and the trial folders: ``sweep.storage_path``, else the run folder's tune/."""
+    return Path(cfg.sweep.storage_path or Path(cfg.run_dir) / "tune").resolve()
+
+
 def resource_groups(cfg: RunConfig, todo: list[Trial]) -> list[list[Trial]]:
     """``todo`` cut into runs of consecutive trials whose models ask for the same resources (models are the
     grid's outer loop: one run per model, or one for all when they ask alike); each is one Tune run with its
@@ -538,10 +543,10 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
     return todo
 
 
-def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, log, phase: str = "trials") -> bool:
+def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], log, phase: str = "trials") -> bool:
     """The trials still to run, through Tune, their twins (``grid.twins``) logged with them; counts them into
     the summary. True if interrupted."""
-    storage = Path(sw.cfg.sweep.storage_path or run_dir / "tune").resolve()
+    storage = tune_storage(sw.cfg)
     run, twins = grid.twins(todo, {cell_id(c): c.get("bands", {}) for c in cells})
     if twins:
         n = sum(map(len, twins.values()))
@@ -559,7 +564,7 @@ def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], run_dir: Path, l
     return ran["interrupted"]
 
 
-def _run_replicates(sw: _Sweep, cells: list[dict], run_dir: Path, log) -> bool:
+def _run_replicates(sw: _Sweep, cells: list[dict], log) -> bool:
     """The selected configuration of every (cell, trained method) again with each other seed
     (``grid.RULES["seeds"]``), the ones not finished yet. True if interrupted."""
     chosen = [grid.Trial(**json.loads((Path(b["tags.ramoe.trial_dir"]) / grid.TRIAL_JSON).read_text())["spec"])
@@ -569,7 +574,7 @@ def _run_replicates(sw: _Sweep, cells: list[dict], run_dir: Path, log) -> bool:
     if not todo:
         return False
     log(f"seeds {sw.cfg.training.seeds[1:]}: {len(todo)} retrainings of the selected configurations")
-    return _run_todo(sw, todo, cells, run_dir, log, phase="replicates")
+    return _run_todo(sw, todo, cells, log, phase="replicates")
 
 
 def _finish(sw: _Sweep, interrupted: bool, log) -> dict:
@@ -638,7 +643,7 @@ def run_sweep(cfg: RunConfig, *, resume: bool = False, log=print, resume_hint: s
         run_dir = Path(sw.cfg.run_dir).resolve()
         todo = _open_parent(sw, stages, run_dir, log)
         with _sigterm_as_ctrl_c(sw, resume_hint, log):
-            interrupted = _run_todo(sw, todo, stages["cells"], run_dir, log) if todo else False
+            interrupted = _run_todo(sw, todo, stages["cells"], log) if todo else False
             if not interrupted and len(sw.cfg.training.seeds) > 1:
-                interrupted = _run_replicates(sw, stages["cells"], run_dir, log)
+                interrupted = _run_replicates(sw, stages["cells"], log)
             return _finish(sw, interrupted, log)

@@ -358,9 +358,10 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
     return rid
 
 
-def twin_record(record: dict, twin: Trial, trial_json: Path) -> Path:
-    """A twin's trial.json, in its own folder next to the trial's (``trial_json``): the trial's record under the
-    twin's spec, ``same_as`` the trial's key, its timings 0 (it ran nothing; its figure is the trial's)."""
+def twin_record(record: dict, twin: Trial, trial_json: Path) -> dict:
+    """A twin's record, written as trial.json in its own folder next to the trial's (``trial_json``): the trial's
+    record under the twin's spec, ``same_as`` the trial's key, its timings 0 (it ran nothing; its figure is the
+    trial's)."""
     import shutil
 
     folder = trial_json.parent.parent / twin.dir
@@ -371,7 +372,7 @@ def twin_record(record: dict, twin: Trial, trial_json: Path) -> Path:
            "folder": str(folder), "timing": {k: 0.0 for k in record["timing"]},  # it cost nothing more
            "phases": {k: 0.0 for k in record.get("phases") or {}}, "train": {**record["train"], "base_passes_recomputed": 0}}
     write_json_atomic(folder / TRIAL_JSON, out)
-    return folder / TRIAL_JSON
+    return out
 
 
 STOPPED_TAG = "stopped"  # "true" on a child that ASHA stopped at a rung (sweep.scheduler: asha)
@@ -469,7 +470,7 @@ class ChildLogger:
             trial, record = Trial(**d), json.loads(Path(path).read_text())
             self._finished(trial, record, tune_trial.trial_id)
             for twin in self._twins_of(trial):
-                self._finished(twin, json.loads(twin_record(record, twin, Path(path)).read_text()), tune_trial.trial_id)
+                self._finished(twin, twin_record(record, twin, Path(path)), tune_trial.trial_id)
 
     def _twins_of(self, trial: Trial) -> list[Trial]:
         twins = [Trial(**d) for d in self.twins.get(trial.key, [])]
