@@ -9,16 +9,18 @@ routing, ``importance`` / ``frequency`` (MoE layers x experts, ``routing_stats.s
 
 One batch of rows of one format (``predict_batch``):
 
-1. ``routing_forward``: ONE forward over the right-padded prompts (attention mask, each row's last
-   real position) under ``models.capture``; it gives the routing and the log-probabilities of the
-   next token after each prompt. ``routing=False`` (ASHA's rungs) skips the capture, and for a
-   generative format this forward: the answers only.
-2. Generative formats: ``generate_texts``, HF ``model.generate`` (greedy) on a left-padded copy of
-   the prompts (so a row's text does not depend on its batch, sliding-window layers included). A
-   row stops at an eos token or once its text holds a stop string (STOP_STRINGS); the text is cut
-   at the first stop string. Multiple-choice formats: the log-likelihood of each continuation
-   (" A".." D", or the option texts) at the last prompt position; a continuation of several tokens
-   is scored by a second, scoring-only forward (``full_logliks``).
+1. Multiple-choice formats and general text: ``routing_forward``, ONE forward over the right-padded
+   prompts (attention mask, each row's last real position) under ``models.capture``; it gives the
+   routing and the log-probabilities of the next token after each prompt. The log-likelihood of each
+   continuation (" A".." D", or the option texts) is read at the last prompt position; a continuation of
+   several tokens is scored by a second, scoring-only forward (``full_logliks``).
+2. Generative formats: ``generate_texts``, HF ``model.generate`` (greedy) on a left-padded copy of the
+   prompts (so a row's text does not depend on its batch, sliding-window layers included). A row stops
+   at an eos token or once its text holds a stop string (STOP_STRINGS); the text is cut at the first
+   stop string. The routing is recorded from generation's prefill, its first forward, which is the
+   prompt forward (``generate_with_routing``): no separate prompt forward.
+
+``routing=False`` (ASHA's rungs) skips the capture: the answers only.
 
 Many rows: ``predict_rows`` (rows of mixed formats, grouped per format), ``Predictor`` (a Ray Data
 actor: the model is loaded once, then ``predict_rows`` per batch) and ``map_rows`` (a Ray Data actor
@@ -156,6 +158,21 @@ def generate_texts(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_to
     return texts
 
 
+@torch.no_grad()
+def generate_with_routing(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, k: int,
+                          synced_gpus: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``generate_texts`` under ``models.capture``: the texts, and the prompts' (importance, frequency) as
+    ``routing_forward`` gives them, recorded from generation's prefill (its first forward: every prompt
+    token, left-padded; a sequence's statistics are means over its real tokens, so the side it is padded on
+    does not enter). The prompt forward is not run twice."""
+    with models.capture(model) as rec:
+        texts = generate_texts(model, tok, ids, mask, max_new_tokens, synced_gpus)
+    _, left_mask = left_padded(ids, mask, tok.pad_token_id)
+    routing = rec.routing(left_mask)
+    importance, frequency = sequence_importance(routing.probs(), routing.selected, routing.mask, k=k)
+    return texts, importance, frequency
+
+
 # ---------------------------------------------------------------------------------- choice scoring
 
 
@@ -212,8 +229,7 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
     """One batch of rows of ONE format (``fmt`` None: routing only, as for general text; the module
     docstring gives the steps). ``max_length``: prompts are truncated to this many tokens. ``scoring``:
     how generated answers are scored (``tasks.score_generative``). ``routing`` False: the answers only
-    (ASHA's rungs), the same predictions without the capture (a generative format without the prompt
-    forward: generation makes its own); importance and frequency are None.
+    (ASHA's rungs), the same predictions without the capture; importance and frequency are None.
     Returns one dict per row: prediction, output, correct, n_tokens, importance, frequency."""
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, truncation=max_length is not None,
               max_length=max_length)
@@ -221,15 +237,19 @@ def predict_batch(model, tok, rows: list[dict], *, fmt: str | None, k: int, max_
     lengths = mask.sum(1).tolist()
     generative = fmt is not None and FORMATS[fmt]["output"] == "generate"
     n = len(rows)
-    if routing:
+    importance, frequency, logp = [None] * n, [None] * n, None
+    if not generative and routing:  # (a generative format's routing comes from generation's prefill)
         importance, frequency, logp = routing_forward(model, ids, mask, k=k)
-    else:
-        importance, frequency = [None] * n, [None] * n
-        logp = None if generative or fmt is None else next_token_logp(model, ids, mask)
+    elif not generative and fmt is not None:
+        logp = next_token_logp(model, ids, mask)
 
     preds, outputs, correct = [""] * n, [""] * n, [False] * n
     if generative:
-        outputs = generate_texts(model, tok, ids, mask, max_new_tokens, synced_gpus)
+        if routing:
+            outputs, importance, frequency = generate_with_routing(model, tok, ids, mask, max_new_tokens, k=k,
+                                                                   synced_gpus=synced_gpus)
+        else:
+            outputs = generate_texts(model, tok, ids, mask, max_new_tokens, synced_gpus)
         preds = [generative_prediction(t, scoring) for t in outputs]
         correct = score_generative(outputs, [r["answer"] for r in rows], scoring)
     elif fmt is not None:

@@ -357,16 +357,18 @@ def greedy_alone(model, tok, prompt: str, max_new_tokens: int) -> str:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_batched_generation_equals_each_row_decoded_alone_for_every_family(family, tmp_path):
+def test_batched_generation_equals_each_row_decoded_alone_for_every_family(family, tmp_path, monkeypatch):
     """``model.generate`` on the left-padded batch (``inference.generate_texts``): each row's text equals
-    that row decoded alone by a plain greedy loop, and its routing HF's forward of the row alone, for
-    every family, with prompts longer than GPT-OSS's sliding window (64 in the preset) batched with
+    that row decoded alone by a plain greedy loop, and its routing (recorded from generation's prefill,
+    ``inference.generate_with_routing``, with no prompt forward of its own) HF's forward of the row alone,
+    for every family, with prompts longer than GPT-OSS's sliding window (64 in the preset) batched with
     short ones."""
     cfg = mgsm_preset_config(family, tmp_path)
     p = taxonomy.plan(cfg, cfg.models[0], cfg.tasks[0], ["de"], "test")
     rows = taxonomy.rows_frame(p, ["en", "de"], False)
     rows = rows.iloc[[0, 1, 2, 3, len(rows) - 4, len(rows) - 3, len(rows) - 2, len(rows) - 1]]  # shortest, longest
     model, tok = inference.load_model_and_tokenizer(p.model_path, cfg.models[0])
+    forwards = count_prompt_forwards(monkeypatch)
     out = pd.DataFrame(inference.predict_rows(model, tok, rows.to_dict("records"), k=p.shape.experts_per_token,
                                               max_new_tokens=inference.MAX_NEW_TOKENS))
     assert out.n_tokens.max() > 100 > out.n_tokens.min()
@@ -374,8 +376,10 @@ def test_batched_generation_equals_each_row_decoded_alone_for_every_family(famil
     assert any(texts) and out.output.tolist() == texts  # the texts themselves, not only the numbers in them
     by_lang = {l: [ex for ex in p.examples[l] if ex["id"] in set(rows[rows.language == l].id)] for l in ("en", "de")}
     ref = reference_loop(p.model_path, by_lang, "generative_numeric", k=p.shape.experts_per_token, max_new_tokens=1)
+    assert forwards == []  # the routing is generation's prefill's
     for r in out.itertuples():
         np.testing.assert_allclose(np.stack(r.importance), ref[(r.language, r.id)]["importance"], atol=2e-5)
+        np.testing.assert_allclose(np.stack(r.frequency), ref[(r.language, r.id)]["frequency"], atol=1e-6)
 
 
 def test_generation_stops_at_a_stop_string_and_at_eos(tmp_path):
