@@ -549,8 +549,38 @@ def _rows(task_source: str, language: str, root) -> tuple[str, list[tuple[int, d
     return str(path), _read_datasets("parquet", data_files=str(path), label=str(path))
 
 
+_LOADED: dict[tuple, tuple[str, list[dict], list[int]]] = {}  # _load's local files, this process (see _load)
+_LOADED_MAX = 64
+
+
+def _file_key(task_cfg, language: str, root) -> tuple | None:
+    """What a local file's checked records depend on: its path and content (a digest: reading and hashing
+    the bytes costs a fraction of parsing and checking them), the format and the language (None for a hub
+    dataset)."""
+    kind, where = locate(task_cfg.source, root)
+    if kind == "hub":
+        return None
+    path = language_file(where, language)
+    return str(path.resolve()), hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(), task_cfg.format, language
+
+
 def _load(task_cfg, language: str, root) -> tuple[str, list[dict], list[int]]:
-    """(label, checked records, the row number of each: see "row N" above)."""
+    """(label, checked records, the row number of each: see "row N" above). A local file read and checked
+    before in this process, with the same content (``_file_key``), is not parsed and checked again: a sweep's trial process
+    plans every trial of a cell from the same files. The records are the caller's own copies."""
+    key = _file_key(task_cfg, language, root)
+    if key is None or key not in _LOADED:
+        loaded = _read_and_check(task_cfg, language, root)
+        if key is None:
+            return loaded
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = loaded
+    label, out, rows = _LOADED[key]
+    return label, [dict(ex) for ex in out], list(rows)
+
+
+def _read_and_check(task_cfg, language: str, root) -> tuple[str, list[dict], list[int]]:
     label, rows = _rows(task_cfg.source, language, root)
     out, seen = [], {}
     for index, (n, row) in enumerate(rows):

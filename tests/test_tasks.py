@@ -439,3 +439,27 @@ def test_every_config_language_has_a_flores_code():
     assert set(BELEBELE_FLORES) == set(LANGUAGES)
     assert len(set(BELEBELE_FLORES.values())) == len(BELEBELE_FLORES)
     assert all(re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", code) for code in BELEBELE_FLORES.values())
+
+
+def test_a_file_read_before_is_parsed_again_only_when_its_content_changes(mgsm_copy, monkeypatch):
+    """``load_parallel`` in one process (a sweep's trial process plans every trial from the same files): the
+    second load parses no file and returns the caller's own records; an edited file (same size) is parsed
+    again and its new content returned."""
+    from ramoe_ray import tasks
+
+    parsed = []
+    real = tasks._read_tsv
+    monkeypatch.setattr(tasks, "_read_tsv", lambda path: parsed.append(Path(path).name) or real(path))
+    first = load_parallel(mgsm_task(mgsm_copy), ["de"])
+    assert sorted(parsed) == ["mgsm_de.tsv", "mgsm_en.tsv"]
+    first["de"][0]["question"] = "changed by the caller"
+    second = load_parallel(mgsm_task(mgsm_copy), ["de"])
+    assert sorted(parsed) == ["mgsm_de.tsv", "mgsm_en.tsv"]  # nothing parsed again
+    assert second["de"][0]["question"] != "changed by the caller"
+    assert second == load_parallel(mgsm_task(mgsm_copy), ["de"])
+    size = (mgsm_copy / "mgsm_de.tsv").stat().st_size
+    _edit_lines(mgsm_copy / "mgsm_de.tsv", lambda ls: [ls[0].replace("Janet", "Jabet", 1)] + ls[1:])
+    assert (mgsm_copy / "mgsm_de.tsv").stat().st_size == size
+    third = load_parallel(mgsm_task(mgsm_copy), ["de"])
+    assert parsed.count("mgsm_de.tsv") == 2 and parsed.count("mgsm_en.tsv") == 1
+    assert "Jabet" in third["de"][0]["question"] and "Janet" in second["de"][0]["question"]
