@@ -82,6 +82,7 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     wall = parent.data.metrics.get("sweep_seconds")
     print(f"sweep {cfg.name!r} (run {parent_id}): {len(records)} finished trials ({len(trained)} trained, "
           f"{len(steer)} steering), concurrency {conc}")
+    print(machine_speed())
     if trained:
         print(f"fixed cost per trained trial (total - in-loop): median {statistics.median(fixed):.1f} s, "
               f"mean {statistics.mean(fixed):.1f} s, max {max(fixed):.1f} s   (target <= 1.5 s)")
@@ -122,6 +123,26 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
             print(f"  Tune phases / (Tune trials' own time / {conc}) = {tune / max(busy / conc, 1e-9):.2f} "
                   f"(1.0 = no scheduling gaps; the trials' time as Tune measured it, those ASHA stopped included)")
     return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
+
+
+def machine_speed() -> str:
+    """How fast this machine runs what the world's trials are made of (one core): the same figures on two
+    machines make their sweep times comparable (absolute seconds differ between hosts of the same size)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        a @ a
+    t1 = time.perf_counter()
+    s = 0
+    for i in range(2_000_000):
+        s += i
+    t2 = time.perf_counter()
+    torch.set_num_threads(threads)
+    return f"machine: 1,000 matmuls 256x256 {t1 - t0:.2f} s, a 2M-step Python loop {t2 - t1:.2f} s (one core)"
 
 
 def tune_busy(cfg, parent_id: str) -> float:

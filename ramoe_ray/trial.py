@@ -160,12 +160,12 @@ def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict, on_rung
     times["eval"] = time.time()
     times["in_loop"] = float(sum(result.get("step_seconds_rank0") or []))
     record = _record(trial, cells[trial.cell], result, steering, ev, times)
+    trial_figure(record, run_dir / TRIAL_FIGURE)
     return record, result, _written(record, run_dir, time.time() - times["start"])
 
 
 def _written(record: dict, run_dir: Path, total: float) -> Path:
-    trial_figure(record, run_dir / TRIAL_FIGURE)
-    record["timing"]["total"] = total
+    record["timing"]["total"] = total  # the trial's whole time, its figure included
     write_json_atomic(run_dir / TRIAL_JSON, record)
     return run_dir / TRIAL_JSON
 
@@ -190,13 +190,15 @@ def _steering_trials(cfg: RunConfig, trials: list[Trial], root: Path, cells: dic
     n, t2 = len(trials), time.time()
     # models loaded for the cell's settings: in this process, or one per Ray Data actor
     loads = evaluate.EvalPredictor.loads - loads_before if eval_actors(cfg, m.name) == 0 else eval_actors(cfg, m.name)
-    out = []
+    records = []
     for tr, result, steering, ev in zip(trials, results, steerings, evs):
         times = {"start": t0, "train": t0 + (t1 - t0) / n, "eval": t0 + (t1 - t0) / n + (t2 - t1) / n, "in_loop": 0.0}
         record = _record(tr, cells[tr.cell], result, steering, ev, times)
         record["shared_eval"] = {"settings": n, "model_loads": loads}  # this cell's steering, in one pass
-        out.append((record, result, _written(record, root / tr.dir, (time.time() - t0) / n)))
-    return out
+        trial_figure(record, root / tr.dir / TRIAL_FIGURE)
+        records.append(record)
+    share = (time.time() - t0) / n  # each setting's share of the cell's time, figures included
+    return [(record, result, _written(record, root / tr.dir, share)) for tr, result, record in zip(trials, results, records)]
 
 
 # ---------------------------------------------------------------------------------------------- figure
@@ -230,19 +232,18 @@ def _divergence_panel(ax, record: dict) -> None:
 
 
 def trial_figure(record: dict, path: Path) -> None:
-    """trial.png: the training curves and the routing divergence by MoE layer (base vs this trial)."""
-    import matplotlib
+    """trial.png: the training curves and the routing divergence by MoE layer (base vs this trial). Drawn for
+    every trial, so cheaply: a bare matplotlib Figure (no pyplot state) with fixed margins, not tight_layout
+    (which draws the figure twice): 0.34 s -> 0.22 s per figure."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    a, b = fig.subplots(1, 2)
     _training_panel(a, record)
     _divergence_panel(b, record)
     fig.suptitle(record["spec"]["key"], fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.86, wspace=0.22)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- test split
