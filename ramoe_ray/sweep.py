@@ -25,7 +25,8 @@ the order ``run_sweep`` runs them:
    split (``test_acc``, ``test_div_L<l>``).
 6. **Resume**: the finished children of the newest sweep of this name are the record of what is done;
    ``--resume`` runs only the other trials under the same parent (failed or interrupted ones again,
-   their old children deleted), after checking the config is the same.
+   their old children deleted), after checking the config is the same. A twin whose trial finished
+   before is logged from that trial's child (``tracking.ChildLogger.earlier_twins``), not run.
 
 The report (``ramoe report``, report.py) reads only MLflow.
 """
@@ -547,14 +548,17 @@ def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], log, phase: str 
     """The trials still to run, through Tune, their twins (``grid.twins``) logged with them; counts them into
     the summary. True if interrupted."""
     storage = tune_storage(sw.cfg)
-    run, twins = grid.twins(todo, {cell_id(c): c.get("bands", {}) for c in cells})
-    if twins:
-        n = sum(map(len, twins.values()))
+    run, twins, earlier = _todo_twins(sw, todo, cells, phase)
+    if twins or earlier:
+        n = sum(map(len, [*twins.values(), *earlier.values()]))
         log(f"{n} of the {len(todo)} trials are twins of another trial of their cell (a band resolved to the same "
             f"layers as another): {len(run)} run, each twin is logged with its trial's results ({tracking.SAME_AS_TAG})")
     logger = tracking.ChildLogger(sw.plan.uri, sw.exp_id, sw.parent_id, sw.summary["trials"],
                                   sw.summary["finished"] + sw.summary["stopped"],
                                   task_sources={t.name: t.source for t in sw.cfg.tasks}, twins=twins)
+    if earlier:
+        kids = tracking.children(sw.client, sw.exp_id, sw.parent_id)
+        logger.earlier_twins(earlier, kids[kids.status == "FINISHED"])
     ran = run_trials(sw.cfg, run, cells, logger, storage=storage, root=storage / "trials" / sw.parent_id, log=log)
     sw.phases[f"seconds_{phase}"] = ran["seconds"]
     sw.summary["ran"] += logger.finished + logger.failed + logger.stopped
@@ -562,6 +566,17 @@ def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], log, phase: str 
     sw.summary["finished"] += logger.finished
     sw.summary["stopped"] += logger.stopped
     return ran["interrupted"]
+
+
+def _todo_twins(sw: _Sweep, todo: list[Trial], cells: list[dict], phase: str):
+    """``grid.twins`` over the whole grid, restricted to ``todo``: (the trials to run, their twins, and the twins
+    whose trial finished in an earlier run of this sweep: {its key: its twins still to log})."""
+    keys = {t.key for t in todo}
+    run, twins = grid.twins(sw.plan.trials if phase == "trials" else todo,
+                            {cell_id(c): c.get("bands", {}) for c in cells})
+    left = {k: [t for t in v if t.key in keys] for k, v in twins.items()}
+    return ([t for t in run if t.key in keys], {k: v for k, v in left.items() if k in keys and v},
+            {k: v for k, v in left.items() if k not in keys and v})
 
 
 def _run_replicates(sw: _Sweep, cells: list[dict], log) -> bool:

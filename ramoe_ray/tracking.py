@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+import types
 from pathlib import Path
 
 from ramoe_ray import asha
@@ -471,6 +472,33 @@ class ChildLogger:
             self._finished(trial, record, tune_trial.trial_id)
             for twin in self._twins_of(trial):
                 self._finished(twin, twin_record(record, twin, Path(path)), tune_trial.trial_id)
+
+    def earlier_twins(self, twins: dict[str, list[Trial]], done) -> None:
+        """Twins whose trial finished in an earlier run of this sweep (``done``: its FINISHED children, from
+        ``children``), left unlogged when that run's driver died between logging the trial and its twins: logged
+        now from the trial's child, as ``completed`` would have, nothing run."""
+        for key, group in twins.items():
+            row = done[done["tags.trial_key"] == key].iloc[0]
+            self.twins_logged += len(group)
+            tune_trial = types.SimpleNamespace(trial_id=row["tags.tune_trial_id"])
+            if row.get(f"tags.{STOPPED_TAG}") == "true":
+                last = self._last_rung(row)
+                for twin in group:
+                    self._stopped(twin, tune_trial, last, same_as=key)
+                continue
+            path = Path(row["tags.ramoe.trial_dir"]) / TRIAL_JSON
+            record = json.loads(path.read_text())
+            for twin in group:
+                self._finished(twin, twin_record(record, twin, path), tune_trial.trial_id)
+
+    def _last_rung(self, row) -> dict:
+        """A stopped child's last rung as ASHA's report gave it (``log_stopped``'s metrics and rung history), with
+        no time of its own (a twin's)."""
+        last = {k: row.get(f"metrics.{k}") for k in STOPPED_METRICS}
+        hist = {k: self.client.get_metric_history(row["run_id"], f"rung_{k}") for k in (asha.METRIC, asha.TIME_ATTR)}
+        rungs = [{"step": a.step, asha.METRIC: a.value, asha.TIME_ATTR: b.value}
+                 for a, b in zip(*(sorted(h, key=lambda m: m.step) for h in hist.values()))]
+        return {**last, "rung_seconds": 0.0, "seconds_in_loop": 0.0, "rung_history": json.dumps(rungs)}
 
     def _twins_of(self, trial: Trial) -> list[Trial]:
         twins = [Trial(**d) for d in self.twins.get(trial.key, [])]

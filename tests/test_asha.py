@@ -3,6 +3,7 @@ evaluation is stage 4's validation accuracy of the model at that step and leaves
 in a real sweep (Ray Tune, MLflow) ASHA stops exactly the RA-MoE trials its rule stops, per cell, each a
 FINISHED child tagged ``stopped`` with its last metrics, never selected, counted by the report."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,21 @@ def test_asha_sweep_stops_by_its_rule_and_logs_the_stopped(shared_cache, tmp_pat
     assert f"{len(stopped)} stopped early by ASHA" in text
     out = capfd.readouterr().out
     assert out.count("stopped by ASHA at") == len(stopped)
+
+    # a resumed sweep logs the twins of a stopped trial that its dead driver left unlogged: stopped at the same
+    # rung, with the same rung history, tagged with that trial's key, no time of their own
+    first = next(t for t in grid.trials(cfg) if t.key == stopped["tags.trial_key"].iloc[0])
+    twin = grid._named(dataclasses.replace(first, band=[0.2, 1.0], key="", dir=""))
+    logger = tracking.ChildLogger(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"], 15, 14)
+    logger.earlier_twins({first.key: [twin]}, kids[kids.status == "FINISHED"])
+    again = tracking.children(client, summary["experiment_id"], summary["parent_run_id"]).set_index("tags.trial_key")
+    got, ref = again.loc[twin.key], again.loc[first.key]
+    assert logger.stopped == 1 and got["tags.stopped"] == "true" and got["tags.ramoe.same_as"] == first.key
+    for m in ("val_acc", "percent_trained", "step"):
+        assert got[f"metrics.{m}"] == ref[f"metrics.{m}"]
+    assert got["metrics.seconds_in_loop"] == 0
+    hist = [[(m.step, m.value) for m in client.get_metric_history(r, "rung_val_acc")] for r in (got.run_id, ref.run_id)]
+    assert hist[0] == hist[1] and hist[0]
 
 
 # ------------------------------------------------------------------------------------ the cost model

@@ -302,6 +302,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
     cfg0, summary0, client0, kids0, fail = swept
     out = tmp_path / "runs"
     d = sweep_dict(shared_cache, out)
+    d["knobs"]["bands"] = [[0.25, 1.0], [0.2, 1.0]]  # twins (the same layers): their resume is checked at the end
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(d))
     db = out / "t" / "mlflow.db"
@@ -364,3 +365,20 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(swept, shared_cache, t
     changed = config_from_dict({**d, "training": {**d["training"], "lr": 1e-3}})
     with pytest.raises(ConfigError, match=r"began with other settings that change results \(training.lr: 0.005 -> 0.001\)"):
         sweep.run_sweep(changed, resume=True)
+    # a driver that died after logging a trial but before its twins: the resume logs them from that trial, runs nothing
+    kids = kids.set_index("tags.trial_key")
+    twins = kids[tracking.twin_rows(kids)]
+    lost = twins[twins["tags.ramoe.same_as"].isin(kids.index[~tracking.stopped_rows(kids)])].index[:3]
+    assert len(lost) == 3
+    for key in lost:
+        client.delete_run(kids.loc[key, "run_id"])
+    res = sweep.run_sweep(cfg, resume=True)
+    assert res["ran"] == 3 and res["failed"] == 0
+    again = tracking.children(client, res["experiment_id"], parent).set_index("tags.trial_key")
+    assert sorted(again.index) == sorted(kids.index)
+    for key in lost:
+        first = kids.loc[kids.loc[key, "tags.ramoe.same_as"]]
+        assert again.loc[key, "tags.ramoe.same_as"] == first.name
+        assert again.loc[key, "metrics.val_acc"] == first["metrics.val_acc"]
+        assert again.loc[key, "tags.tune_trial_id"] == first["tags.tune_trial_id"]  # no new Tune trial
+        assert again.loc[key, "metrics.seconds_total"] == 0
