@@ -3,8 +3,9 @@
 CPU mode (default): the Ray Data path against the bare single-process loop, same model, same rows,
 same batch size, equal compute (1 actor with T threads vs the loop with T threads), then the cost of
 routing capture (same batches: plain forward / forward under capture / + importance and frequency) and,
-for a generative task, of generation (``inference.generate_texts``: ``model.generate`` with its own
-prefill of the prompts) next to the prompt forward.
+for a generative task, of generation (``inference.generate_texts``: ``model.generate``, whose prefill is
+the prompt forward: the stage records the routing there, ``inference.generate_with_routing``) next to the
+prompt forward alone.
 
     .venv/bin/python bench/taxonomy.py cpu [--threads 2] [--repeat 4] [--batch-size 8]
         [--model synthetic-small:olmoe --family olmoe] [--task synthetic-small:category]
@@ -210,14 +211,16 @@ def gpu(args) -> None:
     print(f"{args.batches} batches x {args.batch_size} prompts, {args.seq_len // 2}-{args.seq_len} tokens "
           f"(right padding): {n_tokens} prompt tokens")
 
-    # the taxonomy's prompt pass as the stage runs it (routing_forward), then the breakdown
+    # the taxonomy's prompt pass as the stage runs it (routing_forward; with generation, generation's prefill
+    # records the routing: generate_with_routing), then the breakdown
     inference.routing_forward(model, *batches[0], k=args.top_k)
     _sync(device)
     t0 = time.perf_counter()
     for ids, mask in batches:
-        inference.routing_forward(model, ids, mask, k=args.top_k)
         if args.gen_tokens:
-            inference.generate_texts(model, _NoText(), ids, mask, args.gen_tokens)
+            inference.generate_with_routing(model, _NoText(), ids, mask, args.gen_tokens, k=args.top_k)
+        else:
+            inference.routing_forward(model, ids, mask, k=args.top_k)
     _sync(device)
     total = time.perf_counter() - t0
     what = "prompt forward + capture + importance" + (f" + {args.gen_tokens} greedy tokens" if args.gen_tokens else "")

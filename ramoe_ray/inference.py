@@ -148,6 +148,7 @@ def generate_texts(model, tok, ids: torch.Tensor, mask: torch.Tensor, max_new_to
         input_ids=left_ids, attention_mask=left_mask, max_new_tokens=max_new_tokens,
         # plain greedy decoding whatever the model's generation_config says
         do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        prefill_chunk_size=None,  # one prefill over the whole prompt: generate_with_routing records it
         eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus,
         stopping_criteria=StoppingCriteriaList([StopAtStrings(tok, width)]),
     )

@@ -545,8 +545,9 @@ def _open_parent(sw: _Sweep, stages: dict, run_dir: Path, log) -> list[Trial]:
 
 
 def _run_todo(sw: _Sweep, todo: list[Trial], cells: list[dict], log, phase: str = "trials") -> bool:
-    """The trials still to run, through Tune, their twins (``grid.twins``) logged with them; counts them into
-    the summary. True if interrupted."""
+    """The trials still to run, through Tune, their twins (``grid.twins``) logged with them, and the twins of
+    trials finished in an earlier run logged from those (``ChildLogger.earlier_twins``); counts them into the
+    summary. True if interrupted."""
     storage = tune_storage(sw.cfg)
     run, twins, earlier = _todo_twins(sw, todo, cells, phase)
     if twins or earlier:

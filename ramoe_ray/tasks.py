@@ -567,7 +567,7 @@ def _file_key(task_cfg, language: str, root) -> tuple | None:
 def _load(task_cfg, language: str, root) -> tuple[str, list[dict], list[int]]:
     """(label, checked records, the row number of each: see "row N" above). A local file read and checked
     before in this process, with the same content (``_file_key``), is not parsed and checked again: a sweep's trial process
-    plans every trial of a cell from the same files. The records are the caller's own copies."""
+    plans every trial of a cell from the same files. The records are the caller's own (shallow) copies."""
     key = _file_key(task_cfg, language, root)
     if key is None or key not in _LOADED:
         loaded = _read_and_check(task_cfg, language, root)

@@ -11,9 +11,10 @@ One entry function per use, config in, artefact out:
 
 The model runs in ``inference.py``: per example ONE forward pass over the prompt, under
 ``models.capture``, whose routing gives per MoE layer the importance and activation frequency
-(``routing_stats.sequence_importance``); then generative formats decode greedily (``model.generate``)
-and multiple-choice formats read the log-likelihood of each continuation (" A".." D", or the option
-texts) at the last prompt position. This module plans, runs that predictor and writes the artefacts.
+(``routing_stats.sequence_importance``). Multiple-choice formats read the log-likelihood of each
+continuation (" A".." D", or the option texts) at the last prompt position of that forward;
+generative formats decode greedily (``model.generate``), and that forward is generation's prefill.
+This module plans, runs that predictor and writes the artefacts.
 
 Artefacts (content-addressed, under ``cfg.cache_dir/taxonomy/<key>/``, written atomically):
 

@@ -495,6 +495,7 @@ class ChildLogger:
         """A stopped child's last rung as ASHA's report gave it (``log_stopped``'s metrics and rung history), with
         no time of its own (a twin's)."""
         last = {k: row.get(f"metrics.{k}") for k in STOPPED_METRICS}
+        last = {k: v for k, v in last.items() if v is not None and v == v}  # (a metric it lacks is NaN here)
         hist = {k: self.client.get_metric_history(row["run_id"], f"rung_{k}") for k in (asha.METRIC, asha.TIME_ATTR)}
         rungs = [{"step": a.step, asha.METRIC: a.value, asha.TIME_ATTR: b.value}
                  for a, b in zip(*(sorted(h, key=lambda m: m.step) for h in hist.values()))]
