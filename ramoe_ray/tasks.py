@@ -569,13 +569,12 @@ def _load(task_cfg, language: str, root) -> tuple[str, list[dict], list[int]]:
     before in this process, with the same content (``_file_key``), is not parsed and checked again: a sweep's trial process
     plans every trial of a cell from the same files. The records are the caller's own (shallow) copies."""
     key = _file_key(task_cfg, language, root)
-    if key is None or key not in _LOADED:
-        loaded = _read_and_check(task_cfg, language, root)
-        if key is None:
-            return loaded
+    if key is None:
+        return _read_and_check(task_cfg, language, root)
+    if key not in _LOADED:
         if len(_LOADED) >= _LOADED_MAX:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = loaded
+        _LOADED[key] = _read_and_check(task_cfg, language, root)
     label, out, rows = _LOADED[key]
     return label, [dict(ex) for ex in out], list(rows)
 
