@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -204,21 +205,47 @@ def test_a_shipped_model_is_used_only_under_its_key(tmp_path, monkeypatch, capsy
 
 # One family in the test run (a rebuild is ~6 min on 2 cores; the suite stays under 20 min): OLMoE.
 # `bench/world.py` rebuilds every shipped family and compares them bit for bit.
+PROFILE_TOLERANCE = 0.06  # a language's accuracy over the tasks, rebuilt on another kind of CPU against shipped
+
+
+def _language_profile(accuracy: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each language's accuracy averaged over the tasks: the world's difficulty gradient."""
+    return {lang: sum(by_task.values()) / len(by_task) for lang, by_task in accuracy.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("family", ["olmoe"])
 def test_a_shipped_model_is_what_build_model_makes(tmp_path, family):
-    """Pretrains a shipped model again (~8 min per family on 2 cores) and compares: one thread and one seed give
-    the same weights bit for bit, on the same torch and the same kind of CPU."""
+    """Pretrains a shipped model again (~6 min on 2 cores) and compares.
+
+    One thread and one seed give the same weights bit for bit on the same torch and the same kind of CPU (the
+    reduced world's double build checks that on every host: test_reduced_world_build_is_seeded_and_cached).
+    Another kind of CPU rounds its kernels differently, and 1,000 training steps carry a last-bit difference into
+    every weight: CI's hosts vary, and on one kind all 201 tensors differed (max 0.75), the per-cell accuracies by up
+    to 0.22. There the test checks what the code fixes and the rounding does not, and warns that it did: the same
+    tensors and shapes, English at the floor, and each language's accuracy over the tasks within PROFILE_TOLERANCE
+    of the shipped model's (0.026 at most on that host)."""
     spec = S.WORLDS["synthetic"]
     shipped = S.shipped_model(spec, family)
     assert shipped is not None, f"no shipped {family} model for world {spec.key()}; {STALE}"
     built = S.build_model(spec, family, tmp_path, log_every=0, shipped=False)
     old, new = load_file(shipped / "model.safetensors"), load_file(built / "model.safetensors")
-    assert old.keys() == new.keys()
+    assert old.keys() == new.keys() and all(old[k].shape == new[k].shape for k in old)
     differ = {k: (old[k] - new[k]).abs().max().item() for k in old if not torch.equal(old[k], new[k])}
     accuracy = [json.loads((p / "report.json").read_text())["accuracy"] for p in (shipped, built)]
-    assert not differ, (f"{len(differ)} of {len(old)} tensors differ from the shipped ones (max {max(differ.values()):.3g}); "
-                        f"accuracy shipped {accuracy[0]}, rebuilt {accuracy[1]}: another torch or CPU rounds differently, or "
-                        f"the shipped models are not this code's; {STALE}")
-    assert accuracy[0] == accuracy[1]
+    if not differ:
+        assert accuracy[0] == accuracy[1]
+        return
+    profile = [_language_profile(a) for a in accuracy]
+    gap = {lang: abs(profile[0][lang] - profile[1][lang]) for lang in profile[0]}
+    floor = 0.9 if family in _demo_families() else 0.75
+    assert profile[0].keys() == profile[1].keys() and min(accuracy[1]["en"].values()) >= floor, accuracy[1]["en"]
+    assert max(gap.values()) <= PROFILE_TOLERANCE, (
+        f"{len(differ)} of {len(old)} tensors differ from the shipped ones (max {max(differ.values()):.3g}) and the "
+        f"languages' accuracy moved by up to {max(gap.values()):.3f} (allowed {PROFILE_TOLERANCE}): shipped "
+        f"{profile[0]}, rebuilt {profile[1]}; the shipped models are not this code's, or another torch trains "
+        f"differently; {STALE}")
+    warnings.warn(f"{family}: this CPU rounds unlike the one that built the shipped model ({len(differ)} of {len(old)} "
+                  f"tensors differ, max {max(differ.values()):.3g}), so the rebuild was compared by its accuracy "
+                  f"profile, not bit for bit: the languages' accuracies agree within {max(gap.values()):.3f}", stacklevel=1)
