@@ -11,7 +11,7 @@ import torch
 from scipy.stats import entropy
 
 from ramoe_ray import experts as experts_mod
-from ramoe_ray import taxonomy
+from ramoe_ray import routing_stats, taxonomy
 from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.experts import experts_artifact, run_experts
 from ramoe_ray.routing_stats import (
@@ -141,6 +141,29 @@ def test_normalized_jsd_of_nearly_equal_rows_is_finite_and_equals_scipys_square(
     denom = math.log(8) - 0.5 * (entropy(a, axis=-1) + entropy(b, axis=-1))
     np.testing.assert_allclose(normalized_jsd(a, b), jensenshannon(a, b, axis=-1) ** 2 / denom, rtol=1e-10)
     assert np.isnan(normalized_jsd(np.zeros(8), b[0]))  # an all-zero row stays NaN, as documented
+
+
+def test_entropy_is_scipys_bit_for_bit():
+    """normalized_jsd's entropies are scipy.stats.entropy's numbers (rows normalised again, the sum of entr), on
+    raw and normalised rows and an all-zero row (NaN)."""
+    rng = np.random.default_rng(2)
+    raw = rng.random((40, 6, 8)) * 3
+    raw[0, 0] = 0.0
+    for rows in (raw, rng.dirichlet(np.ones(8), size=(40, 6)), rng.dirichlet(np.full(128, 0.1), size=300)):
+        with np.errstate(invalid="ignore"):
+            assert np.array_equal(routing_stats._entropy(rows), entropy(rows, axis=-1), equal_nan=True)
+
+
+@pytest.mark.slow
+def test_the_inference_path_does_not_import_scipy_stats():
+    """scipy.stats costs ~1 s of every process that imports it (each Ray Data actor, trial process, CLI call);
+    the routing statistics use scipy.special only."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, ramoe_ray.inference, ramoe_ray.trial; "
+                             "print('scipy.stats' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
 
 
 def test_normalized_jsd_degenerate_uniform_is_zero():
