@@ -194,18 +194,24 @@ def after_units(cfg: RunConfig, trials: list[Trial], sizes: dict, machine: Machi
 
 def stage_units(cfg: RunConfig, sizes: dict, machine: Machine) -> list[cost.Work]:
     """Stage 1 per (model, task): English and every target language of the train split and the general
-    text, on the inference actors; stage 2's experts.json per (language, band, top-k) at ``EXPERTS_SECONDS``."""
+    text, on the inference actors; stage 2's experts.json per (language, band, top-k) at ``EXPERTS_SECONDS``.
+    A model's tasks share one pass (``taxonomy.execute_many``): its model load and the pass's start are paid
+    by its first task, and a general-text file its tasks share is read once."""
     out = []
     for m in cfg.models:
         gpu = cfg.resources_for(m).gpus_per_worker > 0 and machine.gpus
         actors = int(machine.gpus) if gpu else max(1, cfg.resources.inference_actors)
         n2 = len(cfg.languages) * len(cfg.knobs.bands) * len(cfg.knobs.top_k)
+        generals: set = set()
         for t in cfg.tasks:
             s = sizes[t.name]
             if s is not None:
-                out.append(cost.Work(m.name, t.name, examples=(1 + len(cfg.languages)) * s.train + s.general,
-                                     loads=1, actors=actors, gpus=float(actors if gpu else 0), fixed=False,
-                                     extra=n2 * EXPERTS_SECONDS + _overhead(cfg, m.name, "stage_pass_s")))
+                first = not any(w.model == m.name for w in out)
+                general = 0 if t.general_source in generals else s.general
+                generals.add(t.general_source)
+                out.append(cost.Work(m.name, t.name, examples=(1 + len(cfg.languages)) * s.train + general,
+                                     loads=int(first), actors=actors, gpus=float(actors if gpu else 0), fixed=False,
+                                     extra=n2 * EXPERTS_SECONDS + (_overhead(cfg, m.name, "stage_pass_s") if first else 0.0)))
     return out
 
 

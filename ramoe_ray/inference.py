@@ -297,7 +297,10 @@ class Predictor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
-        return pd.DataFrame(predict_rows(self.model, self.tok, rows, k=self.k, max_new_tokens=self.max_new_tokens))
+        out = pd.DataFrame(predict_rows(self.model, self.tok, rows, k=self.k, max_new_tokens=self.max_new_tokens))
+        if "part" in batch:  # which of several plans in one pass a row belongs to (taxonomy.execute_many)
+            out["part"] = batch["part"].to_numpy()
+        return out
 
 
 # ------------------------------------------------------------------------------ Ray Data actor pool

@@ -7,9 +7,9 @@ the order ``run_sweep`` runs them:
    usable (``check_tracking``), the grid is not empty, every model's size fits the knobs
    (``sources.check``), every (model, task, language) cell has its data (``taxonomy.plan``).
 2. **Stages 1-2 once per cell** (``run_stages``), in the driver, through the content-addressed cache: the
-   train split's taxonomy of every language of a (model, task) in one Ray Data pass, then experts.json for
-   every (language, band, top-k). Trials find both in the cache; each trial reports how many it had to
-   recompute (``stage12_recomputed``: 0 expected), the sweep's result sums them.
+   train split's taxonomy of every task and language of a model in one Ray Data pass (one model load per
+   actor: ``taxonomy.execute_many``), then experts.json for every (task, language, band, top-k). Trials find
+   both in the cache; each trial reports how many it had to recompute (``stage12_recomputed``: 0 expected), the sweep's result sums them.
 3. **Trials** (``run_trials``): the grid (grid.py) minus what is already finished and minus the twins (``grid.twins``:
    logged with the trial they repeat), one Ray Tune trial each
    (grid order; trial names = Tune's trial ids; one Tune run per model when models ask for different
@@ -150,9 +150,9 @@ def _cell_facts(plan, taxonomy_path: Any, experts_path: Any, language: str) -> d
     }
 
 
-def _stages_of(cfg: RunConfig, plan) -> tuple[list[dict], int, int]:
-    """Stages 1-2 of one (model, task): (its cells' facts, stage 1 computed, stage 2 computed)."""
-    done, general = taxonomy.execute(plan)
+def _stages_of(cfg: RunConfig, plan, done: dict, general: tuple) -> tuple[list[dict], int, int]:
+    """Stages 1-2 of one (model, task), its stage 1 done (``taxonomy.execute``'s result): (its cells' facts,
+    stage 1 computed, stage 2 computed)."""
     n1 = sum(not hit for _, hit in done.values())
     paths = {lang: path for lang, (path, _) in done.items()}
     cells, n2 = [], 0
@@ -173,12 +173,17 @@ def run_stages(cfg: RunConfig, plans: list, *, log=print) -> dict:
     "stage1_computed", "stage2_computed", "seconds"}; cells.json entries are the report's per-cell facts."""
     t0 = time.time()
     cells, n1, n2 = [], 0, 0
+    by_model: dict[str, list] = {}
     for plan in plans:
-        mine, c1, c2 = _stages_of(cfg, plan)
-        cells += mine
-        n1, n2 = n1 + c1, n2 + c2
-        log(f"  stages 1-2 {plan.model_cfg.name}/{plan.task_cfg.name}: " + ", ".join(
-            f"{c['language']} ci {100 * c['ci_proportion']:.0f}%" for c in mine))
+        by_model.setdefault(plan.model_cfg.name, []).append(plan)
+    for model_plans in by_model.values():
+        # stage 1 of every task of a model in ONE predictor pass: one model load per actor, not per task
+        for plan, (done, general) in zip(model_plans, taxonomy.execute_many(model_plans)):
+            mine, c1, c2 = _stages_of(cfg, plan, done, general)
+            cells += mine
+            n1, n2 = n1 + c1, n2 + c2
+            log(f"  stages 1-2 {plan.model_cfg.name}/{plan.task_cfg.name}: " + ", ".join(
+                f"{c['language']} ci {100 * c['ci_proportion']:.0f}%" for c in mine))
     return {"cells": cells, "stage1_computed": n1, "stage2_computed": n2, "seconds": time.time() - t0}
 
 

@@ -7,7 +7,8 @@ One entry function per use, config in, artefact out:
 - ``plan`` + ``execute``: the same for several languages in ONE Ray Data pass, all inputs checked by
   ``plan`` before any actor starts (the CLI plans every cell first); with ``plan(..., general=True)``
   the pass also records the routing of the English general text (rows.parquet), which the experts
-  stage contrasts task routing with.
+  stage contrasts task routing with; ``execute_many``: several plans of one model (its tasks) in one pass,
+  so an actor loads the model once for all of them (the sweep's stage 1).
 
 The model runs in ``inference.py``: per example ONE forward pass over the prompt, under
 ``models.capture``, whose routing gives per MoE layer the importance and activation frequency
@@ -307,29 +308,57 @@ def _write_rows(folder: Path, part: pd.DataFrame, meta: dict) -> None:
     atomic_dir(folder, build)
 
 
-def _predict_missing(plan: Plan, need: list[str], need_general: bool, *, num_actors: int, batch_size: int,
+def _todo(plan: Plan, cells: bool) -> tuple[list[str], list[str], bool]:
+    """What of a plan is missing: (target languages without their cell artefact, languages whose rows must
+    be predicted, whether the general text must be)."""
+    root = plan.root
+    missing = [l for l in (plan.languages if cells else []) if not (root / plan.cell_keys[l]).is_dir()]
+    need = [x for x in (["en"] if missing else []) + missing if not (root / plan.keys[x]).is_dir()]
+    need_general = plan.general is not None and not (root / plan.general_key).is_dir()
+    return missing, need, need_general
+
+
+def _predict_missing(work: list[tuple[Plan, list[str], bool]], *, num_actors: int, batch_size: int,
                      cpus_per_actor: float) -> None:
-    """One predictor pass (one actor pool) over every missing language and the general text; writes
-    their artefacts."""
-    rows = rows_frame(plan, need, need_general)
+    """One predictor pass (one actor pool: one model load per actor) over every plan's missing languages
+    and general text; writes their artefacts. ``work``: (plan, languages, general?) of plans of one model."""
+    kwargs = predictor_kwargs(work[0][0])
+    if any(predictor_kwargs(p) != kwargs for p, _, _ in work):
+        raise ValueError("plans predicted in one pass must share the model and the generation length")
+    frames, generals = [], set()
+    for i, (p, need, need_general) in enumerate(work):
+        with_general = need_general and p.general_key not in generals  # tasks may share the general text
+        generals.add(p.general_key)
+        frames.append(rows_frame(p, need, with_general).assign(part=i))
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows.iloc[np.argsort(rows["prompt"].str.len().to_numpy(), kind="stable")].reset_index(drop=True)
     t0 = time.time()
-    out = inference.map_rows(rows, inference.Predictor, predictor_kwargs(plan), num_actors=num_actors,
-                             batch_size=batch_size, cpus_per_actor=cpus_per_actor)
+    out = inference.map_rows(rows, inference.Predictor, kwargs, num_actors=num_actors, batch_size=batch_size,
+                             cpus_per_actor=cpus_per_actor)
     seconds = time.time() - t0
     if len(out) != len(rows):
         raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
-    out = out.sort_values(["language", "id"], kind="stable").reset_index(drop=True)
-    run = {"seconds_total": seconds, "rows_total": len(rows), "num_actors": num_actors, "batch_size": batch_size}
+    out = out.sort_values(["part", "language", "id"], kind="stable").reset_index(drop=True)
+    run = {"seconds_total": seconds, "rows_total": len(rows), "plans": len(work), "num_actors": num_actors,
+           "batch_size": batch_size}
+    general_rows = {}
+    for i, (p, need, need_general) in enumerate(work):
+        mine = out[out.part == i].drop(columns="part")
+        general_rows.setdefault(p.general_key, mine[mine.kind == "general"].reset_index(drop=True))
+        _write_predicted(p, mine, need, general_rows[p.general_key] if need_general else None, run)
+
+
+def _write_predicted(plan: Plan, out: pd.DataFrame, need: list[str], general: pd.DataFrame | None, run: dict) -> None:
+    """The language artefacts of ``need`` (and the general text's) from one plan's predicted rows."""
     for lang in need:
         part = out[(out.kind == "task") & (out.language == lang)].reset_index(drop=True)
         _write_rows(plan.root / plan.keys[lang], part, {
             "kind": "language", "key": plan.keys[lang], "inputs": plan.inputs[lang], "n": len(part),
             "forwards": len(part), "accuracy": float(part.correct.mean()), **_shape_meta(plan), "run": run})
-    if need_general:
-        part = out[out.kind == "general"].reset_index(drop=True)
-        _write_rows(plan.root / plan.general_key, part, {
-            "kind": "general", "key": plan.general_key, "inputs": plan.general_inputs, "n": len(part),
-            "forwards": len(part), **_shape_meta(plan), "run": run})
+    if general is not None:
+        _write_rows(plan.root / plan.general_key, general, {
+            "kind": "general", "key": plan.general_key, "inputs": plan.general_inputs, "n": len(general),
+            "forwards": len(general), **_shape_meta(plan), "run": run})
 
 
 def _write_cell(plan: Plan, lang: str, computed: list[str]) -> None:
@@ -361,23 +390,31 @@ def execute(plan: Plan, *, num_actors: int | None = None, batch_size: int | None
     Returns ({target language: (taxonomy.parquet, cache_hit)} (empty when ``cells`` is False),
     (general rows.parquet, cache_hit) or None when the plan has no general text). cache_hit: the
     artefact already existed, so nothing was computed for it."""
-    root = plan.root
-    num_actors = plan.cfg.resources.inference_actors if num_actors is None else num_actors
-    targets = plan.languages if cells else []
-    cell_hit = {l: (root / plan.cell_keys[l]).is_dir() for l in targets}
-    missing = [l for l in targets if not cell_hit[l]]
-    need = [x for x in (["en"] if missing else []) + missing if not (root / plan.keys[x]).is_dir()]
-    need_general = plan.general is not None and not (root / plan.general_key).is_dir()
-    if need or need_general:
-        _predict_missing(plan, need, need_general, num_actors=num_actors, batch_size=batch_size or BATCH_SIZE,
+    return execute_many([plan], num_actors=num_actors, batch_size=batch_size, cpus_per_actor=cpus_per_actor,
+                        cells=cells)[0]
+
+
+def execute_many(plans: list[Plan], *, num_actors: int | None = None, batch_size: int | None = None,
+                 cpus_per_actor: float = 1.0, cells: bool = True) -> list[tuple[dict, tuple[Path, bool] | None]]:
+    """``execute`` of several plans of ONE model (e.g. its tasks) in one predictor pass: one actor pool, so
+    one model load per actor for all of them rather than per plan. Returns ``execute``'s result per plan."""
+    if not plans:
+        return []
+    num_actors = plans[0].cfg.resources.inference_actors if num_actors is None else num_actors
+    todo = [_todo(p, cells) for p in plans]
+    work = [(p, need, need_general) for p, (_, need, need_general) in zip(plans, todo) if need or need_general]
+    if work:
+        _predict_missing(work, num_actors=num_actors, batch_size=batch_size or BATCH_SIZE,
                          cpus_per_actor=cpus_per_actor)
-    for lang in missing:
-        _write_cell(plan, lang, need)
-    out_cells = {lang: (root / plan.cell_keys[lang] / "taxonomy.parquet", cell_hit[lang]) for lang in targets}
-    general = None
-    if plan.general is not None:
-        general = (root / plan.general_key / "rows.parquet", not need_general)
-    return out_cells, general
+    results = []
+    for p, (missing, need, need_general) in zip(plans, todo):
+        for lang in missing:
+            _write_cell(p, lang, need)
+        targets = p.languages if cells else []
+        out_cells = {l: (p.root / p.cell_keys[l] / "taxonomy.parquet", l not in missing) for l in targets}
+        general = None if p.general is None else (p.root / p.general_key / "rows.parquet", not need_general)
+        results.append((out_cells, general))
+    return results
 
 
 # ------------------------------------------------------------------------------------- entry points

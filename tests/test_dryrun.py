@@ -113,6 +113,21 @@ def test_cost_model_arithmetic_on_a_constructed_case():
     assert est.wall == pytest.approx(ph.wall + 5.5) and est.gpu_hours == pytest.approx(ph.gpu_hours)
 
 
+def test_stage_one_is_one_pass_per_model_in_the_estimate():
+    """A model's tasks share one stage-1 pass (taxonomy.execute_many): one model load and one pass start per
+    model, and a general-text file its tasks share read once; another file is read again."""
+    d = two_models(tasks=[dict(name=t, format="generative_numeric", source=f"/d/{t}", general_source=g)
+                          for t, g in (("a", "/g/en.txt"), ("b", "/g/en.txt"), ("c", "/g/other.txt"))])
+    cfg = config_from_dict(d)
+    sizes = {t: dryrun.Size(100, 60, 20, 20, 50, "stated") for t in "abc"}
+    units = dryrun.stage_units(cfg, sizes, dryrun.Machine(cpus=64, gpus=8))
+    assert [(u.model, u.task, u.loads) for u in units] == [
+        ("small", "a", 1), ("small", "b", 0), ("small", "c", 0), ("big", "a", 1), ("big", "b", 0), ("big", "c", 0)]
+    assert [u.examples for u in units[:3]] == [2 * 60 + 50, 2 * 60, 2 * 60 + 50]
+    pass_start = cost.OVERHEAD["gpu"]["stage_pass_s"]
+    assert units[0].extra - units[1].extra == pytest.approx(pass_start) and units[1].extra == units[2].extra
+
+
 @pytest.mark.parametrize("n, batch, workers, epochs, max_steps", [
     (600, 8, 1, 1, 40), (150, 4, 4, 3, None), (151, 4, 4, 3, None), (150, 4, 1, 3, 300), (10, 4, 4, 2, None),
     (8425, 4, 2, 3, 300), (3, 4, 4, 1, None)])

@@ -14,7 +14,7 @@ import yaml
 from conftest import small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ramoe_ray import inference, sources, taxonomy
+from ramoe_ray import inference, sources, sweep, synthetic, taxonomy
 from ramoe_ray.cli import main
 from ramoe_ray.config import ConfigError, config_from_dict
 from ramoe_ray.models import FAMILIES, capture
@@ -153,6 +153,63 @@ def test_batch_size_one_and_eight_give_the_same_results(task, tmp_path, small_wo
         assert a.output.tolist() == b.output.tolist()  # the generated texts, token for token
     np.testing.assert_allclose(taxonomy.routing_array(a), taxonomy.routing_array(b), atol=2e-6)
     np.testing.assert_array_equal(taxonomy.routing_array(a, "frequency"), taxonomy.routing_array(b, "frequency"))
+
+
+# ------------------------------------------------------------------- a model's tasks in one pass
+
+
+def _two_task_plans(cache, world):
+    cache.mkdir()
+    (cache / "world").symlink_to(world.resolve(), target_is_directory=True)
+    d = dict(models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+             tasks=[dict(name=t, format=synthetic.TASKS[t], source=f"synthetic-small:{t}") for t in ("arith", "category")],
+             languages=["syn3"], cache_dir=str(cache))
+    cfg = sources.resolve(config_from_dict(d))
+    return [taxonomy.plan(cfg, cfg.models[0], t, ["syn3"], "test", general=True, max_new_tokens=3) for t in cfg.tasks]
+
+
+def test_a_models_tasks_in_one_pass_load_it_once_and_equal_each_task_alone(tmp_path, small_world, monkeypatch):
+    """execute_many (the sweep's stage 1 per model): one model load for both tasks (a generative and a
+    multiple-choice one, mixed in the batches), the same artefacts' contents as each task's own pass, the
+    general text both tasks share predicted once, and a second call all cache hits with no model load."""
+    alone = [taxonomy.execute(p, num_actors=0, batch_size=4) for p in _two_task_plans(tmp_path / "alone", small_world)]
+    loads, real = [], inference.load_model_and_tokenizer
+    monkeypatch.setattr(inference, "load_model_and_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    forwards = count_prompt_forwards(monkeypatch)
+    plans = _two_task_plans(tmp_path / "together", small_world)
+    together = taxonomy.execute_many(plans, num_actors=0, batch_size=4)
+    assert len(loads) == 1
+    assert plans[0].general_key == plans[1].general_key
+    # category's rows and the general text, once (not per task); arith's prompts run inside generate
+    assert sum(forwards) == 2 * N_TEST + len(plans[0].general)
+    cols = ["id", "language", "prediction", "correct", "category", "n_tokens"]
+    for (cells_a, gen_a), (cells_t, gen_t) in zip(alone, together):
+        a, t = pd.read_parquet(cells_a["syn3"][0]), pd.read_parquet(cells_t["syn3"][0])
+        assert not cells_t["syn3"][1] and a[cols].equals(t[cols])
+        if (a.output.str[0] != "[").all():  # generated texts, token for token (log-likelihoods: last digits vary)
+            assert a.output.tolist() == t.output.tolist()
+        np.testing.assert_allclose(taxonomy.routing_array(a), taxonomy.routing_array(t), atol=2e-6)
+        ga, gt = pd.read_parquet(gen_a[0]), pd.read_parquet(gen_t[0])
+        assert ga.id.tolist() == gt.id.tolist()
+        np.testing.assert_allclose(taxonomy.routing_array(ga), taxonomy.routing_array(gt), atol=2e-6)
+    again = taxonomy.execute_many(plans, num_actors=0, batch_size=4)
+    assert len(loads) == 1 and all(hit for cells, (_, ghit) in again for _, hit in cells.values() for hit in (hit, ghit))
+
+
+def test_the_sweeps_stages_run_one_predictor_pass_per_model(tmp_path, small_world, monkeypatch):
+    """sweep.run_stages: stage 1 of a model's two tasks in one predictor pass (one model load), then stage 2
+    of each (model, task): every cell's facts, in the config's order."""
+    plans = _two_task_plans(tmp_path / "c", small_world)
+    cfg = plans[0].cfg.model_copy(update={"resources": plans[0].cfg.resources.model_copy(update={"inference_actors": 0})})
+    plans = [taxonomy.plan(cfg, cfg.models[0], t, ["syn3"], "train", general=True) for t in cfg.tasks]
+    passes, real = [], taxonomy._predict_missing
+    monkeypatch.setattr(taxonomy, "_predict_missing", lambda work, **kw: passes.append(len(work)) or real(work, **kw))
+    loads, real_load = [], inference.load_model_and_tokenizer
+    monkeypatch.setattr(inference, "load_model_and_tokenizer", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    res = sweep.run_stages(cfg, plans, log=lambda *_: None)
+    assert passes == [2] and len(loads) == 1
+    assert [(c["task"], c["language"]) for c in res["cells"]] == [("arith", "syn3"), ("category", "syn3")]
+    assert res["stage1_computed"] == 2 and res["stage2_computed"] == 2 * len(cfg.knobs.bands) * len(cfg.knobs.top_k)
 
 
 # ------------------------------------------------------------------------------------------- cache
