@@ -168,6 +168,22 @@ def prepare_process() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def build_comm_op() -> bool:
+    """Compiles DeepSpeed's CPU shared-memory comm op (``ShareMemCommBuilder``: ~45 s of a 2-core machine,
+    once) into ``ray_env``'s TORCH_EXTENSIONS_DIR now, so that no training pays it: DeepSpeed's CPU
+    accelerator loads the op in ``init_distributed``, and without a build there the first training of a sweep
+    or test run compiles it (and a concurrent one waits for it). scripts/setup.sh calls this; a later call
+    finds the build. False where DeepSpeed's accelerator has no such op (a GPU)."""
+    prepare_process()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        return False
+    builder.load(verbose=False)
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -143,6 +143,16 @@ def _assert_same_training(a: dict, b: dict, tol: float) -> None:
 
 
 @pytest.mark.slow
+def test_setup_built_deepspeeds_cpu_comm_op_where_trainings_load_it():
+    """scripts/setup.sh compiles DeepSpeed's CPU comm op (train_worker.build_comm_op) where ray_env points
+    every training, so no training compiles it (~45 s): loading it finds that build and leaves it as it is."""
+    built = Path(train_worker.ray_env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    assert built.is_file(), f"{built}: not built (run scripts/setup.sh)"
+    before = built.stat().st_mtime_ns
+    assert train_worker.build_comm_op() and built.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
 def test_trainings_in_one_process_and_resume_from_a_kept_checkpoint(shared_cache, tmp_path, monkeypatch):
     """Three trainings one after another in this process (an uninterrupted one, one that fails at step 3,
     its resumption from the step-2 checkpoint kept in its run folder): one process group throughout, no
