@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         with_config(sp)
         sp.add_argument("--split", default="train", choices=["train", "validation", "test"])
-        sp.add_argument("--batch-size", type=_at_least(1), default=None, help="examples per forward (default 8)")
+        sp.add_argument("--batch-size", type=_at_least(1), default=None, help="examples per forward (default: the config's training.eval_batch_size)")
     sp = sub.add_parser("train", help="stage 3: train one cell with one method (sft, rise, ramoe; steering trains nothing)")
     with_config(sp)
     sp.add_argument("--model", help="model name (default: the config's only model)")

@@ -299,8 +299,8 @@ class TrainingConfig(_Strict):
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the last checkpoint (FailureConfig)")
     eval_batch_size: int = Field(
         default=64, ge=1,
-        description="batch size of the no-grad passes (English targets, routing KL, train CE inside training; the "
-        "evaluator's predictor); results do not depend on it",
+        description="batch size of the no-grad passes (stage 1's taxonomy; English targets, routing KL, train CE inside "
+        "training; the evaluator's predictor); results do not depend on it",
     )
     final_train_pass: bool = Field(
         default=True,

@@ -59,7 +59,7 @@ import pandas as pd
 from ramoe_ray import inference, models, tasks
 from ramoe_ray.cache import atomic_dir, code_digest, content_key, file_digest, folder_digest
 from ramoe_ray.config import ConfigError
-from ramoe_ray.inference import BATCH_SIZE, MAX_NEW_TOKENS
+from ramoe_ray.inference import MAX_NEW_TOKENS
 from ramoe_ray.routing_stats import sequence_importance
 from ramoe_ray.tasks import (
     DEFAULT_FRACTIONS,
@@ -397,14 +397,17 @@ def execute(plan: Plan, *, num_actors: int | None = None, batch_size: int | None
 def execute_many(plans: list[Plan], *, num_actors: int | None = None, batch_size: int | None = None,
                  cpus_per_actor: float = 1.0, cells: bool = True) -> list[tuple[dict, tuple[Path, bool] | None]]:
     """``execute`` of several plans of ONE model (e.g. its tasks) in one predictor pass: one actor pool, so
-    one model load per actor for all of them rather than per plan. Returns ``execute``'s result per plan."""
+    one model load per actor for all of them rather than per plan. ``batch_size``: rows per forward, by
+    default the config's ``training.eval_batch_size`` (results do not depend on it). Returns ``execute``'s
+    result per plan."""
     if not plans:
         return []
     num_actors = plans[0].cfg.resources.inference_actors if num_actors is None else num_actors
+    batch_size = batch_size or plans[0].cfg.training.eval_batch_size
     todo = [_todo(p, cells) for p in plans]
     work = [(p, need, need_general) for p, (_, need, need_general) in zip(plans, todo) if need or need_general]
     if work:
-        _predict_missing(work, num_actors=num_actors, batch_size=batch_size or BATCH_SIZE,
+        _predict_missing(work, num_actors=num_actors, batch_size=batch_size,
                          cpus_per_actor=cpus_per_actor)
     results = []
     for p, (missing, need, need_general) in zip(plans, todo):

@@ -197,17 +197,18 @@ def test_a_models_tasks_in_one_pass_load_it_once_and_equal_each_task_alone(tmp_p
 
 
 def test_the_sweeps_stages_run_one_predictor_pass_per_model(tmp_path, small_world, monkeypatch):
-    """sweep.run_stages: stage 1 of a model's two tasks in one predictor pass (one model load), then stage 2
-    of each (model, task): every cell's facts, in the config's order."""
+    """sweep.run_stages: stage 1 of a model's two tasks in one predictor pass (one model load) at the config's
+    training.eval_batch_size, then stage 2 of each (model, task): every cell's facts, in the config's order."""
     plans = _two_task_plans(tmp_path / "c", small_world)
     cfg = plans[0].cfg.model_copy(update={"resources": plans[0].cfg.resources.model_copy(update={"inference_actors": 0})})
     plans = [taxonomy.plan(cfg, cfg.models[0], t, ["syn3"], "train", general=True) for t in cfg.tasks]
     passes, real = [], taxonomy._predict_missing
-    monkeypatch.setattr(taxonomy, "_predict_missing", lambda work, **kw: passes.append(len(work)) or real(work, **kw))
+    monkeypatch.setattr(taxonomy, "_predict_missing",
+                        lambda work, **kw: passes.append((len(work), kw["batch_size"])) or real(work, **kw))
     loads, real_load = [], inference.load_model_and_tokenizer
     monkeypatch.setattr(inference, "load_model_and_tokenizer", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     res = sweep.run_stages(cfg, plans, log=lambda *_: None)
-    assert passes == [2] and len(loads) == 1
+    assert passes == [(2, cfg.training.eval_batch_size)] and len(loads) == 1  # the config's no-grad batch size
     assert [(c["task"], c["language"]) for c in res["cells"]] == [("arith", "syn3"), ("category", "syn3")]
     assert res["stage1_computed"] == 2 and res["stage2_computed"] == 2 * len(cfg.knobs.bands) * len(cfg.knobs.top_k)
 
