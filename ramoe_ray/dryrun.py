@@ -203,15 +203,16 @@ def stage_units(cfg: RunConfig, sizes: dict, machine: Machine) -> list[cost.Work
         actors = int(machine.gpus) if gpu else max(1, cfg.resources.inference_actors)
         n2 = len(cfg.languages) * len(cfg.knobs.bands) * len(cfg.knobs.top_k)
         generals: set = set()
+        first = True  # the model's first counted task pays the pass: its load and its start
         for t in cfg.tasks:
             s = sizes[t.name]
             if s is not None:
-                first = not any(w.model == m.name for w in out)
                 general = 0 if t.general_source in generals else s.general
                 generals.add(t.general_source)
                 out.append(cost.Work(m.name, t.name, examples=(1 + len(cfg.languages)) * s.train + general,
                                      loads=int(first), actors=actors, gpus=float(actors if gpu else 0), fixed=False,
                                      extra=n2 * EXPERTS_SECONDS + (_overhead(cfg, m.name, "stage_pass_s") if first else 0.0)))
+                first = False
     return out
 
 

@@ -325,10 +325,11 @@ def _predict_missing(work: list[tuple[Plan, list[str], bool]], *, num_actors: in
     kwargs = predictor_kwargs(work[0][0])
     if any(predictor_kwargs(p) != kwargs for p, _, _ in work):
         raise ValueError("plans predicted in one pass must share the model and the generation length")
-    frames, generals = [], set()
+    frames, general_part = [], {}  # general-text key -> the part whose rows carry it (tasks may share it)
     for i, (p, need, need_general) in enumerate(work):
-        with_general = need_general and p.general_key not in generals  # tasks may share the general text
-        generals.add(p.general_key)
+        with_general = need_general and p.general_key not in general_part
+        if with_general:
+            general_part[p.general_key] = i
         frames.append(rows_frame(p, need, with_general).assign(part=i))
     rows = pd.concat(frames, ignore_index=True)
     rows = rows.iloc[np.argsort(rows["prompt"].str.len().to_numpy(), kind="stable")].reset_index(drop=True)
@@ -341,11 +342,12 @@ def _predict_missing(work: list[tuple[Plan, list[str], bool]], *, num_actors: in
     out = out.sort_values(["part", "language", "id"], kind="stable").reset_index(drop=True)
     run = {"seconds_total": seconds, "rows_total": len(rows), "plans": len(work), "num_actors": num_actors,
            "batch_size": batch_size}
-    general_rows = {}
     for i, (p, need, need_general) in enumerate(work):
-        mine = out[out.part == i].drop(columns="part")
-        general_rows.setdefault(p.general_key, mine[mine.kind == "general"].reset_index(drop=True))
-        _write_predicted(p, mine, need, general_rows[p.general_key] if need_general else None, run)
+        general = None
+        if need_general:
+            rows_of = out[(out.part == general_part[p.general_key]) & (out.kind == "general")]
+            general = rows_of.drop(columns="part").reset_index(drop=True)
+        _write_predicted(p, out[out.part == i].drop(columns="part"), need, general, run)
 
 
 def _write_predicted(plan: Plan, out: pd.DataFrame, need: list[str], general: pd.DataFrame | None, run: dict) -> None:

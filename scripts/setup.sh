@@ -24,9 +24,11 @@ fi
 PY="$VENV/bin/python"
 
 # DeepSpeed's CPU comm op, compiled once where every training looks for it (train_worker.ray_env), so that
-# the first training of a sweep or of the tests does not pay it (~45 s on 2 cores); nothing to do on a GPU
+# the first training of a sweep or of the tests does not pay it (~45 s on 2 cores); a GPU machine has none
+# (and this quick check keeps its repeated set-up from importing DeepSpeed each time)
 build_ops() {
-    if [ ! -d "${TORCH_EXTENSIONS_DIR:-.ramoe_cache/torch_extensions}/deepspeed_shm_comm" ]; then
+    if ! command -v nvidia-smi >/dev/null \
+        && [ ! -d "${TORCH_EXTENSIONS_DIR:-.ramoe_cache/torch_extensions}/deepspeed_shm_comm" ]; then
         echo "[setup] building DeepSpeed's CPU comm op (once, ~1 min)"
         quiet "$PY" -c "from ramoe_ray import train_worker; train_worker.build_comm_op()"
     fi
