@@ -168,20 +168,53 @@ def prepare_process() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+COMM_OP_GUARD = ".ramoe_comm_op.flock"  # in TORCH_EXTENSIONS_DIR: held by a process of ours loading the op
+
+
 def build_comm_op() -> bool:
-    """Compiles DeepSpeed's CPU shared-memory comm op (``ShareMemCommBuilder``: ~45 s of a 2-core machine,
-    once) into ``ray_env``'s TORCH_EXTENSIONS_DIR now, so that no training pays it: DeepSpeed's CPU
-    accelerator loads the op in ``init_distributed``, and without a build there the first training of a sweep
-    or test run compiles it (and a concurrent one waits for it). scripts/setup.sh calls this; a later call
-    finds the build. False where DeepSpeed's accelerator has no such op (a GPU)."""
+    """Loads DeepSpeed's CPU shared-memory comm op (``ShareMemCommBuilder``) into this process, compiling it
+    into ``ray_env``'s TORCH_EXTENSIONS_DIR if it is not built there (~45 s of a 2-core machine, once).
+    scripts/setup.sh calls this so that no training compiles it, and so does every CPU training before
+    DeepSpeed's ``init_distributed`` (which then finds the op loaded). False where DeepSpeed's accelerator
+    has no such op (a GPU).
+
+    The load goes through torch's JIT, which runs ninja under a lock FILE in the op's build folder, taken by
+    every load, even one that finds the build current: a process killed inside (``ray job stop``, Ctrl-C,
+    the OOM killer) leaves it behind, and every later training of this machine then waits for it forever,
+    silently. So our processes load the op holding an flock on ``COMM_OP_GUARD``, which the kernel frees
+    when its holder dies: one that holds it and still finds torch's lock file knows that file is stale."""
     prepare_process()
+    import fcntl
+
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not builder.is_compatible():
         return False
-    builder.load(verbose=False)
+    _own_ninja_first()
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / COMM_OP_GUARD, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+        stale = root / builder.name / "lock"
+        if stale.exists():
+            print(f"removing {stale}: the lock of a comm-op build whose process died", file=sys.stderr)
+            stale.unlink()
+        builder.load(verbose=False)
     return True
+
+
+def _own_ninja_first() -> None:
+    """Torch's JIT runs the ``ninja`` it finds on PATH. The environment's own (the pip package DeepSpeed
+    installs, next to this interpreter) and a system one hash ninja's command lines differently, so a load
+    by a process that finds the other one sees every command "changed" and compiles the op again (~70 s
+    here): a process of an activated environment (or of a Ray node started from one) finds the
+    environment's, one started as ``.venv/bin/python`` the system's, and the two took turns rebuilding it.
+    Every load of ours uses the environment's ninja where it has one."""
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(here) / "ninja").is_file() and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path
 
 
 def _free_port() -> int:
@@ -263,6 +296,8 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    if not on_gpu:
+        build_comm_op()  # loaded under its guard, not inside DeepSpeed's init_distributed (build_comm_op)
     join_process_group(on_gpu)
     torch.manual_seed(plan.seed)
     phases.mark("imports_and_process_group")

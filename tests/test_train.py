@@ -153,6 +153,47 @@ def test_setup_built_deepspeeds_cpu_comm_op_where_trainings_load_it():
 
 
 @pytest.mark.slow
+def test_a_comm_op_lock_left_by_a_killed_load_is_cleared_and_a_live_loads_is_waited_for():
+    """Torch's JIT takes a lock file in the op's build folder for every load: a process killed inside left
+    it, and every later training waited for it forever (seen after ``ray job stop`` of a sweep). Our loads
+    hold the guard's flock; one that holds it and finds the lock file removes it, and one that cannot
+    (another load of ours is live) waits, leaving that load's lock file alone."""
+    import fcntl
+    import os
+    import subprocess
+    import threading
+
+    root = Path(train_worker.ray_env()["TORCH_EXTENSIONS_DIR"])
+    lock, built = root / "deepspeed_shm_comm" / "lock", root / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    before = built.stat().st_mtime_ns
+    # a live load of ours holds the guard: a new load waits, and leaves that load's lock file where it is
+    out = []
+    with open(root / train_worker.COMM_OP_GUARD, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        lock.touch()
+        waiter = threading.Thread(target=lambda: out.append(train_worker.build_comm_op()))
+        waiter.start()
+        waiter.join(3.0)
+        assert waiter.is_alive() and lock.exists() and not out
+        lock.unlink()  # the live load ends
+    waiter.join(120)
+    assert out == [True]
+    # a load killed inside left its lock file: a fresh process clears it and loads the build. And whichever
+    # ninja comes first on a process's PATH, no load compiles the op again (a system ninja hashes commands
+    # differently from the environment's: processes finding one or the other took turns rebuilding it)
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != bin_dir)
+    code = "from ramoe_ray import train_worker; print(train_worker.build_comm_op())"
+    lock.touch()
+    for i, env_path in enumerate((path, bin_dir + os.pathsep + path)):
+        load = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root),
+                              "PATH": env_path}, capture_output=True, text=True, timeout=120)
+        assert load.returncode == 0 and load.stdout.split()[-1] == "True", load.stderr[-3000:]
+        assert (f"removing {lock}" in load.stderr) == (i == 0) and not lock.exists(), load.stderr[-3000:]
+        assert built.stat().st_mtime_ns == before, f"compiled again, PATH {env_path}"
+
+
+@pytest.mark.slow
 def test_trainings_in_one_process_and_resume_from_a_kept_checkpoint(shared_cache, tmp_path, monkeypatch):
     """Three trainings one after another in this process (an uninterrupted one, one that fails at step 3,
     its resumption from the step-2 checkpoint kept in its run folder): one process group throughout, no
