@@ -1,7 +1,10 @@
 """The sweep as a Ray job on a real cluster: ``ray start --head`` on localhost (token authentication on,
 the Ray >= 2.52 default), ``ray job submit`` of a tiny sweep (the reduced synthetic world, one cell x the
-four methods), wait for SUCCEEDED, then the MLflow database (sqlite) holds one parent run with one child
-per trial, each with its metrics; the cluster is torn down at the end, whatever happens.
+four methods, 6 trials), ``ray job stop`` once a trial has finished, ``ray job submit`` of the resume command
+the sweep printed, wait for SUCCEEDED, then the MLflow database (sqlite) holds one parent run with one child
+per trial, each with its metrics; the cluster is torn down at the end, whatever happens. (One session, not
+an uninterrupted job and a stopped one: the resumed job ends where an uninterrupted one does, and each
+cluster sweep costs minutes of this suite.)
 
 No mocks: the real ``ray`` CLI, the Jobs API, Ray Tune / Train in the job and MLflow's sqlite store.
 
@@ -233,14 +236,15 @@ def ray_cluster(tmp_path):
 
 
 def tiny_sweep(tmp_path: Path, cache: Path) -> Path:
-    """One cell of the reduced synthetic world (olmoe x category x syn3) x the four methods: 4 trials."""
+    """One cell of the reduced synthetic world (olmoe x category x syn3) x the four methods, RA-MoE at three
+    lambdas: 6 trials, time to stop the job in the middle."""
     cfg = {
         "name": "tiny",
         "models": [{"name": "m", "family": "olmoe", "path": "synthetic-small:olmoe"}],
         "tasks": [{"name": "category", "format": "multiple_choice", "source": "synthetic-small:category"}],
         "languages": ["syn3"],
         "methods": ["sft", "steering", "rise", "ramoe"],
-        "knobs": {"lambdas": [1.0], "bands": [[0.25, 1.0]], "top_k": [1]},
+        "knobs": {"lambdas": [1.0, 5.0, 10.0], "bands": [[0.25, 1.0]], "top_k": [1]},
         "training": {"lr": 5.0e-3, "batch_size": 12, "epochs": 1, "lora_rank": 4, "lora_alpha": 8, "max_steps": 4},
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "inference_actors": 0},
         "sweep": {"train_workers": 0},
@@ -265,69 +269,114 @@ def wait_for(client, job_id: str, timeout: float) -> str:
     return f"TIMEOUT (still {status.value if status else None} after {timeout:.0f} s)"
 
 
-def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
+def _parent(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    if not db.is_file():
+        return None, []
+    ml = MlflowClient(f"sqlite:///{db}")
+    exp = ml.get_experiment_by_name("ramoe")
+    runs = ml.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    parents = [r for r in runs if r.data.tags.get("ramoe.kind") == "sweep"]
+    kids = [r for r in runs if parents and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return (parents[0] if parents else None), kids
+
+
+def _submit(cluster, job_id: str, config: Path, *extra: str) -> None:
+    # HF_HUB_OFFLINE is also one of the variables inference.ensure_ray passes to ray.init: Ray refuses a key set
+    # by both the job and the driver ("Failed to merge the Job's runtime env ... because of a conflict")
+    # unless the driver leaves the job's keys out, which these submissions check
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"RAMOE_TEST_JOB": job_id, "HF_HUB_OFFLINE": "1"}}
+    sub = cluster.submit(job_id, runtime_env, "python", "-m", "ramoe_ray.cli", "sweep", str(config), *extra)
+    assert sub.returncode == 0, f"`ray job submit` failed ({sub.returncode}):\n{sub.stdout}\n{sub.stderr}"
+
+
+def _stopped_after_a_trial(cluster, job: str, config: Path, db: Path, expected: int) -> int:
+    """``ray job stop`` once a trial has finished: the job ends STOPPED, its parent run KILLED, the resume
+    command printed (with the job's override). Returns the trials finished by then."""
+    client = cluster.client()
+    deadline = time.time() + JOB_TIMEOUT_S
+    while time.time() < deadline:
+        if _finished(db) >= 1:  # read-only sqlite3: an MlflowClient would race the job creating the tables
+            break
+        assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-5000:]
+        time.sleep(1.0)
+    stop = cluster.ray_cli("job", "stop", "--address", cluster.address, job, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert wait_for(client, job, 120) == "STOPPED"
+    parent, kids = _parent(db)
+    finished = sum(k.info.status == "FINISHED" for k in kids)
+    assert parent.info.status == "KILLED", client.get_job_logs(job)[-5000:]
+    assert 1 <= finished < expected
+    logs = client.get_job_logs(job)
+    hint = f"ramoe sweep {config} --resume training.log_every=2"
+    assert "SIGTERM: stopping the sweep" in logs and hint in logs, _tail(logs)
+    return finished
+
+
+def test_a_sweep_as_a_ray_job_stopped_and_resumed_by_the_printed_command(ray_cluster, cache_dir, tmp_path):
+    """One user session on a cluster: submit a sweep, ``ray job stop`` it in the middle, submit the resume
+    command it printed; the second job joins the cluster, continues the same parent run and finishes it, and
+    MLflow then holds what an uninterrupted sweep leaves: one parent, one child per trial with its metrics,
+    one selected child per method with its test metrics, and the parent's artefacts."""
     from mlflow.tracking import MlflowClient
 
     config = tiny_sweep(tmp_path, cache_dir)
     cfg = load_config(config, [])
     expected = len(grid.trials(cfg))
-    assert expected == 4
+    assert expected == 6
+    db = Path(cfg.output_dir) / cfg.name / "mlflow.db"
 
     # token authentication is on: the Jobs API refuses a request without the token
     status, _ = ray_cluster._get("/api/jobs/", auth=False)
     assert status in (401, 403), f"the Jobs API answered {status} to a request without a token"
 
-    job_id = f"ramoe-test-{secrets.token_hex(4)}"
-    # HF_HUB_OFFLINE is also one of the variables inference.ensure_ray passes to ray.init: Ray refuses a key set
-    # by both the job and the driver ("Failed to merge the Job's runtime env ... because of a conflict")
-    # unless the driver leaves the job's keys out, which this submission checks
-    runtime_env = {"excludes": EXCLUDES, "env_vars": {"RAMOE_TEST_JOB": job_id, "HF_HUB_OFFLINE": "1"}}
-    sub = ray_cluster.submit(job_id, runtime_env, "python", "-m", "ramoe_ray.cli", "sweep", str(config))
-    assert sub.returncode == 0, f"`ray job submit` failed ({sub.returncode}):\n{sub.stdout}\n{sub.stderr}"
+    job = f"ramoe-stop-{secrets.token_hex(4)}"
+    _submit(ray_cluster, job, config, "training.log_every=2")  # an override: the printed command must carry it
+    finished = _stopped_after_a_trial(ray_cluster, job, config, db, expected)
+    parent, _ = _parent(db)
 
+    again = f"ramoe-resume-{secrets.token_hex(4)}"
+    _submit(ray_cluster, again, config, "--resume", "training.log_every=2")
     client = ray_cluster.client()
-    final = wait_for(client, job_id, JOB_TIMEOUT_S)
-    logs = client.get_job_logs(job_id)
+    final = wait_for(client, again, JOB_TIMEOUT_S)
+    logs = client.get_job_logs(again)
     if final.startswith("TIMEOUT"):
-        ray_cluster.ray_cli("job", "stop", "--address", ray_cluster.address, job_id, timeout=60)
-    assert final == "SUCCEEDED", f"job {job_id}: {final}\n--- ray job logs ---\n{_tail(logs)}"
+        ray_cluster.ray_cli("job", "stop", "--address", ray_cluster.address, again, timeout=60)
+    assert final == "SUCCEEDED", f"job {again}: {final}\n--- ray job logs ---\n{_tail(logs)}"
+    assert f"{finished} trials already finished, {expected - finished} to run" in logs, _tail(logs)
     # the job's driver joined this cluster (RAY_ADDRESS set by the job manager), it started no Ray of its own
     # (Ray's own lines are in the run folder's sweep.log: the console keeps the sweep's lines)
     library = (Path(cfg.output_dir) / cfg.name / "sweep.log").read_text(errors="replace")
     joined = [l for l in library.splitlines() if "Connecting to existing Ray cluster at address:" in l]
-    assert joined and f":{ray_cluster.gcs_port}" in joined[0], _tail(library)
+    assert joined and f":{ray_cluster.gcs_port}" in joined[-1], _tail(library)
     assert "Started a local Ray instance" not in library + logs, _tail(library)
     # the sweep's final line: every trial finished, none failed, stages 1-2 read from the driver's cache
     assert f"{expected} of {expected} trials finished (0 failed this run)" in logs, _tail(logs)
     assert "recomputed in trials 0 times" in logs, _tail(logs)
     # the CLI a user runs reads the same logs, authenticated by the token file
-    cli_logs = ray_cluster.ray_cli("job", "logs", "--address", ray_cluster.address, job_id)
+    cli_logs = ray_cluster.ray_cli("job", "logs", "--address", ray_cluster.address, again)
     assert cli_logs.returncode == 0 and "trials finished" in cli_logs.stdout, cli_logs.stderr
 
-    # ---- MLflow: one parent, one child per trial, each with its metrics
-    db = Path(cfg.output_dir) / cfg.name / "mlflow.db"
-    assert db.is_file(), f"no MLflow database at {db}"
+    # ---- MLflow: the same parent, finished, one child per trial, each with its metrics
     ml = MlflowClient(f"sqlite:///{db}")
     exp = ml.get_experiment_by_name(cfg.tracking.experiment)
-    assert exp is not None
     runs = ml.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("ramoe.kind") == "sweep"]
-    assert len(parents) == 1, [r.data.tags for r in parents]
-    parent = parents[0]
+    assert len(parents) == 1 and parents[0].info.run_id == parent.info.run_id, [r.data.tags for r in parents]
     pid = parent.info.run_id
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags.get("ramoe.sweep") == "tiny"
-    assert parent.data.tags.get("ramoe.expected_trials") == str(expected)
-
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags.get("ramoe.sweep") == "tiny"
+    assert parents[0].data.tags.get("ramoe.expected_trials") == str(expected)
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
     assert len(kids) == expected == len(runs) - 1
+    assert sorted(r.data.tags["trial_key"] for r in kids) == sorted(t.key for t in grid.trials(cfg))
     by_method: dict[str, list] = {}
     for r in kids:
         tags, m = r.data.tags, r.data.metrics
         where = f"child {r.info.run_id} ({tags.get('trial_key')})"
         assert r.info.status == "FINISHED", (where, r.info.status, tags.get("error"))
         assert (tags.get("model"), tags.get("task"), tags.get("language")) == ("m", "category", "syn3"), where
-        assert tags.get("method") in cfg.methods, where
         for k in ("val_acc", "val_acc_en", "ci_proportion"):
             assert k in m and 0.0 <= m[k] <= 1.0, (where, k, m.get(k))
         if tags["method"] in TRAINED:
@@ -349,63 +398,4 @@ def test_sweep_as_ray_job_on_a_cluster(ray_cluster, cache_dir, tmp_path):
     arts = {a.path for a in ml.list_artifacts(pid, "cells")} | {a.path for a in ml.list_artifacts(pid, "report")}
     assert {"cells/cells.json", "report/report.md"} <= arts, sorted(arts)
     local = Path(ml.download_artifacts(pid, "cells/cells.json", str(tmp_path / "dl")))
-    cells = json.loads(local.read_text())
-    assert len(cells) == 1, cells
-
-
-def _parent(db: Path):
-    from mlflow.tracking import MlflowClient
-
-    if not db.is_file():
-        return None, []
-    ml = MlflowClient(f"sqlite:///{db}")
-    exp = ml.get_experiment_by_name("ramoe")
-    runs = ml.search_runs([exp.experiment_id], max_results=1000) if exp else []
-    parents = [r for r in runs if r.data.tags.get("ramoe.kind") == "sweep"]
-    kids = [r for r in runs if parents and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return (parents[0] if parents else None), kids
-
-
-def test_ray_job_stop_leaves_the_parent_killed_and_resume_finishes_it(ray_cluster, cache_dir, tmp_path):
-    config = tiny_sweep(tmp_path, cache_dir)
-    d = yaml.safe_load(config.read_text())
-    d["knobs"]["lambdas"] = [1.0, 5.0, 10.0]  # 6 trials: time to stop it in the middle
-    config.write_text(yaml.safe_dump(d, sort_keys=False))
-    cfg = load_config(config, [])
-    expected = len(grid.trials(cfg))
-    db = Path(cfg.output_dir) / cfg.name / "mlflow.db"
-    client = ray_cluster.client()
-
-    def submit(job_id: str, *extra: str) -> None:
-        sub = ray_cluster.submit(job_id, {"excludes": EXCLUDES},
-                                 "python", "-m", "ramoe_ray.cli", "sweep", str(config), *extra)
-        assert sub.returncode == 0, f"`ray job submit` failed:\n{sub.stdout}\n{sub.stderr}"
-
-    job = f"ramoe-stop-{secrets.token_hex(4)}"
-    submit(job, "training.log_every=2")  # an override: the printed resume command must carry it
-    deadline = time.time() + JOB_TIMEOUT_S
-    while time.time() < deadline:
-        if _finished(db) >= 1:  # read-only sqlite3: an MlflowClient would race the job creating the tables
-            break
-        assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), client.get_job_logs(job)[-5000:]
-        time.sleep(1.0)
-    stop = ray_cluster.ray_cli("job", "stop", "--address", ray_cluster.address, job, timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert wait_for(client, job, 120) == "STOPPED"
-    parent, kids = _parent(db)
-    finished = sum(k.info.status == "FINISHED" for k in kids)
-    assert parent.info.status == "KILLED", client.get_job_logs(job)[-5000:]
-    assert 1 <= finished < expected
-    logs = client.get_job_logs(job)
-    hint = f"ramoe sweep {config} --resume training.log_every=2"
-    assert "SIGTERM: stopping the sweep" in logs and hint in logs, _tail(logs)
-
-    # the printed command, as a job: it continues the same parent and finishes it
-    again = f"ramoe-resume-{secrets.token_hex(4)}"
-    submit(again, "--resume", "training.log_every=2")
-    assert wait_for(client, again, JOB_TIMEOUT_S) == "SUCCEEDED", _tail(client.get_job_logs(again))
-    resumed, kids = _parent(db)
-    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
-    assert sorted(k.data.tags["trial_key"] for k in kids) == sorted(t.key for t in grid.trials(cfg))
-    assert all(k.info.status == "FINISHED" for k in kids)
-    assert f"{finished} trials already finished, {expected - finished} to run" in client.get_job_logs(again)
+    assert len(json.loads(local.read_text())) == 1
