@@ -4,12 +4,6 @@ import subprocess
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Ray Train's controller looks at its worker group every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, read by the
-# controller, which Ray Train hands the driver's value): a start, a finish and a restart each wait for the next
-# look. The tests' worker groups live for seconds, so each Ray Train run waited ~7 s more (a 2-worker ZeRO-3
-# training of the small world: 43 s at 2 s, 36 s at 0.2 s). Local Ray and its workers inherit this process's
-# environment; the cluster tests' `ray start` does not (they train in the Tune trial's process).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 from pathlib import Path
 
