@@ -231,7 +231,9 @@ def z3_worker(config):
 
     from ramoe_ray import lora as LA
     from ramoe_ray import models as M
+    from ramoe_ray import train_worker
 
+    train_worker.build_comm_op()  # DeepSpeed's CPU comm op, loaded as train_worker.setup loads it
     torch.manual_seed(0)
     rank = ray.train.get_context().get_world_rank()
     cfg = config["ds_config"]

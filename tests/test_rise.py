@@ -410,8 +410,9 @@ def _z3_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from ramoe_ray import expert_delta, models
+    from ramoe_ray import expert_delta, models, train_worker
 
+    train_worker.build_comm_op()  # DeepSpeed's CPU comm op, loaded as train_worker.setup loads it
     rank = ray.train.get_context().get_world_rank()
     dschf = HfDeepSpeedConfig(config["ds_config"])  # noqa: F841  (must stay alive while the model is built)
     model = AutoModelForCausalLM.from_pretrained(config["base"], dtype=torch.float32)
