@@ -21,11 +21,14 @@
    .ramoe_cache); per training ``train_cell``'s wall time minus its training loop, and rank 0's phases (medians).
    Before / after a change: run it in a copy of the tree without the change, then here (``bench/sweep.py
    --one-cell``: the same through Ray Tune, with the validation evaluation).
+6. ``--zero``: the same cell's RA-MoE training in one process at ZeRO stage 0 (what a CPU training of one rank
+   runs: ``train_worker.zero_stage``) and forced to ZeRO-3, alternating: step time and ``train_cell`` time, ratios.
 
     .venv/bin/python bench/train.py [--family olmoe] [--hidden 128] [--layers 4] [--experts 8]
         [--batch-size 8] [--seq-len 64] [--steps 12] [--ci-fraction 1.0] [--threads 2] [--clock wall|cpu] [--real]
     python bench/train.py --scale [--device cuda] [--batch-size 8] [--seq-len 512] [--steps 10] [--peak-tflops 989]
     .venv/bin/python bench/train.py --fixed [--threads 1] [--cache-from DIR]
+    .venv/bin/python bench/train.py --zero [--threads 1] [--rounds 3] [--cache-from DIR]
 """
 
 from __future__ import annotations
@@ -172,20 +175,26 @@ FIXED_RUNS = (("sft", None, 0), ("rise", None, 0), ("ramoe", 1.0, 0), ("ramoe", 
               ("rise", None, 1), ("ramoe", 5.0, 1))
 
 
-def bench_fixed(args):
+def _demo_cell(args, prefix: str):
+    """The demo world's first cell (its first model and task, syn4) in a fresh folder: the world, stages 1-2 and
+    file hashes linked from ``--cache-from`` (default .ramoe_cache), base_passes/ empty."""
     import tempfile
 
     from ramoe_ray import sources
     from ramoe_ray.config import load_config
 
     base = Path(__file__).resolve().parents[1]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-fixed-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     (tmp / "cache").mkdir()
     for d in ("world", "taxonomy", "experts", "hashes"):  # built before; base_passes/ starts empty
         (tmp / "cache" / d).symlink_to((Path(args.cache_from or base / ".ramoe_cache") / d).resolve())
     cfg = sources.resolve(load_config(base / "sweeps/demo.yaml", [f"cache_dir={tmp}/cache", f"output_dir={tmp}/out",
                                                                   "languages=[syn4]"]))
-    m, t = cfg.models[0], cfg.tasks[0]
+    return cfg, cfg.models[0], cfg.tasks[0], tmp
+
+
+def bench_fixed(args):
+    cfg, m, t, tmp = _demo_cell(args, "bench-fixed-")
     warm = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 2, "eval_batch_size": 32})})
     train.train_cell(warm, m, t, "syn4", method="sft", num_workers=0, run_dir=tmp / "warm-up")  # another base-pass key
     rows = []
@@ -203,6 +212,33 @@ def bench_fixed(args):
         vals = [row.get(k, 0.0) for row in rows]
         print(f"  {k:<32} median {statistics.median(vals):6.2f} s   ({' '.join(f'{v:.2f}' for v in vals)})")
     print(f"  base passes computed in: {[row['base_passes_recomputed'] for row in rows]}")
+
+
+def bench_zero(args):
+    """6. ``--zero``: a CPU training of one rank at ZeRO stage 0 (``train_worker.zero_stage``) against the same
+    training forced to ZeRO-3, in one process, alternating: the demo world's first cell, RA-MoE λ = 5, the
+    demo's 40 steps; median step time and whole ``train_cell`` time per stage, and their ratios."""
+    from ramoe_ray import train_worker
+
+    cfg, m, t, tmp = _demo_cell(args, "bench-zero-")
+    real_stage = train_worker.zero_stage
+    steps, total = {0: [], 3: []}, {0: [], 3: []}
+    for i in range(1 + 2 * args.rounds):  # the first (stage 0) warms up and computes the base passes: not counted
+        stage = 0 if i % 2 == 0 else 3
+        train_worker.zero_stage = (lambda w, g, s=stage: s)
+        t0 = time.perf_counter()
+        r = train.train_cell(cfg, m, t, "syn4", method="ramoe", lam=5.0, num_workers=0, run_dir=tmp / f"run{i}")
+        train_worker.zero_stage = real_stage
+        assert r["zero_stage"] == stage
+        if i:
+            steps[stage].append(statistics.median(r["step_seconds_rank0"]))
+            total[stage].append(time.perf_counter() - t0)
+    med = {k: {"step": statistics.median(steps[k]), "total": statistics.median(total[k])} for k in steps}
+    print(f"{m.name}/{t.name}/syn4, RA-MoE λ=5, {r['steps']} steps, num_workers=0, {torch.get_num_threads()} threads, "
+          f"{args.rounds} trainings per stage (alternating):")
+    for k in (3, 0):
+        print(f"  ZeRO stage {k}: {1000 * med[k]['step']:.1f} ms/step, train_cell {med[k]['total']:.2f} s")
+    print(f"  stage 0 / stage 3: step {med[0]['step'] / med[3]['step']:.2f}, train_cell {med[0]['total'] / med[3]['total']:.2f}")
 
 
 def bench_scale(args):
@@ -276,7 +312,9 @@ def main():
     p.add_argument("--real", action="store_true", help="also time train_cell (DeepSpeed, num_workers=0) on the small world")
     p.add_argument("--scale", action="store_true", help="only the OLMoE-1B-7B-shaped training step (see 4. above)")
     p.add_argument("--fixed", action="store_true", help="only the fixed cost of one cell's trainings (see 5. above)")
-    p.add_argument("--cache-from", default=None, help="--fixed: the cache holding the demo world and stages 1-2")
+    p.add_argument("--zero", action="store_true", help="only ZeRO stage 0 against ZeRO-3, one rank (see 6. above)")
+    p.add_argument("--rounds", type=int, default=3, help="--zero: trainings per stage")
+    p.add_argument("--cache-from", default=None, help="--fixed, --zero: the cache holding the demo world and stages 1-2")
     p.add_argument("--device", default="cuda")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--top-k", type=int, default=8)
@@ -290,9 +328,9 @@ def main():
                 setattr(args, flag, value)
         torch.set_num_threads(args.threads)
         return bench_scale(args)
-    if args.fixed:
+    if args.fixed or args.zero:
         torch.set_num_threads(args.threads)
-        return bench_fixed(args)
+        return bench_fixed(args) if args.fixed else bench_zero(args)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"clock: {args.clock}, threads {args.threads}")

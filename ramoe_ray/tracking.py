@@ -293,6 +293,8 @@ def _child_params(trial: Trial, record: dict | None) -> dict:
     params.update({"lam_used": tr.get("lam_used"), "band_layers": tr.get("band_layers"),
                    "task_experts": json.dumps(tr.get("task_experts")), "n_ci": tr.get("n_ci"),
                    "n_train": tr.get("n_train"), "steps": tr.get("steps")})
+    if tr.get("zero_stage") is not None:  # a trained trial: DeepSpeed's ZeRO stage (train_worker.zero_stage)
+        params["zero_stage"] = tr["zero_stage"]
     return {k: str(v)[:6000] for k, v in params.items()}
 
 

@@ -14,11 +14,12 @@ Two callers:
 ``run_training``, step by step:
 
 1. ``setup``: the process group (Ray Train's; else a world of one, created once per process and kept
-   for every later training), DeepSpeed's config, the model built partitioned (``HfDeepSpeedConfig``;
-   bf16 on GPU, fp32 on CPU), the expert adapter (``TrainPlan.adapter_kind``: expert LoRA on every MoE layer,
-   masked to the RISE selection for ``rise`` with ``rise.train: lora``; or, for ``rise`` with
-   ``rise.train: full``, a full-rank delta on the selected experts, ``expert_delta``), each decoder layer a
-   ZeRO-3 leaf (``models.decoder_layers``), ``deepspeed.initialize``;
+   for every later training), DeepSpeed's config (ZeRO-3; stage 0 for a CPU training of one rank:
+   ``zero_stage``), the model (built partitioned under ZeRO-3, ``HfDeepSpeedConfig``; bf16 on GPU, fp32
+   on CPU), the expert adapter (``TrainPlan.adapter_kind``: expert LoRA on every MoE layer, masked to the
+   RISE selection for ``rise`` with ``rise.train: lora``; or, for ``rise`` with ``rise.train: full``, a
+   full-rank delta on the selected experts, ``expert_delta``), under ZeRO-3 each decoder layer a ZeRO-3
+   leaf (``models.decoder_layers``), ``deepspeed.initialize``;
 2. ``base_passes``: the English targets, the ci routing KL and the train CE of the BASE model, computed
    by the first training of the cell and read by the others (``base_cache``);
 3. ``load_checkpoint`` (when resuming), then ``train_step`` per global batch of the schedule, with
@@ -119,6 +120,7 @@ class Trainee:
     device: torch.device
     dtype: torch.dtype  # of the model's weights: bf16 on GPU, fp32 on CPU
     hf_ds_config: Any  # transformers' ZeRO-3 switch: held as long as the engine lives
+    zero_stage: int = 3  # DeepSpeed's ZeRO stage (``zero_stage``): 3, or 0 for a CPU training of one rank
 
 
 @dataclass
@@ -254,13 +256,27 @@ def freeze_long_lived_objects() -> None:
         gc.freeze()
 
 
-def ds_config(plan: TrainPlan, on_gpu: bool) -> dict:
-    """ramoe_ray/ds_zero3.json with this training's batch size and learning rate; bf16 on GPU only."""
+def zero_stage(world_size: int, on_gpu: bool) -> int:
+    """DeepSpeed's ZeRO stage of a training: 3 (parameters, gradients and optimizer state partitioned over the
+    ranks), except for a CPU training of one rank (a sweep trial's own process, ``num_workers`` 0 or 1). There
+    ZeRO-3 has no rank to partition across, and its gather and release hooks around every module cost
+    25-50 % of a step on the synthetic world's models (``bench/train.py --zero``); DeepSpeed's engine runs
+    it without ZeRO (stage 0) and computes the same losses to the last bit (tests/test_train.py). A GPU
+    training of one rank keeps ZeRO-3: bf16 at stage 0 goes through another DeepSpeed optimizer wrapper,
+    which has never run on a GPU here."""
+    return 0 if world_size == 1 and not on_gpu else 3
+
+
+def ds_config(plan: TrainPlan, on_gpu: bool, stage: int = 3) -> dict:
+    """ramoe_ray/ds_zero3.json with this training's batch size and learning rate; bf16 on GPU only; ``stage``
+    0: without ZeRO (``zero_stage``)."""
     cfg = json.loads(lora.DS_ZERO3_CONFIG.read_text())
     cfg["train_micro_batch_size_per_gpu"] = plan.batch_size
     cfg["gradient_accumulation_steps"] = 1
     cfg["optimizer"]["params"]["lr"] = plan.training.lr
     cfg["bf16"] = {"enabled": bool(on_gpu)}
+    if stage != 3:
+        cfg["zero_optimization"] = {"stage": stage}
     return cfg
 
 
@@ -286,7 +302,7 @@ def apply_adapter(model, plan: TrainPlan) -> list:
     return lora.lora_parameters(model)
 
 
-def setup(plan: TrainPlan, phases: Phases) -> Trainee:
+def setup(plan: TrainPlan, phases: Phases, world_size: int = 1) -> Trainee:
     """Step 1 (module docstring): from the process group to ``deepspeed.initialize``."""
     prepare_process()
     import deepspeed
@@ -301,17 +317,19 @@ def setup(plan: TrainPlan, phases: Phases) -> Trainee:
     join_process_group(on_gpu)
     torch.manual_seed(plan.seed)
     phases.mark("imports_and_process_group")
-    config = ds_config(plan, on_gpu)
-    hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained builds the model partitioned
+    stage = zero_stage(world_size, on_gpu)
+    config = ds_config(plan, on_gpu, stage)
+    hf_ds_config = HfDeepSpeedConfig(config)  # while alive (ZeRO-3), from_pretrained builds the model partitioned
     model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype)
     model.config.output_router_logits = False
     phases.mark("model_load")
     tok = load_tokenizer(plan.model_path)
     trainable = apply_adapter(model, plan)
-    deepspeed.utils.set_z3_leaf_modules(model, models.zero3_leaf_classes(model))
+    if stage == 3:
+        deepspeed.utils.set_z3_leaf_modules(model, models.zero3_leaf_classes(model))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     phases.mark("lora_and_deepspeed_initialize")
-    return Trainee(engine=engine, tok=tok, device=device, dtype=dtype, hf_ds_config=hf_ds_config)
+    return Trainee(engine=engine, tok=tok, device=device, dtype=dtype, hf_ds_config=hf_ds_config, zero_stage=stage)
 
 
 def teardown(trainee: Trainee) -> None:
@@ -549,25 +567,30 @@ def check_checkpoint(path: str | os.PathLike, identity: dict) -> dict:
     return meta
 
 
-def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None) -> Progress:
+def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None, stage: int = 3) -> Progress:
     """The engine state (adapter parameters, optimizer, step) and the progress of a checkpoint folder; a fresh
-    Progress without one. Every rank loads (ZeRO-3: each its own partition)."""
+    Progress without one. Every rank loads (ZeRO-3: each its own partition). ``stage``: this training's ZeRO
+    stage, which the checkpoint's must be (DeepSpeed's checkpoint layouts differ; one without the field is
+    from ZeRO-3, as every training was before ``zero_stage``)."""
     if resume_dir is None:
         return Progress()
     meta = check_checkpoint(resume_dir, plan.identity)
+    if int(meta.get("zero_stage", 3)) != stage:
+        raise ConfigError(f"checkpoint {str(resume_dir)!r} was written at DeepSpeed ZeRO stage {meta.get('zero_stage', 3)}, "
+                          f"this training runs stage {stage} (zero_stage: 0 for a CPU training of one rank, else 3)")
     engine.load_checkpoint(resume_dir, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
     return Progress(step=meta["step"], history=meta["history"], restarts=meta.get("restarts", 0) + 1)
 
 
 def save_checkpoint(engine, plan: TrainPlan, progress: Progress, context: WorkerContext, report: Report,
-                    metrics: dict | None, phases: Phases) -> None:
+                    metrics: dict | None, phases: Phases, stage: int = 3) -> None:
     """Every rank saves its part into a temporary folder (rank 0 adds the META file) and reports it with
     the step's metrics (``{"step"}`` on a step that logs none)."""
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CHECKPOINT_TAG)
         phases.mark("checkpoint_save")
         if context.rank == 0:
-            write_json_atomic(Path(d) / META, {"identity": plan.identity, "step": progress.step,
+            write_json_atomic(Path(d) / META, {"identity": plan.identity, "step": progress.step, "zero_stage": stage,
                                                "history": jsonable(progress.history), "restarts": progress.restarts})
         report(jsonable(metrics or {"step": progress.step}), d)
 
@@ -618,7 +641,7 @@ def finish(trainee: Trainee, plan: TrainPlan, base: Baseline, base_hit: bool, pr
         final.update(measured, routing_kl_ci_base=base.routing_kl_ci, ce_train_base=base.ce_train)
         write_json_atomic(run_dir / RESULT, jsonable({
             "adapter": str(adapter), "final": final, "history": progress.history, "restarts": progress.restarts,
-            "world_size": context.world_size, "step_seconds_rank0": progress.step_seconds,
+            "world_size": context.world_size, "zero_stage": trainee.zero_stage, "step_seconds_rank0": progress.step_seconds,
             "phases_rank0": phases.seconds, "base_passes_recomputed": int(not base_hit), "rungs": progress.rungs}))
     if context.world_size > 1:
         dist.barrier()
@@ -662,18 +685,18 @@ def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] |
     """One rank's whole training (module docstring); rank 0 writes ``run_dir/RESULT`` at the end.
     ``probe``: prompts whose logits (trained model) rank 0 saves as ``run_dir/probe_logits.pt``."""
     phases = Phases()
-    trainee = setup(plan, phases)
+    trainee = setup(plan, phases, context.world_size)
     try:
         base, base_hit = base_passes(trainee, plan, context)
         phases.mark("base_passes")
-        progress = load_checkpoint(trainee.engine, plan, context.resume_dir)
+        progress = load_checkpoint(trainee.engine, plan, context.resume_dir, trainee.zero_stage)
         phases.mark("checkpoint_load")
         last = len(plan.schedule) - 1
         for step in range(progress.step, len(plan.schedule)):
             metrics = train_step(trainee, plan, base.targets, step, context, progress)
             phases.mark("loop")
             if (step + 1) % plan.training.checkpoint_every == 0 or step == last:
-                save_checkpoint(trainee.engine, plan, progress, context, report, metrics, phases)
+                save_checkpoint(trainee.engine, plan, progress, context, report, metrics, phases, trainee.zero_stage)
             elif metrics is not None:
                 report(jsonable(metrics), None)
             phases.mark("checkpoint_and_report")

@@ -26,7 +26,8 @@ from ramoe_ray.config import RunConfig, config_from_dict
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
 
 TRAIN_KEYS = ("method", "lam", "lam_used", "band_layers", "task_experts", "experts_mask", "n_ci", "n_train", "steps",
-              "notes", "adapter", "history", "final", "cached", "stage_cache", "base_passes_recomputed", "rungs")
+              "notes", "adapter", "history", "final", "cached", "stage_cache", "base_passes_recomputed", "rungs",
+              "zero_stage")
 FINAL_METRICS = ("routing_kl_ci", "routing_kl_ci_base", "ce_train", "ce_train_base")
 PREDICTIONS = "test/predictions.json"  # a tested child's artefact: {language, ids, correct, predictions, answers}
 

@@ -185,6 +185,8 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
         if spec.method != "steering":
             assert m["routing_kl_ci"] >= 0 and m["routing_kl_ci_base"] >= 0
             assert len(client.get_metric_history(row.run_id, "train_loss")) == 3  # max_steps, log_every 1
+            # DeepSpeed's ZeRO stage, a param: 0 for a CPU training of one rank (train_worker.zero_stage)
+            assert run.data.params["zero_stage"] == ("0" if trial.train_workers(cfg, spec.model) <= 1 else "3")
         assert {a.path for a in client.list_artifacts(row.run_id)} >= {"trial.png", "trial.json"}
         inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
         assert (f"{spec.task}-{spec.language}-validation", "validation") in inputs

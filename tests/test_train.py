@@ -223,9 +223,30 @@ def test_trainings_in_one_process_and_resume_from_a_kept_checkpoint(shared_cache
 
 
 @pytest.mark.slow
-def test_trainings_in_one_process_leave_no_model_behind(shared_cache, tmp_path, monkeypatch):
-    """A reused trial process trains hundreds of times: each training's model must be freed at its end.
-    DeepSpeed's engine.destroy() alone leaves two references to it (train_worker.release_zero3_references);
+def test_a_cpu_training_of_one_rank_runs_without_zero_and_trains_as_zero3_does(shared_cache, tmp_path, monkeypatch):
+    """A CPU training of one rank runs DeepSpeed's engine at ZeRO stage 0 (train_worker.zero_stage): the same
+    RA-MoE training forced to ZeRO-3 computes the same losses and adapter, bit for bit. A checkpoint of one
+    stage is refused by a training of the other, before any step."""
+    cfg = cfg_for(shared_cache, batch_size=6, epochs=1, max_steps=3, checkpoint_every=2, lr=1e-2)
+    plain = fit(cfg, "ramoe", tmp_path / "stage0", lam=10.0)
+    with monkeypatch.context() as m:
+        m.setattr(train_worker, "zero_stage", lambda world_size, on_gpu: 3)
+        zero3 = fit(cfg, "ramoe", tmp_path / "stage3", lam=10.0)
+    assert (plain["zero_stage"], zero3["zero_stage"]) == (0, 3)
+    assert [train_worker.zero_stage(1, False), train_worker.zero_stage(2, False), train_worker.zero_stage(1, True)] == [0, 3, 3]
+    _assert_same_training(plain, zero3, tol=0.0)
+    kept = sorted((tmp_path / "stage3" / train.CHECKPOINTS).iterdir())[0]
+    with pytest.raises(ConfigError, match="written at DeepSpeed ZeRO stage 3, this training runs stage 0"):
+        fit(cfg, "ramoe", tmp_path / "resumed", lam=10.0, resume_from=kept)
+    assert not (tmp_path / "resumed" / train_worker.RESULT).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_trainings_in_one_process_leave_no_model_behind(shared_cache, tmp_path, monkeypatch, stage):
+    """A reused trial process trains hundreds of times: each training's model must be freed at its end, at
+    ZeRO stage 0 (a CPU training of one rank) and under ZeRO-3 (forced here; every GPU training). DeepSpeed's
+    ZeRO-3 engine.destroy() alone leaves two references to it (train_worker.release_zero3_references);
     the synthetic grid's trial processes held hundreds of models, and the gc.collect() in each
     deepspeed.initialize grew from 0.5 s to 2.9 s. After the first training the process's objects are frozen
     (gc.freeze), the first model not among them."""
@@ -235,12 +256,14 @@ def test_trainings_in_one_process_leave_no_model_behind(shared_cache, tmp_path, 
     models = []
     real_setup = train_worker.setup
 
-    def setup(plan, phases):
-        trainee = real_setup(plan, phases)
+    def setup(plan, phases, world_size):
+        trainee = real_setup(plan, phases, world_size)
+        assert trainee.zero_stage == stage
         models.append(weakref.ref(trainee.engine.module))
         return trainee
 
     monkeypatch.setattr(train_worker, "setup", setup)
+    monkeypatch.setattr(train_worker, "zero_stage", lambda world_size, on_gpu: stage)
     cfg = cfg_for(shared_cache, batch_size=6, max_steps=1, checkpoint_every=1000)
     for i, method in enumerate(("sft", "ramoe", "sft")):
         fit(cfg, method, tmp_path / f"{i}-{method}", lam=10.0 if method == "ramoe" else None)
