@@ -136,15 +136,17 @@ def _actors(cfg: RunConfig, model: str, machine: Machine) -> tuple[int, float]:
 def _trained(cfg: RunConfig, t: Trial, size: Size, machine: Machine, first_of_cell: bool) -> cost.Work:
     """A trained trial: its steps, the training's passes (final, with ``training.final_train_pass``; the
     base passes on the first of the cell, base_cache), its validation (English + target), its model loads one
-    after the other (the training's, then the evaluation actors', which load at the same time)."""
+    after the other (the training's, then the evaluation actors', which load at the same time; none when the
+    trial validates in its own process, with the training's model: ``trial._one_trial``)."""
     n_ci = round(CI_SHARE * size.train)
     actors, _ = _actors(cfg, t.model, machine)
+    second = int(trial.eval_actors(cfg, t.model) > 0)  # validation loads the model again (else the training's)
     final = size.train + n_ci if cfg.training.final_train_pass else 0
-    steps, examples, loads = model_steps(cfg, t.model, size), 2 * size.val, 2
+    steps, examples, loads = model_steps(cfg, t.model, size), 2 * size.val, 1 + second
     if rungs := trial.rungs(cfg, t):  # ASHA: the expected share trained, a rung's validation per rung reached
         share, reach, end = asha.expected_share(rungs)
         steps, final = round(steps * share), round(final * end)
-        examples, loads = round(size.val * sum(reach) + examples * end), 1 + round(end)
+        examples, loads = round(size.val * sum(reach) + examples * end), 1 + second * round(end)
     passes = final + ((size.train + 2 * n_ci) if first_of_cell else 0)
     return cost.Work(t.model, t.task, steps=steps, passes=passes, examples=examples,
                      loads=loads, actors=actors, gpus=sweep.trial_demand(cfg, t.model)["gpu"])

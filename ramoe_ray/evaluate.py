@@ -10,6 +10,8 @@ or in process with ``resources.inference_actors = 0``) on the split's English an
 - adapter: the folder ``train.train_cell`` saved (peft format + ramoe_lora.json); loaded into our expert
   LoRA (``lora.apply_expert_lora`` + ``load_lora_state_dict``), so the model stays a plain HF model whose
   routers ``models.capture`` finds (peft's PeftModel computes the same function: tests/test_train.py);
+  or, with ``loaded``, the trained model itself, still in the training's process (``train.train_cell``'s
+  ``on_trained``: a sweep trial's validation), which predicts as its saved adapter does (tests/test_evaluate.py);
   a full-weight RISE folder (``expert_delta.save_experts``) has its experts' weights copied into the model;
 - steering: {"experts": {layer: [experts]}, "strength": s}; every forward runs under ``models.steer``
   (whose hooks run before capture's, so the recorded routing is the steered one).
@@ -130,13 +132,16 @@ def _languages(languages) -> list[str]:
 
 def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.PathLike | None = None,
                   steering: dict | None = None, split: str = "test", out_dir: str | os.PathLike | None = None,
-                  num_actors: int | None = None, batch_size: int | None = None) -> dict:
+                  num_actors: int | None = None, batch_size: int | None = None, loaded: tuple | None = None) -> dict:
     """Accuracy per language (English included) and the divergence to English per MoE layer, for the base
     model, base + ``adapter`` or base under ``steering`` (module docstring). Returns the eval.json content
-    plus "path"."""
+    plus "path". ``loaded``: (model, tokenizer) already carrying ``adapter`` (a training's own model:
+    ``train.train_cell``'s on_trained), predicted in this process without loading either."""
     languages = _languages(languages)
     if adapter is not None and not Path(adapter).is_dir():
         raise ConfigError(f"adapter {str(adapter)!r} is not a folder")
+    if loaded is not None and (adapter is None or steering is not None):
+        raise ValueError("evaluate_cell: a loaded model is evaluated as its adapter (adapter given, no steering)")
     plan = taxonomy.plan(cfg, model_cfg, task_cfg, languages, split)
     steering = _checked_steering(steering, plan, model_cfg)
     num_actors = cfg.resources.inference_actors if num_actors is None else num_actors
@@ -149,8 +154,12 @@ def evaluate_cell(cfg, model_cfg, task_cfg, languages, *, adapter: str | os.Path
     else:
         rows = taxonomy.rows_frame(plan, langs, False)
         kwargs = {**taxonomy.predictor_kwargs(plan), "adapter": str(adapter) if adapter else None, "steering": steering}
-        out = inference.map_rows(rows, EvalPredictor, kwargs, num_actors=num_actors, batch_size=batch_size,
-                                 cpus_per_actor=cfg.resources.cpus_per_worker)
+        if loaded is not None:
+            out = inference.predict_frame(*loaded, rows, k=kwargs["k"], max_new_tokens=kwargs["max_new_tokens"],
+                                          batch_size=batch_size)
+        else:
+            out = inference.map_rows(rows, EvalPredictor, kwargs, num_actors=num_actors, batch_size=batch_size,
+                                     cpus_per_actor=cfg.resources.cpus_per_worker)
         if len(out) != len(rows):
             raise RuntimeError(f"predictor returned {len(out)} rows for {len(rows)}")
     out_dir = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval" / f"{model_cfg.name}-{task_cfg.name}-{split}-{_label(adapter, steering)}"

@@ -283,6 +283,13 @@ def predict_rows(model, tok, rows: list[dict], *, k: int, max_new_tokens: int = 
     return out  # type: ignore[return-value]
 
 
+def predict_frame(model, tok, rows: pd.DataFrame, *, k: int, max_new_tokens: int, batch_size: int) -> pd.DataFrame:
+    """``predict_rows`` over a frame of rows in batches of ``batch_size``, with a model already in this process."""
+    return pd.concat([pd.DataFrame(predict_rows(model, tok, rows.iloc[i : i + batch_size].to_dict("records"), k=k,
+                                                max_new_tokens=max_new_tokens))
+                      for i in range(0, len(rows), batch_size)], ignore_index=True)
+
+
 class Predictor:
     """Ray Data actor: model and tokenizer loaded once in __init__, then ``predict_rows`` per batch
     (a pandas DataFrame of rows in, one of results out)."""

@@ -353,9 +353,10 @@ class KeptCheckpoints:
 
 
 def _fit_here(plan: TrainPlan, run_dir: Path, probe: list[str] | None,
-              resume_from: str | os.PathLike | None, on_rung=None) -> str | None:
+              resume_from: str | os.PathLike | None, on_rung=None, on_trained=None) -> str | None:
     """num_workers = 0: the worker recipe in this process, world of one; returns the last checkpoint.
-    ``on_rung(metrics)`` receives each rung's evaluation (a Tune trial: ``tune.report``)."""
+    ``on_rung(metrics)`` receives each rung's evaluation (a Tune trial: ``tune.report``); ``on_trained``:
+    ``train_worker.run_training``'s."""
     kept = KeptCheckpoints(run_dir / CHECKPOINTS)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -365,7 +366,7 @@ def _fit_here(plan: TrainPlan, run_dir: Path, probe: list[str] | None,
 
     context = train_worker.WorkerContext(rank=0, world_size=1,
                                          resume_dir=str(resume_from) if resume_from is not None else None)
-    train_worker.run_training(plan, run_dir, probe, context, report)
+    train_worker.run_training(plan, run_dir, probe, context, report, on_trained)
     return kept.latest
 
 
@@ -415,7 +416,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
                top_k: int | None = None, run_dir: str | os.PathLike | None = None,
                resume_from: str | os.PathLike | None = None, num_workers: int | None = None,
                batch_size: int | None = None, probe: list[str] | None = None, seed: int | None = None,
-               rungs: list[float] = (), on_rung=None) -> dict:
+               rungs: list[float] = (), on_rung=None, on_trained=None) -> dict:
     """Trains one cell with one method; returns {"adapter", "final", "history", ...} (module docstring).
 
     num_workers: Ray Train workers (default: the model's ``resources.num_workers``); 0 = the training runs in this
@@ -426,6 +427,10 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
     rungs: ASHA's milestones (percent trained; a sweep trial with ``sweep.scheduler: asha``): the validation
       accuracy there goes to ``on_rung(metrics)`` (in this process), or through Ray Train to the Tune trial
       (``TuneReportCallback``, worker group); the result's "rungs" lists them.
+    on_trained(model, tok, adapter): with num_workers = 0, called in this process with the trained model (eval
+      mode, its adapter saved in the folder ``adapter``) and its tokenizer before they are released: an
+      evaluation that needs no second load (``trial.py``'s validation). Not called for a worker group's
+      training, nor for one reused from its run folder.
     """
     t_called = time.time()
     plan = plan_training(cfg, model_cfg, task_cfg, language, method=method, lam=lam, band=band, top_k=top_k,
@@ -447,7 +452,7 @@ def train_cell(cfg, model_cfg, task_cfg, language: str, *, method: str, lam: flo
         inference.ensure_ray(ray_env())  # a worker group: the cluster at RAY_ADDRESS, else a local instance
     t0 = time.time()
     if plan.workers == 0:
-        checkpoint = _fit_here(plan, run_dir, probe, resume_from, on_rung)
+        checkpoint = _fit_here(plan, run_dir, probe, resume_from, on_rung, on_trained)
     else:
         checkpoint = _fit_worker_group(cfg, plan, name, run_dir, probe, resume_from)
     out = json.loads(result_file.read_text())

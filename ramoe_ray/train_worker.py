@@ -681,9 +681,11 @@ def _rung(trainee: Trainee, plan: TrainPlan, progress: Progress, context: Worker
 
 
 def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] | None, context: WorkerContext,
-                 report: Report) -> None:
+                 report: Report, on_trained: Callable | None = None) -> None:
     """One rank's whole training (module docstring); rank 0 writes ``run_dir/RESULT`` at the end.
-    ``probe``: prompts whose logits (trained model) rank 0 saves as ``run_dir/probe_logits.pt``."""
+    ``probe``: prompts whose logits (trained model) rank 0 saves as ``run_dir/probe_logits.pt``.
+    ``on_trained(model, tok, adapter)``: called after step 4 with the trained model (in eval mode, its adapter
+    saved in the folder ``adapter``) and its tokenizer, before teardown releases them (``train.train_cell``)."""
     phases = Phases()
     trainee = setup(plan, phases, context.world_size)
     try:
@@ -704,6 +706,8 @@ def run_training(plan: TrainPlan, run_dir: str | os.PathLike, probe: list[str] |
                 _rung(trainee, plan, progress, context, report)
                 phases.mark("rung_eval")
         finish(trainee, plan, base, base_hit, progress, Path(run_dir), probe, context, phases)
+        if on_trained is not None:
+            on_trained(trainee.engine.module, trainee.tok, Path(run_dir) / "adapter")
     finally:
         teardown(trainee)
     del trainee  # the model unreachable: the collection before the freeze frees it

@@ -4,7 +4,8 @@ evaluation of a selected trial afterwards.
 ``run_trial(config, cfg_json, cells)`` is the Tune function: it trains the trial's cell with its method and knobs
 (``train.train_cell``: a Ray Train ``TorchTrainer`` with DeepSpeed ZeRO-3; ``sweep.train_workers = 0``
 runs the training recipe in the trial process itself, no worker group to start per trial), evaluates
-on the **validation** split (``evaluate.evaluate_cell``), draws its figure, writes trial.json in its
+on the **validation** split (``evaluate.evaluate_cell``; a training in the trial process is validated with its
+own model before it is released, ``train_cell``'s ``on_trained``: no second load), draws its figure, writes trial.json in its
 folder and reports the flat metrics to Tune. Trials never open the MLflow database: the sweep's driver
 logs them (tracking.py).
 
@@ -75,13 +76,13 @@ def rungs(cfg: RunConfig, trial: Trial) -> list[float]:
     return asha.milestones(cfg.sweep.asha_grace, cfg.sweep.asha_reduction_factor)
 
 
-def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path, on_rung=None) -> dict:
+def train_trial(cfg: RunConfig, trial: Trial, run_dir: Path, on_rung=None, on_trained=None) -> dict:
     """Trains the trial's cell with its method and knobs; ``train.train_cell``'s result. ``on_rung``: where
-    the rung evaluations of a training in this process go (``tune.report``)."""
+    the rung evaluations of a training in this process go (``tune.report``); ``on_trained``: train_cell's."""
     m, t = _cell_objects(cfg, trial)
     return train.train_cell(cfg, m, t, trial.language, method=trial.method, lam=trial.lam, band=trial.band_spec(),
                             top_k=trial.top_k, run_dir=run_dir / "train", num_workers=train_workers(cfg, trial.model),
-                            seed=trial.seed, rungs=rungs(cfg, trial), on_rung=on_rung)
+                            seed=trial.seed, rungs=rungs(cfg, trial), on_rung=on_rung, on_trained=on_trained)
 
 
 def _steering(trial: Trial, result: dict) -> dict | None:
@@ -90,12 +91,14 @@ def _steering(trial: Trial, result: dict) -> dict | None:
     return {"experts": result["steering"]["experts"], "strength": float(trial.strength)}
 
 
-def validate_trial(cfg: RunConfig, trial: Trial, result: dict, steering: dict | None, run_dir: Path) -> dict:
-    """The trained (or steered) model on the validation split; ``evaluate.evaluate_cell``'s result."""
+def validate_trial(cfg: RunConfig, trial: Trial, result: dict, steering: dict | None, run_dir: Path,
+                   loaded: tuple | None = None) -> dict:
+    """The trained (or steered) model on the validation split; ``evaluate.evaluate_cell``'s result. ``loaded``:
+    the trained model and tokenizer, still in this process (``evaluate_cell``)."""
     m, t = _cell_objects(cfg, trial)
     return evaluate.evaluate_cell(cfg, m, t, [trial.language], adapter=result["adapter"], steering=steering,
                                   split="validation", out_dir=run_dir / "validation", num_actors=eval_actors(cfg, trial.model),
-                                  batch_size=cfg.training.eval_batch_size)
+                                  batch_size=cfg.training.eval_batch_size, loaded=loaded)
 
 
 def _record(trial: Trial, cell: dict, result: dict, steering: dict | None, ev: dict, times: dict) -> dict:
@@ -154,10 +157,18 @@ def _one_trial(cfg: RunConfig, trial: Trial, run_dir: Path, cells: dict, on_rung
     """Train, validate, write trial.json (+ its figure); returns (record, train result, trial.json)."""
     times = {"start": time.time()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = train_trial(cfg, trial, run_dir, on_rung)
-    times["train"] = time.time()
+    validated = {}
+
+    def validate_trained(model, tok, adapter) -> None:  # a training in this process: its model, not a second load
+        t0 = time.time()
+        validated["ev"] = validate_trial(cfg, trial, {"adapter": str(adapter)}, None, run_dir, loaded=(model, tok))
+        validated["seconds"] = time.time() - t0
+
+    result = train_trial(cfg, trial, run_dir, on_rung, validate_trained if eval_actors(cfg, trial.model) == 0 else None)
+    times["train"] = time.time() - validated.get("seconds", 0.0)
     steering = _steering(trial, result)
-    ev = validate_trial(cfg, trial, result, steering, run_dir)
+    # a training reused from its folder (or in a worker group) is validated from its saved adapter
+    ev = validated["ev"] if "ev" in validated else validate_trial(cfg, trial, result, steering, run_dir)
     times["eval"] = time.time()
     times["in_loop"] = float(sum(result.get("step_seconds_rank0") or []))
     record = _record(trial, cells[trial.cell], result, steering, ev, times)

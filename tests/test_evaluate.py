@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from ramoe_ray import evaluate, inference, lora, taxonomy, train
+from ramoe_ray import evaluate, expert_delta, inference, lora, taxonomy, train
 from ramoe_ray.config import ConfigError
 
 LANG = "syn3"
@@ -101,6 +101,43 @@ def test_a_saved_adapter_is_evaluated_as_the_model_it_was_saved_from(shared_cach
     np.testing.assert_allclose(taxonomy.routing_array(got), taxonomy.routing_array(want), atol=1e-6)
     base = evaluate_cell(cfg)
     assert not np.allclose(res["importance_mean"][LANG], base["importance_mean"][LANG], atol=1e-4)  # the adapter acts
+
+
+@pytest.mark.slow  # trains with DeepSpeed (in process)
+@pytest.mark.parametrize("method", ["ramoe", "rise"])  # expert LoRA; RISE's full-weight experts (rise.train: full)
+def test_the_trained_model_in_its_process_evaluates_as_its_saved_adapter(shared_cache, tmp_path, method):
+    """A sweep trial validates the model it trained, before the training releases it (train_cell's on_trained):
+    no model is loaded, and the numbers are those of the saved adapter loaded into a fresh model: the same
+    predictions and correctness per row, routing within 2e-6."""
+    cfg = cfg_for(shared_cache, tmp_path, max_steps=2)
+    seen = {}
+
+    def on_trained(model, tok, adapter):
+        loads = evaluate.EvalPredictor.loads
+        seen["ev"] = evaluate_cell(cfg, adapter=adapter, split="validation", out_dir=tmp_path / "in", loaded=(model, tok))
+        seen["loads"] = evaluate.EvalPredictor.loads - loads
+
+    res = train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method=method, lam=10.0 if method == "ramoe" else None,
+                           top_k=1, num_workers=0, run_dir=tmp_path / method, on_trained=on_trained)
+    assert seen["loads"] == 0 and seen["ev"]["adapter"] == res["adapter"]
+    assert (Path(res["adapter"]) / expert_delta.EXPERTS_META).is_file() == (method == "rise")  # RISE: full weights
+    again = evaluate_cell(cfg, adapter=res["adapter"], split="validation", out_dir=tmp_path / "re")
+    assert again["accuracy"] == seen["ev"]["accuracy"] and again["n"] == seen["ev"]["n"]
+    np.testing.assert_allclose(again["divergence"][LANG], seen["ev"]["divergence"][LANG], atol=1e-6)
+    got, want = (pd.read_parquet(tmp_path / d / "rows.parquet").sort_values(["language", "id"]) for d in ("in", "re"))
+    cols = ["language", "id", "prediction", "output", "correct"]
+    assert got[cols].values.tolist() == want[cols].values.tolist()
+    np.testing.assert_allclose(taxonomy.routing_array(got), taxonomy.routing_array(want), atol=2e-6)
+    base = evaluate_cell(cfg, split="validation")  # it trained: some row's choice log-likelihoods moved
+    base_rows = pd.read_parquet(Path(base["path"]).parent / "rows.parquet").sort_values(["language", "id"])
+    assert (got["output"].to_numpy() != base_rows["output"].to_numpy()).any()
+    with pytest.raises(ValueError, match="a loaded model is evaluated as its adapter"):
+        evaluate_cell(cfg, split="validation", loaded=(None, None))
+    # a training reused from its folder is not called back: its trial validates the saved adapter
+    seen.clear()
+    train.train_cell(cfg, cfg.models[0], cfg.tasks[0], LANG, method=method, lam=10.0 if method == "ramoe" else None,
+                     top_k=1, num_workers=0, run_dir=tmp_path / method, on_trained=on_trained)
+    assert seen == {}
 
 
 @pytest.mark.slow  # trains with DeepSpeed (in process)
