@@ -259,8 +259,8 @@ def freeze_long_lived_objects() -> None:
 def zero_stage(world_size: int, on_gpu: bool) -> int:
     """DeepSpeed's ZeRO stage of a training: 3 (parameters, gradients and optimizer state partitioned over the
     ranks), except for a CPU training of one rank (a sweep trial's own process, ``num_workers`` 0 or 1). There
-    ZeRO-3 has no rank to partition across, and its gather and release hooks around every module cost
-    25-50 % of a step on the synthetic world's models (``bench/train.py --zero``); DeepSpeed's engine runs
+    ZeRO-3 has no rank to partition across, and its gather and release hooks around every module made a
+    step of the synthetic world's models 1.4x as long (``bench/train.py --zero``); DeepSpeed's engine runs
     it without ZeRO (stage 0) and computes the same losses to the last bit (tests/test_train.py). A GPU
     training of one rank keeps ZeRO-3: bf16 at stage 0 goes through another DeepSpeed optimizer wrapper,
     which has never run on a GPU here."""
