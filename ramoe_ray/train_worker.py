@@ -120,7 +120,7 @@ class Trainee:
     device: torch.device
     dtype: torch.dtype  # of the model's weights: bf16 on GPU, fp32 on CPU
     hf_ds_config: Any  # transformers' ZeRO-3 switch: held as long as the engine lives
-    zero_stage: int = 3  # DeepSpeed's ZeRO stage (``zero_stage``): 3, or 0 for a CPU training of one rank
+    zero_stage: int  # DeepSpeed's ZeRO stage (``zero_stage``): 3, or 0 for a CPU training of one rank
 
 
 @dataclass
@@ -267,7 +267,7 @@ def zero_stage(world_size: int, on_gpu: bool) -> int:
     return 0 if world_size == 1 and not on_gpu else 3
 
 
-def ds_config(plan: TrainPlan, on_gpu: bool, stage: int = 3) -> dict:
+def ds_config(plan: TrainPlan, on_gpu: bool, stage: int) -> dict:
     """ramoe_ray/ds_zero3.json with this training's batch size and learning rate; bf16 on GPU only; ``stage``
     0: without ZeRO (``zero_stage``)."""
     cfg = json.loads(lora.DS_ZERO3_CONFIG.read_text())
@@ -567,7 +567,7 @@ def check_checkpoint(path: str | os.PathLike, identity: dict) -> dict:
     return meta
 
 
-def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None, stage: int = 3) -> Progress:
+def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None, stage: int) -> Progress:
     """The engine state (adapter parameters, optimizer, step) and the progress of a checkpoint folder; a fresh
     Progress without one. Every rank loads (ZeRO-3: each its own partition). ``stage``: this training's ZeRO
     stage, which the checkpoint's must be (DeepSpeed's checkpoint layouts differ; one without the field is
@@ -583,7 +583,7 @@ def load_checkpoint(engine, plan: TrainPlan, resume_dir: str | None, stage: int 
 
 
 def save_checkpoint(engine, plan: TrainPlan, progress: Progress, context: WorkerContext, report: Report,
-                    metrics: dict | None, phases: Phases, stage: int = 3) -> None:
+                    metrics: dict | None, phases: Phases, stage: int) -> None:
     """Every rank saves its part into a temporary folder (rank 0 adds the META file) and reports it with
     the step's metrics (``{"step"}`` on a step that logs none)."""
     with tempfile.TemporaryDirectory() as d:
