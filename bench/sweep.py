@@ -93,7 +93,7 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
             rows[f"worker: {p}"] = [r["phases"].get(p, 0.0) for r in trained]
         rows["validation evaluation"] = [r["timing"]["eval"] for r in trained]
         known = [sum(v[i] for v in rows.values()) for i in range(len(trained))]
-        rows["rest (Ray Train start/stop, Tune, figure)"] = [f - k for f, k in zip(fixed, known)]
+        rows["rest (Ray Train start/stop, Tune, trial.json)"] = [f - k for f, k in zip(fixed, known)]
         print("  where it goes (median s):")
         for name, v in rows.items():
             print(f"    {name:<52} {statistics.median(v):6.2f}")

@@ -29,7 +29,7 @@ from ramoe_ray.config import METHODS, RunConfig
 
 STEPS = 8  # optimizer steps timed per (model, task); the first is warm-up
 EXAMPLES = 64  # evaluated rows timed per (model, task)
-TRIAL_START_CPU = 0.3  # seconds of a Tune trial in-process beyond training and evaluation (trial.json, figure): assumed
+TRIAL_START_CPU = 0.1  # seconds of a Tune trial in-process beyond training and evaluation (trial.json): assumed
 
 
 def _training(cfg: RunConfig, model_cfg, task_cfg, language: str) -> dict:

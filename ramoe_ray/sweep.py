@@ -48,7 +48,7 @@ from typing import Any
 
 from ramoe_ray import asha, experts, grid, inference, losses, memory, routing_stats, sources, taxonomy, tracking, train, train_worker, trial
 from ramoe_ray.config import NON_RESULT, ConfigError, RunConfig, band_json, band_label, check_tracking_scheme, differing_keys, result_fields
-from ramoe_ray.grid import SELECT_METRIC, Trial
+from ramoe_ray.grid import SELECT_METRIC, TRIAL_FIGURE, Trial
 
 # ---------------------------------------------------------------------------------------------- checks
 
@@ -406,7 +406,7 @@ def _replicate_rows(df):
 def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=print) -> list[dict]:
     """The test evaluations of the selected trials (and their replicates) in parallel, as Ray tasks with
     a trial's resources; each child gets its test metrics, its per-example predictions
-    (``trial.PREDICTIONS``) and the test split as a dataset input."""
+    (``trial.PREDICTIONS``), its figure (trial.png) and the test split as a dataset input."""
     import ray
 
     ensure_ray(cfg)
@@ -416,10 +416,11 @@ def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=
         task_fn = ray.remote(trial.evaluate_on_test).options(num_cpus=res["cpu"], num_gpus=res["gpu"])
         refs.append(task_fn.remote(cfg.model_dump(mode="json"), folder))
     out = []
-    for (row, _), ref in zip(todo, refs):
+    for (row, folder), ref in zip(todo, refs):
         got = ray.get(ref)
         vals = got["metrics"]
         client.log_dict(row["run_id"], got["predictions"], trial.PREDICTIONS)
+        client.log_artifact(row["run_id"], str(Path(folder) / TRIAL_FIGURE))
         source = next(t.source for t in cfg.tasks if t.name == row["task"])
         tracking.log_dataset(client, row["run_id"], source, row["task"], row["language"], "test", got["predictions"]["ids"])
         model_id = None

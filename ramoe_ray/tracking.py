@@ -10,8 +10,8 @@ What a sweep logs (the report's input, report.py):
 - one **child** run per trial (``log_child``, from the Tune callback as each trial ends): tags
   ``mlflow.parentRunId``, ``ramoe.kind = trial``, model/task/language/method, ``trial_key``,
   ``trial_index``, ``selected``, ``ramoe.trial_dir``; params (knobs and training facts); metrics
-  (validation accuracy, ci proportion, routing KL before/after, loss curves, timings); trial.png and
-  trial.json as artefacts. A failed trial is a FAILED child with its ``error`` tag. A twin (``grid.twins``:
+  (validation accuracy, ci proportion, routing KL before/after, loss curves, timings); trial.json as an
+  artefact (a tested trial also gets its trial.png, sweep.py). A failed trial is a FAILED child with its ``error`` tag. A twin (``grid.twins``:
   the same computation as an earlier trial of its cell) is its own child with that trial's results and
   the tag ``ramoe.same_as`` (the trial's key).
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from ramoe_ray import asha
 from ramoe_ray.cache import content_key, write_json_atomic
 from ramoe_ray.config import ConfigError, RunConfig, result_fields, save_resolved
-from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial, config_hash
+from ramoe_ray.grid import TRIAL_JSON, Trial, config_hash
 
 CELLS_ARTIFACT = "cells"
 SAME_AS_TAG = "ramoe.same_as"  # on a twin (grid.twins): the trial_key of the trial whose results it carries
@@ -352,10 +352,7 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
     metrics = _child_metrics(trial, record)
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
-    folder = _trial_folder(record)
-    for f in (TRIAL_FIGURE, TRIAL_JSON):
-        if (folder / f).is_file():
-            client.log_artifact(rid, str(folder / f))
+    client.log_artifact(rid, str(_trial_folder(record) / TRIAL_JSON))
     end = started + int(1000 * record["timing"]["total"]) if started else None
     client.set_terminated(rid, "FINISHED", end_time=end)
     return rid
@@ -363,14 +360,9 @@ def log_child(client, exp_id: str, parent_id: str, trial: Trial, *, record: dict
 
 def twin_record(record: dict, twin: Trial, trial_json: Path) -> dict:
     """A twin's record, written as trial.json in its own folder next to the trial's (``trial_json``): the trial's
-    record under the twin's spec, ``same_as`` the trial's key, its timings 0 (it ran nothing; its figure is the
-    trial's)."""
-    import shutil
-
+    record under the twin's spec, ``same_as`` the trial's key, its timings 0 (it ran nothing)."""
     folder = trial_json.parent.parent / twin.dir
     folder.mkdir(parents=True, exist_ok=True)
-    if (trial_json.parent / TRIAL_FIGURE).is_file():
-        shutil.copyfile(trial_json.parent / TRIAL_FIGURE, folder / TRIAL_FIGURE)
     out = {**record, "spec": {**record["spec"], **dataclasses.asdict(twin)}, "same_as": record["spec"]["key"],
            "folder": str(folder), "timing": {k: 0.0 for k in record["timing"]},  # it cost nothing more
            "phases": {k: 0.0 for k in record.get("phases") or {}}, "train": {**record["train"], "base_passes_recomputed": 0}}
