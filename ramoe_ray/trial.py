@@ -11,8 +11,8 @@ logs them (tracking.py).
 
 ``evaluate_on_test(cfg_json, folder)`` evaluates a finished trial (its adapter or steering spec) on the
 **test** split and draws its figure (trial.png); the sweep runs it only for the selected trial of each (cell, method)
-and their seed replicates. Every trial's curves are MLflow metrics (train_*, val_div_L*); a figure per trial of a
-3,024-trial grid cost ~0.25 s each, about 6 minutes of that grid's wall time on 2 cores, for figures nobody opens.
+and their seed replicates. Every trial's curves are MLflow metrics (train_*, val_div_L*), which MLflow's UI plots;
+a figure for every trial cost ~0.22 s each, and sweeps/synthetic-grid.yaml ran 1,972 trials for 378 tested ones.
 """
 
 from __future__ import annotations
