@@ -437,7 +437,7 @@ def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=
 def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, *, log=print) -> list[dict]:
     """Module docstring, 5.: the selected child per (cell, method), evaluated on the test split (once:
     a resumed sweep keeps the test numbers it has)."""
-    out, todo = [], []
+    out, todo, untested = [], [], []
     chosen = select(client, exp_id, parent_id)
     df = tracking.children(client, exp_id, parent_id)
     replicas = [r for _, r in df[(df.status == "FINISHED") & _replicate_rows(df)].iterrows()] if not df.empty else []
@@ -450,6 +450,8 @@ def select_and_test(cfg: RunConfig, client, exp_id: str, parent_id: str, *, log=
             out.append({**row, "test_acc": float(best["metrics.test_acc"])})
         else:
             todo.append(({**row, "key": best["tags.trial_key"]}, best["tags.ramoe.trial_dir"]))
+            untested.append(best)
+    tracking.require_trial_folders(untested, "for the test evaluation (each trial's adapter)")
     return out + (_test_selected(cfg, client, todo, log=log) if todo else [])
 
 
@@ -589,8 +591,8 @@ def _todo_twins(sw: _Sweep, todo: list[Trial], cells: list[dict], phase: str):
 def _run_replicates(sw: _Sweep, cells: list[dict], log) -> bool:
     """The selected configuration of every (cell, trained method) again with each other seed
     (``grid.RULES["seeds"]``), the ones not finished yet. True if interrupted."""
-    chosen = [grid.Trial(**json.loads((Path(b["tags.ramoe.trial_dir"]) / grid.TRIAL_JSON).read_text())["spec"])
-              for b in select(sw.client, sw.exp_id, sw.parent_id)]
+    planned = {t.key: t for t in sw.plan.trials}  # (from the plan, not the trial's folder: nothing read from disk)
+    chosen = [planned[b["tags.trial_key"]] for b in select(sw.client, sw.exp_id, sw.parent_id)]
     done, _, _ = _done_trials(sw.client, sw.exp_id, sw.parent_id)
     todo = [r for r in grid.replicates(sw.cfg, chosen, len(sw.plan.trials)) if r.key not in done]
     if not todo:

@@ -268,6 +268,19 @@ def _trial_folder(record: dict) -> Path:
     return Path(record["folder"]) if record.get("folder") else Path(record["eval"]["path"]).parents[1]
 
 
+def require_trial_folders(rows, needed_for: str) -> None:
+    """Refuses, before it runs anything, to go on with children (rows of ``children``) whose trial folder (its
+    trial.json, adapter and predictions: ``tags.ramoe.trial_dir``) is gone, naming how many, the first, and what
+    needs them (``needed_for``). A sweep cannot redo a logged trial, so the remedy is to restore the folders."""
+    gone = [r for r in rows if not (Path(str(r.get("tags.ramoe.trial_dir") or "")) / TRIAL_JSON).is_file()]
+    if gone:
+        first = gone[0]
+        raise ConfigError(f"{len(gone)} of the {len(rows)} trials needed {needed_for} have no trial folder any more: "
+                          f"{first.get('tags.ramoe.trial_dir')} (trial {first.get('tags.trial_key')}, MLflow run "
+                          f"{first.get('run_id')}) has no {TRIAL_JSON}. Restore the sweep's trial folders (that one's parent "
+                          "folder holds them all), or run the sweep afresh under another name")
+
+
 def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str) -> dict:
     return {"mlflow.parentRunId": parent_id, "ramoe.kind": "trial", "model": trial.model, "task": trial.task,
             "language": trial.language, "method": trial.method, "trial_key": trial.key,
@@ -471,8 +484,11 @@ class ChildLogger:
         """Twins whose trial finished in an earlier run of this sweep (``done``: its FINISHED children, from
         ``children``), left unlogged when that run's driver died between logging the trial and its twins: logged
         now from the trial's child, as ``completed`` would have, nothing run."""
+        rows = {key: done[done["tags.trial_key"] == key].iloc[0] for key in twins}
+        require_trial_folders([r for r in rows.values() if r.get(f"tags.{STOPPED_TAG}") != "true"],
+                              "to log their twins (a stopped trial's come from MLflow)")
         for key, group in twins.items():
-            row = done[done["tags.trial_key"] == key].iloc[0]
+            row = rows[key]
             self.twins_logged += len(group)
             tune_trial = types.SimpleNamespace(trial_id=row["tags.tune_trial_id"])
             if row.get(f"tags.{STOPPED_TAG}") == "true":

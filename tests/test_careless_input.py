@@ -356,3 +356,53 @@ def test_validate_reads_local_task_data(tmp_path, capsys, files, words):
         (folder / name).write_text(text)
     err = refused(tmp_path, capsys, ["validate", config_file(tmp_path), f"tasks.0.source={folder}"])
     assert f"tasks.0.source = '{folder}': " in err and words in err, err
+
+
+def _sweep_with_one_child(tmp_path, *, folder: Path):
+    """An MLflow sqlite store with a sweep parent and one FINISHED, untested child whose trial folder is ``folder``."""
+    from ramoe_ray import tracking
+
+    client = tracking.mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("e")
+    parent = client.create_run(exp_id).info.run_id
+    tags = {"mlflow.parentRunId": parent, "model": "m", "task": "arith", "language": "syn2", "method": "sft",
+            "trial_index": "0", "trial_key": "m/arith/syn2/sft", "tune_trial_id": "t0", "ramoe.trial_dir": str(folder)}
+    child = client.create_run(exp_id, tags=tags).info.run_id
+    client.log_metric(child, "val_acc", 0.5)
+    client.set_terminated(child, "FINISHED")
+    return client, exp_id, parent, child
+
+
+def test_a_deleted_trial_folder_is_named_before_the_test_evaluation_starts(tmp_path):
+    """Selection and test on a sweep whose selected trial lost its folder (its adapter): the error names the
+    folder, the trial and the MLflow run, and no Ray task starts (before: FileNotFoundError inside a Ray task)."""
+    import ray
+
+    from ramoe_ray import sweep
+
+    gone = tmp_path / "tune" / "trials" / "p" / "gone"
+    client, exp_id, parent, child = _sweep_with_one_child(tmp_path, folder=gone)
+    was_up = ray.is_initialized()
+    with pytest.raises(ConfigError) as e:
+        sweep.select_and_test(None, client, exp_id, parent, log=print)
+    msg = str(e.value)
+    assert "1 of the 1 trials needed for the test evaluation" in msg
+    assert str(gone) in msg and "m/arith/syn2/sft" in msg and child in msg and "Restore" in msg
+    assert ray.is_initialized() == was_up
+    assert client.get_run(child).data.tags["selected"] == "true"  # selection itself was done
+
+
+def test_twins_of_a_trial_whose_folder_is_gone_are_refused_by_name(tmp_path):
+    """A resumed sweep logs an earlier trial's twins from its trial.json: a deleted folder is named, nothing logged;
+    a trial ASHA stopped needs no folder (its twins come from its MLflow child)."""
+    from ramoe_ray import grid, tracking
+
+    gone = tmp_path / "gone"
+    client, exp_id, parent, child = _sweep_with_one_child(tmp_path, folder=gone)
+    done = tracking.children(client, exp_id, parent)
+    twin = grid.Trial(model="m", task="arith", language="syn2", method="sft", lam=0.0, band=[0.2, 1.0], top_k=1,
+                      strength=None, seed=0, key="m/arith/syn2/sft#twin")
+    logger = tracking.ChildLogger(client.tracking_uri, exp_id, parent, 2, 1)
+    with pytest.raises(ConfigError, match=f"to log their twins.*{gone}"):
+        logger.earlier_twins({"m/arith/syn2/sft": [twin]}, done)
+    assert len(tracking.children(client, exp_id, parent)) == 1 and logger.twins_logged == 0
