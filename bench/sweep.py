@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -82,7 +83,10 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     wall = parent.data.metrics.get("sweep_seconds")
     print(f"sweep {cfg.name!r} (run {parent_id}): {len(records)} finished trials ({len(trained)} trained, "
           f"{len(steer)} steering), concurrency {conc}")
-    print(machine_speed())
+    hosts = collections.Counter(tracking.environment_tags(r["env"])[tracking.HOST_TAG] if r.get("env") else
+                                "not recorded (a sweep before trials recorded their host)" for r in records)
+    print("trials ran on: " + "; ".join(f"{h} ({n})" for h, n in hosts.most_common()))
+    print(machine_speed() + " (this bench's host, now)")
     if trained:
         print(f"fixed cost per trained trial (total - in-loop): median {statistics.median(fixed):.1f} s, "
               f"mean {statistics.mean(fixed):.1f} s, max {max(fixed):.1f} s   (target <= 1.5 s)")

@@ -9,7 +9,8 @@ What a sweep logs (the report's input, report.py):
   grid); artefacts ``config.resolved.yaml`` and ``cells/cells.json`` (stages 1-2's facts per cell);
 - one **child** run per trial (``log_child``, from the Tune callback as each trial ends): tags
   ``mlflow.parentRunId``, ``ramoe.kind = trial``, model/task/language/method, ``trial_key``,
-  ``trial_index``, ``selected``, ``ramoe.trial_dir``; params (knobs and training facts); metrics
+  ``trial_index``, ``selected``, ``ramoe.trial_dir``, ``ramoe.host`` / ``ramoe.libs`` (``environment``: where it
+  ran, on what; the parent has the driver's); params (knobs and training facts); metrics
   (validation accuracy, ci proportion, routing KL before/after, loss curves, timings); trial.json as an
   artefact (a tested trial also gets its trial.png, sweep.py). A failed trial is a FAILED child with its ``error`` tag. A twin (``grid.twins``:
   the same computation as an earlier trial of its cell) is its own child with that trial's results and
@@ -19,8 +20,10 @@ What a sweep logs (the report's input, report.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import platform
 import socket
 import sys
 import time
@@ -156,6 +159,49 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i : i + 90])
 
 
+# ----------------------------------------------------------------------------------------- the machine
+
+LIBRARIES = ("torch", "transformers", "peft", "deepspeed", "ray", "mlflow")  # what makes a trial's numbers
+HOST_TAG, LIBS_TAG = "ramoe.host", "ramoe.libs"
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    return names[0] if names else (platform.processor() or "unknown CPU")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict:
+    """What this process runs on, for the record: host, CPU model and count, the GPUs it may use
+    (CUDA_VISIBLE_DEVICES, which Ray sets per task), Python and ``LIBRARIES``' versions. Trial times are only
+    comparable between runs on the same kind of host; the same config on other versions may differ. Once per
+    process (a steering trial writes one record per setting)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"host": socket.gethostname(), "cpu": _cpu_model(), "cpus": os.cpu_count() or 0,
+           "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+           "python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def environment_tags(env: dict) -> dict:
+    """``environment()`` as two tags a person can filter on: the machine, and the libraries' versions."""
+    gpus = ", ".join(env["gpus"]) or "no GPU"
+    return {HOST_TAG: f"{env['host']}: {env['cpu']}, {env['cpus']} CPUs, {gpus}",
+            LIBS_TAG: f"python {env['python']}, " + ", ".join(f"{lib} {env[lib]}" for lib in LIBRARIES)}
+
+
 # ---------------------------------------------------------------------------------------------- the driver
 
 
@@ -240,7 +286,7 @@ def start_parent(client, exp_id: str, cfg: RunConfig, *, params: dict, n_trials:
     """The sweep's parent run: tags, ``params``, the resolved config and cells.json as artifacts."""
     run = client.create_run(exp_id, run_name=f"sweep {cfg.name}", tags={
         "ramoe.kind": "sweep", "ramoe.sweep": cfg.name, "ramoe.config_hash": config_hash(cfg),
-        "ramoe.expected_trials": str(n_trials), **driver_tags()})
+        "ramoe.expected_trials": str(n_trials), **driver_tags(), **environment_tags(environment())})
     rid = run.info.run_id
     log_params(client, rid, params)
     client.log_artifact(rid, str(save_resolved(cfg, run_dir)))
@@ -289,7 +335,8 @@ def _child_tags(parent_id: str, trial: Trial, record: dict | None, trial_id: str
             # a training reused from the trial folder (a resumed sweep whose trial had finished training)
             "ramoe.reused_training": str(bool(record and record["train"].get("cached"))).lower(),
             REPLICATE_TAG: trial.replicate_of, SAME_AS_TAG: (record or {}).get("same_as", ""),
-            "ramoe.adapter": str((record or {}).get("train", {}).get("adapter") or "")}
+            "ramoe.adapter": str((record or {}).get("train", {}).get("adapter") or ""),
+            **(environment_tags(record["env"]) if record and record.get("env") else {})}
 
 
 def _child_params(trial: Trial, record: dict | None) -> dict:

@@ -23,7 +23,7 @@ import math
 import time
 from pathlib import Path
 
-from ramoe_ray import asha, evaluate, train
+from ramoe_ray import asha, evaluate, tracking, train
 from ramoe_ray.cache import write_json_atomic
 from ramoe_ray.config import RunConfig, config_from_dict
 from ramoe_ray.grid import TRIAL_FIGURE, TRIAL_JSON, Trial
@@ -115,6 +115,7 @@ def _record(trial: Trial, cell: dict, result: dict, steering: dict | None, ev: d
                    "fit": result.get("seconds")},
         "phases": result.get("phases_rank0") or {},  # where the fixed cost goes (bench/sweep.py)
         "rules": result.get("rules") or {},
+        "env": tracking.environment(),  # where it ran, on what (the child's ramoe.host and ramoe.libs tags)
     }
 
 

@@ -144,6 +144,13 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(swept):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"  # the sweep went on, and says one trial failed
     assert parent.data.tags["ramoe.kind"] == "sweep" and parent.data.tags["ramoe.expected_trials"] == str(3 * 8 + 3 * 3)
+    # where the driver and each finished trial ran, on what: the machine and the libraries' versions, as tags
+    import torch
+
+    for host, libs in [(parent.data.tags.get(tracking.HOST_TAG), parent.data.tags.get(tracking.LIBS_TAG)),
+                       *zip(ok[f"tags.{tracking.HOST_TAG}"], ok[f"tags.{tracking.LIBS_TAG}"])]:
+        assert host.startswith(f"{socket.gethostname()}: ") and f"{os.cpu_count()} CPUs" in host, host
+        assert f"torch {torch.__version__}" in libs and "deepspeed " in libs and "absent" not in libs, libs
     # seed 1: each selected configuration of a trained method, once (the failed RISE cell has none)
     selected = ok[(ok["tags.selected"] == "true") & (ok["tags.method"] != "steering")]
     assert sorted(replicas["tags.trial_key"]) == sorted(f"{k}/seed=1" for k in selected["tags.trial_key"])
