@@ -1,86 +1,81 @@
-"""``--calibrate``: the cost model's rates (cost.Rates) measured on this hardware, per (model, task).
+"""``--calibrate``: the cost model's rates (cost.Rates) measured on this hardware, per (model, task), by a
+short sweep run as the real one runs.
 
-Entry: ``calibrate(cfg) -> {(model, task): Rates}`` for a resolved config (``sources.build``: unlike the
-rest of the dry run, this builds what it needs: the synthetic world, the cell's stages 1-2, which the sweep
-then reuses from the cache). Per (model, task), on the config's first target language:
+Entry: ``calibrate(cfg, examples, folder=None) -> {(model, task): Rates}``. It runs ``sweep.run_sweep`` on
+``calibration_config(cfg, folder)``: the config's models, tasks, resources and sweep settings, on its first
+target language and first seed, with at most ``STEPS`` training steps, every trial to the end (``scheduler:
+grid``), the config's most frequent trained method at its first ``LAMBDAS`` knob settings per cell, and
+steering (if the config has it) at its first strength; its own MLflow database and run folder in ``folder``
+(default: a temporary folder, removed). The rates are read from that sweep's children as an earlier sweep's
+are (``cost.rates_from_children``).
 
-- **training**: ``train.train_cell`` of the config's first trained method with ``training.max_steps`` =
-  ``STEPS`` and the model's own workers, in a temporary run folder (removed): the step time (median of the
-  steps after the first), the model load (the smaller of training's ``model_load`` phase and the evaluation's
-  load: the first read of a model pays a cold file cache), the forward of one training example (the final
-  passes over the train split's records), and the rest of the training as its fixed cost (less the imports
-  and process group, which a reused Tune trial actor pays once);
-- **evaluation**: ``inference.Predictor`` (one actor, here) on ``EXAMPLES`` validation rows (English and
-  target): its model load and the seconds per example.
+Why a sweep, not a few steps timed in this process: the trials of a sweep share the machine with each other,
+with the sweep's driver (Tune's controller, MLflow logging) and with Ray's own processes, and on a cluster
+they pay their worker groups' start-up. On the project's 2-core host one process's training steps with the
+machine to itself, at the driver's two torch threads, took 0.071 s, while the grid's trials ran at 0.090 s
+(one thread each, two at a time). A calibration sweep times them as the sweep runs them. A shared host's
+speed also varies by the hour (the same grid trials: 0.078 s a step one day, 0.053 s another): a
+calibration holds for the hour it ran in.
 
-A Ray Train worker group's start-up is not in a measurement made in this process: with workers it is taken
-from ``cost.GPU_ASSUMED["ray_train_start_s"]``, and so is the Tune trial's own (``trial_start_s``).
+What it builds stays: the synthetic world and the cells' stages 1-2 go to ``cache_dir`` and the real sweep
+reuses them. It writes nothing in ``output_dir`` and nothing to the config's MLflow tracking server.
 """
 
 from __future__ import annotations
 
-import statistics
+import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from ramoe_ray import cost, inference, taxonomy, train, trial
+from ramoe_ray import cost, sweep, tracking
 from ramoe_ray.config import METHODS, RunConfig
 
-STEPS = 8  # optimizer steps timed per (model, task); the first is warm-up
-EXAMPLES = 64  # evaluated rows timed per (model, task)
-TRIAL_START_CPU = 0.1  # seconds of a Tune trial in-process beyond training and evaluation (trial.json): assumed
+STEPS = 40  # optimizer steps per calibration trial, at most: the synthetic configs' whole training
+LAMBDAS = 3  # the trained method's trials per cell, at most: a process's first trial pays its imports, a median of 3 leaves it out
 
 
-def _training(cfg: RunConfig, model_cfg, task_cfg, language: str) -> dict:
-    """One short training (module docstring); its result (train_cell's, with phases and step times)."""
-    method = next(m for m in METHODS[::-1] if m in cfg.methods and m != "steering")
-    # the final pass on: it times the no-grad forward (Rates.forward) the base passes cost in any sweep
-    short = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": STEPS, "final_train_pass": True})})
-    train.plan_training(short, model_cfg, task_cfg, language, method=method)  # stages 1-2 first: not timed below
-    with tempfile.TemporaryDirectory(prefix="ramoe-calibrate-") as tmp:
-        return train.train_cell(short, model_cfg, task_cfg, language, method=method, run_dir=Path(tmp) / "run",
-                                num_workers=trial.train_workers(cfg, model_cfg.name))
+def calibrated_method(cfg: RunConfig) -> str | None:
+    """The trained method whose trials the calibration times: RA-MoE if the config has it (a sweep's
+    trials are mostly RA-MoE's), else the first of RISE, SFT; None for a steering-only config."""
+    return next((m for m in METHODS[::-1] if m in cfg.methods and m != "steering"), None)
 
 
-def _evaluation(cfg: RunConfig, model_cfg, task_cfg, language: str) -> tuple[float, float]:
-    """(model load, seconds per example) of the predictor on a few validation rows, in this process."""
-    import torch
-
-    plan = taxonomy.plan(cfg, model_cfg, task_cfg, [language], "validation")
-    rows = taxonomy.rows_frame(plan, ["en", language], False).head(EXAMPLES)
-    t0 = time.perf_counter()
-    actor = inference.Predictor(**taxonomy.predictor_kwargs(plan), device="cuda" if torch.cuda.is_available() else "cpu")
-    t1 = time.perf_counter()
-    for i in range(0, len(rows), cfg.training.eval_batch_size):
-        actor(rows.iloc[i:i + cfg.training.eval_batch_size])
-    return t1 - t0, (time.perf_counter() - t1) / max(1, len(rows))
-
-
-def cell_rates(cfg: RunConfig, model_cfg, task_cfg, language: str) -> cost.Rates:
-    """The rates of one (model, task), measured (module docstring)."""
-    res = _training(cfg, model_cfg, task_cfg, language)
-    phases, steps = res.get("phases_rank0") or {}, res.get("step_seconds_rank0") or [0.0]
-    load_eval, example = _evaluation(cfg, model_cfg, task_cfg, language)
-    final_passes = res["n_train"] + res["n_ci"]  # CE over the train split, KL over its ci pairs
-    forward = phases.get("final_passes", 0.0) / max(1, final_passes)
-    # timed separately, or once per process (imports, process group: a reused Tune trial actor pays them once)
-    measured = sum(phases.get(k, 0.0) for k in ("model_load", "loop", "base_passes", "final_passes",
-                                                 "imports_and_process_group"))
-    workers = trial.train_workers(cfg, model_cfg.name)
-    start = cost.GPU_ASSUMED["ray_train_start_s"] if workers else 0.0
-    trial_start = cost.GPU_ASSUMED["trial_start_s"] if workers else TRIAL_START_CPU + cost.OVERHEAD["cpu"]["tune_trial_s"]
-    return cost.Rates(fixed_train=max(0.0, res["seconds"] - measured) + res.get("seconds_prepare", 0.0) + start,
-                      fixed_eval=trial_start, load=min(phases.get("model_load", load_eval), load_eval),
-                      step=statistics.median(steps[1:] or steps), forward=forward, example=example,
-                      source=f"calibrated here ({STEPS} steps, {EXAMPLES} examples)")
+def calibration_config(cfg: RunConfig, folder: str | Path) -> RunConfig:
+    """The calibration sweep's config (module docstring): everything else as ``cfg``."""
+    method = calibrated_method(cfg)
+    methods = [m for m in cfg.methods if m in (method, "steering")]
+    knobs = cfg.knobs.model_copy(update={"lambdas": cfg.knobs.lambdas[:LAMBDAS], "bands": cfg.knobs.bands[:1],
+                                         "top_k": cfg.knobs.top_k[:1]})
+    steps = min(STEPS, cfg.training.max_steps or STEPS)
+    training = cfg.training.model_copy(update={"max_steps": steps, "seeds": cfg.training.seeds[:1]})
+    storage = None if cfg.sweep.storage_path is None else str(Path(cfg.sweep.storage_path) / Path(folder).name)
+    return cfg.model_copy(update={
+        "name": f"{cfg.name}-calibrate", "languages": cfg.languages[:1], "methods": methods, "knobs": knobs,
+        "steering": cfg.steering.model_copy(update={"strengths": cfg.steering.strengths[:1]}),
+        "training": training, "output_dir": str(folder),
+        "tracking": cfg.tracking.model_copy(update={"mlflow_uri": None}),  # sqlite in the calibration's folder
+        "sweep": cfg.sweep.model_copy(update={"scheduler": "grid", "storage_path": storage})})
 
 
-def calibrate(cfg: RunConfig, log=print) -> dict:
-    """(model, task) -> measured Rates for every model and task of a resolved config."""
-    out = {}
-    for m in cfg.models:
-        for t in cfg.tasks:
-            log(f"  calibrating {m.name}/{t.name} ({STEPS} training steps, {EXAMPLES} evaluated examples) ...")
-            out[(m.name, t.name)] = cell_rates(cfg, m, t, cfg.languages[0])
-    return out
+def calibrate(cfg: RunConfig, examples: dict[str, int], log=print, folder: str | Path | None = None) -> dict:
+    """(model, task) -> Rates measured by a calibration sweep (module docstring). ``examples``: task -> the
+    examples one validation evaluates (English and target); ``folder``: where the sweep runs and stays (a
+    test reads it), default a temporary folder removed afterwards."""
+    tmp = None if folder is not None else tempfile.mkdtemp(prefix="ramoe-calibrate-")
+    short = calibration_config(cfg, folder if folder is not None else tmp)
+    try:
+        n = len(short.models) * len(short.tasks)
+        log(f"  calibrating: a sweep of {n} cells ({short.languages[0]}; {', '.join(short.methods)}; "
+            f"{short.training.max_steps} steps per trial) in {short.output_dir} ...")
+        summary = sweep.run_sweep(short, log=lambda line: log(f"    {line}"))
+        client = tracking.mlflow_client(summary["tracking_uri"])
+        kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
+        source = (f"calibrated here (a sweep of {len(kids)} trials at this machine's concurrency, "
+                  f"{short.training.max_steps} steps each)")
+        return cost.rates_from_children(kids, examples, source)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if short.sweep.storage_path is not None:
+                shutil.rmtree(short.sweep.storage_path, ignore_errors=True)
+

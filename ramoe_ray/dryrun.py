@@ -11,9 +11,9 @@ Entry: ``dry_run(cfg, calibrate=False) -> dict`` (and its printout). In order:
 3. the cache (``cached_stages``): which taxonomy / experts artefacts exist in ``cache_dir``, their keys
    computed as stage 1 computes them (``taxonomy.plan`` on ``sources.planned``, digests read-only:
    ``cache.read_only``); a key that needs a model not built yet (a world model, a preset) says so;
-4. the rates (``rates``): ``--calibrate`` (calibrate.py: a few steps and examples of each model here; it
-   builds what it needs), else an earlier sweep of this name in MLflow (read only), else the stated
-   assumptions of cost.py; and the estimate (cost.py) of this plan and of the plan without the savings
+4. the rates (``rates``): ``--calibrate`` (calibrate.py: a short sweep of every model and task run here,
+   read as an earlier sweep's children; it builds what it needs), else an earlier sweep of this name in
+   MLflow (read only), else the stated assumptions of cost.py; and the estimate (cost.py) of this plan and of the plan without the savings
    (``baseline``: every model on the top-level resources, one Tune trial per steering setting);
 5. the measured phases of that earlier sweep, next to the estimate.
 
@@ -368,13 +368,15 @@ def choose_rates(cfg: RunConfig, sizes: dict, fits: dict, shapes: dict, earlier,
     """The rates (module docstring, 4.): calibrated, else from the earlier sweep, else assumed; a pair the
     chosen source lacks keeps the assumption."""
     rates = default_rates(cfg, fits, shapes)
+    examples = {t: 2 * s.val for t, s in sizes.items() if s is not None}
     if calibrate:
-        rates.update(calibration.calibrate(sources.build(cfg), log=log))
+        got = calibration.calibrate(cfg, examples, log=log)
     elif earlier is not None:
-        examples = {t: 2 * s.val for t, s in sizes.items() if s is not None}
         got = cost.rates_from_children(earlier[0], examples, f"MLflow: sweep {earlier[2]}")
-        rates.update({k: dataclasses.replace(r, fixed_eval=r.fixed_eval + _overhead(cfg, k[0], "tune_trial_s"))
-                      for k, r in got.items() if k in rates})  # Tune's share outside the children's timings
+    else:
+        return rates
+    rates.update({k: dataclasses.replace(r, fixed_eval=r.fixed_eval + _overhead(cfg, k[0], "tune_trial_s"))
+                  for k, r in got.items() if k in rates})  # Tune's share outside the children's timings
     return rates
 
 

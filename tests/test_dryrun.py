@@ -153,6 +153,52 @@ def test_rates_from_an_earlier_sweeps_children():
     assert cost.seconds(w, r) == pytest.approx(6.0)  # reproduces the children it came from
 
 
+def test_the_calibration_sweep_is_the_configs_first_language_and_seed_at_few_steps_in_its_own_folder(tmp_path):
+    """calibrate.calibration_config: the config's models, tasks, resources and concurrency; its first language
+    and seed, the first LAMBDAS knob settings of RA-MoE, steering at its first strength, STEPS steps, no early
+    stopping; its own run folder and sqlite MLflow (never the config's tracking server)."""
+    from ramoe_ray import calibrate
+
+    d = two_models(methods=["sft", "steering", "ramoe"], languages=["de", "fr"],
+                   knobs=dict(lambdas=[0.1, 0.5, 1.0, 5.0], bands=[[0.25, 0.5], [0.5, 0.75]], top_k=[1, 2]),
+                   steering=dict(strengths=[2.0, 4.0]), training=dict(max_steps=500, seeds=[3, 4]),
+                   tracking=dict(mlflow_uri="http://mlflow.example:5000"),
+                   sweep=dict(trial_cpus=1, scheduler="asha", max_concurrent_trials=3, storage_path="/shared/tune"))
+    cfg = config_from_dict(d)
+    short = calibrate.calibration_config(cfg, tmp_path / "cal")
+    assert short.languages == ["de"] and short.training.seeds == [3] and short.methods == ["steering", "ramoe"]
+    assert short.knobs.lambdas == [0.1, 0.5, 1.0][:calibrate.LAMBDAS] and len(short.knobs.bands) == len(short.knobs.top_k) == 1
+    assert short.steering.strengths == [2.0] and short.training.max_steps == calibrate.STEPS
+    assert short.sweep.scheduler == "grid" and short.sweep.max_concurrent_trials == 3
+    assert short.models == cfg.models and short.resources == cfg.resources and short.tasks == cfg.tasks
+    assert short.run_dir == tmp_path / "cal" / f"{cfg.name}-calibrate"
+    assert short.mlflow_uri.startswith("sqlite:") and str(tmp_path / "cal") in short.mlflow_uri
+    assert short.sweep.storage_path == "/shared/tune/cal"  # every node sees it, as the config's own
+    few = calibrate.calibration_config(cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 3})}),
+                                       tmp_path / "cal")
+    assert few.training.max_steps == 3
+    assert calibrate.calibration_config(config_from_dict(two_models(methods=["steering"])), tmp_path).methods == ["steering"]
+
+
+def test_a_failed_calibration_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from ramoe_ray import calibrate
+
+    made: list[str] = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(dir=tmp_path, **kw)) or made[-1])
+
+    def fails(short, log):
+        (Path(short.output_dir) / "half-written").write_text("x")
+        raise RuntimeError("a trial failed")
+
+    monkeypatch.setattr(sweep, "run_sweep", fails)
+    with pytest.raises(RuntimeError, match="a trial failed"):
+        calibrate.calibrate(config_from_dict(two_models()), {"t": 10}, log=lambda _: None)
+    assert len(made) == 1 and not Path(made[0]).exists()
+
+
 # ------------------------------------------------------------------------------------------- dry run
 
 
@@ -274,30 +320,44 @@ def test_dry_run_reads_an_earlier_demo_sweep_and_estimates_it(tmp_path, capsys, 
 
 
 @pytest.mark.slow  # Ray Tune
-def test_models_asking_for_different_resources_run_as_one_tune_run_each(shared_cache, tmp_path):
-    from ramoe_ray import tracking
+def test_models_asking_for_different_resources_run_as_one_tune_run_each_in_the_calibration_sweep(shared_cache, tmp_path):
+    """``--calibrate`` runs the real sweep (calibrate.py) on this config's calibration copy: one Tune run per
+    resource group, as any sweep; the rates are its children's timings, and the config's own run folder is
+    never written."""
+    from ramoe_ray import calibrate, tracking
 
     model = dict(family="olmoe", path="synthetic-small:olmoe")
     d = dict(name="groups", models=[dict(name="a", **model), dict(name="b", resources={"cpus_per_worker": 0.5}, **model)],
              tasks=[dict(name="arith", format="generative_numeric", source="synthetic-small:arith")],
-             languages=["syn3"], methods=["sft", "steering"], knobs=dict(bands=[[0.25, 1.0]], top_k=[1]),
-             training=dict(max_steps=2, batch_size=12, checkpoint_every=1000),
+             languages=["syn3", "syn4"], methods=["sft", "steering"], knobs=dict(bands=[[0.25, 1.0]], top_k=[1]),
+             training=dict(max_steps=2, batch_size=12, checkpoint_every=1000, seeds=[0, 1]),
              resources=dict(num_workers=1, cpus_per_worker=1, inference_actors=0), sweep=dict(train_workers=0),
              cache_dir=str(shared_cache), output_dir=str(tmp_path / "runs"))
     cfg = config_from_dict(d)
+    short = calibrate.calibration_config(cfg, tmp_path / "cal")
     said: list[str] = []
     try:
-        summary = sweep.run_sweep(cfg, log=said.append)
+        rates = calibrate.calibrate(cfg, {"arith": 2 * 100}, log=said.append, folder=tmp_path / "cal")
     finally:
         import ray
 
         ray.shutdown()  # the sweep leaves its local Ray up; later tests start their own
-    assert summary["finished"] == len(grid.trials(cfg)) == 4 and summary["failed"] == 0
-    runs = [line for line in said if line.startswith("Ray Tune:")]
+    assert not (tmp_path / "runs").exists()  # the config's output_dir: untouched
+    runs = [line.strip() for line in said if line.strip().startswith("Ray Tune:")]
     assert runs == ["Ray Tune: 2 trials (a), 2 at a time, each trial 1 CPU / 0 GPU + 0 Ray Train workers",
                     "Ray Tune: 2 trials (b), 4 at a time, each trial 0.5 CPU / 0 GPU + 0 Ray Train workers"]
-    tune_dirs = sorted(p.name for p in (tmp_path / "runs" / "groups" / "tune" / "tune").iterdir())
-    assert tune_dirs == [f"sweep-{summary['parent_run_id']}-0", f"sweep-{summary['parent_run_id']}-1"]
-    client = tracking.mlflow_client(summary["tracking_uri"])
-    kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])
-    assert sorted(kids[kids.status == "FINISHED"]["tags.model"]) == ["a", "a", "b", "b"]
+    client = tracking.mlflow_client(short.mlflow_uri)
+    exp = client.get_experiment_by_name(short.tracking.experiment)
+    parent = tracking.find_parent(client, exp.experiment_id, short.name)
+    assert sorted(p.name for p in (tmp_path / "cal" / "groups-calibrate" / "tune" / "tune").iterdir()) == [
+        f"sweep-{parent}-0", f"sweep-{parent}-1"]
+    kids = tracking.children(client, exp.experiment_id, parent)
+    assert sorted(kids[kids.status == "FINISHED"]["tags.model"]) == ["a", "a", "b", "b"]  # one language, one seed
+    assert set(kids["tags.language"]) == {"syn3"} and set(kids.loc[kids["tags.method"] == "sft", "params.seed"]) == {"0"}
+    assert set(rates) == {("a", "arith"), ("b", "arith")}
+    for (model_name, _), r in rates.items():
+        mine = kids[kids["tags.model"] == model_name]
+        trained = mine[mine["tags.method"] == "sft"]
+        assert trained["params.steps"].astype(int).tolist() == [2]
+        assert r.step == pytest.approx(trained["metrics.seconds_in_loop"].sum() / 2) and r.step > 0
+        assert r.fixed_eval > 0 and r.example > 0 and r.source.startswith("calibrated here (a sweep of 4 trials")
