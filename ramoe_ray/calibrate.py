@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ramoe_ray import cost, sweep, tracking
+from ramoe_ray import cost, grid, sweep, tracking
 from ramoe_ray.config import METHODS, RunConfig
 
 STEPS = 40  # optimizer steps per calibration trial, at most: the synthetic configs' whole training
@@ -65,8 +65,8 @@ def calibrate(cfg: RunConfig, examples: dict[str, int], log=print, folder: str |
     short = calibration_config(cfg, folder if folder is not None else tmp)
     try:
         n = len(short.models) * len(short.tasks)
-        log(f"  calibrating: a sweep of {n} cells ({short.languages[0]}; {', '.join(short.methods)}; "
-            f"{short.training.max_steps} steps per trial) in {short.output_dir} ...")
+        log(f"  calibrating: a sweep of {len(grid.trials(short))} trials in {n} cells ({short.languages[0]}; "
+            f"{', '.join(short.methods)}; {short.training.max_steps} steps per trial) in {short.output_dir} ...")
         summary = sweep.run_sweep(short, log=lambda line: log(f"    {line}"))
         client = tracking.mlflow_client(summary["tracking_uri"])
         kids = tracking.children(client, summary["experiment_id"], summary["parent_run_id"])

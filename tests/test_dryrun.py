@@ -343,6 +343,7 @@ def test_models_asking_for_different_resources_run_as_one_tune_run_each_in_the_c
 
         ray.shutdown()  # the sweep leaves its local Ray up; later tests start their own
     assert not (tmp_path / "runs").exists()  # the config's output_dir: untouched
+    assert said[0].strip().startswith("calibrating: a sweep of 4 trials in 2 cells (syn3; sft, steering; 2 steps per trial)")
     runs = [line.strip() for line in said if line.strip().startswith("Ray Tune:")]
     assert runs == ["Ray Tune: 2 trials (a), 2 at a time, each trial 1 CPU / 0 GPU + 0 Ray Train workers",
                     "Ray Tune: 2 trials (b), 4 at a time, each trial 0.5 CPU / 0 GPU + 0 Ray Train workers"]
