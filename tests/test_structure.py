@@ -23,8 +23,8 @@ ORDER = [
     "taxonomy", "experts",                                # stage 1; stage 2
     "base_cache", "asha",                                 # stage 3's per-cell cache of the base-model passes; early stopping
     "train_worker", "train", "evaluate",                  # stage 3 (per worker, driver); stage 4
-    "grid", "tracking", "trial", "calibrate",             # the sweep: grid, MLflow, one trial, rates measured here,
-    "sweep", "dryrun",                                    # the driver, its dry run;
+    "grid", "tracking", "trial",                          # the sweep: grid, MLflow, one trial,
+    "sweep", "calibrate", "dryrun",                       # the driver, a short sweep's rates, its dry run;
     "report",                                             # the report
     "cli",
 ]
