@@ -189,6 +189,8 @@ def rates_from_children(df, eval_examples: dict[str, int], source: str, tune_tri
     Model loads, set-ups and the training's passes are not told apart there: they stay in ``fixed_train`` /
     ``fixed_eval`` (load = forward = 0)."""
     out = {}
+    if df.empty:  # a sweep stopped before its first trial finished: no timings
+        return out
     df = df[df.status == "FINISHED"]
     for (model, task), g in df.groupby(["tags.model", "tags.task"]):
         if task not in eval_examples:

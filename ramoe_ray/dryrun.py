@@ -458,7 +458,8 @@ def _rates_lines(rates: dict) -> list[str]:
 
 def _measured_lines(cfg: RunConfig, earlier, est: cost.Estimate) -> list[str]:
     """The earlier sweep's measured phases next to this estimate's (the check of the cost model): totals over
-    the phases it measured."""
+    the phases it measured. ``cfg``: the planned config (``sources.planned``: its paths as the sweep resolves
+    them, whose ``grid.config_hash`` the sweep's parent holds)."""
     if earlier is None:
         return []
     _, data, parent = earlier
@@ -506,7 +507,7 @@ def dry_run(cfg: RunConfig, *, calibrate: bool = False, log=print) -> dict:
     lines += ["without the savings (every model on the top-level resources, a Tune trial per steering setting, "
               "no early stopping):"]
     lines += base.lines() + _low_lines(cfg, trials, layers, resolved, autos, sizes, rates, machine)
-    lines += _measured_lines(cfg, earlier, est)
+    lines += _measured_lines(planned, earlier, est)  # the sweep's parent holds the hash of its resolved config
     for line in lines:
         log(line)
     return {"trials": trials, "twins": len(trials) - len(run), "sizes": sizes, "estimate": est, "baseline": base, "rates": rates, "fits": fits,

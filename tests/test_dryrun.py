@@ -300,6 +300,32 @@ def test_dry_run_finds_the_cached_stages_by_their_real_keys(cache_dir, tmp_path,
     assert twins + "1 of 3; auto resolved from the cache in 1 of 1 cells" in said
 
 
+def test_dry_run_tells_an_earlier_sweep_of_the_same_settings_from_one_of_other_settings(cache_dir, tmp_path):
+    """The earlier sweep's parent holds the hash of its resolved config (synthetic paths made local): the dry run
+    compares it with its planned config's, not with the config as written. That sweep has no child yet (it was
+    stopped before its first trial finished): its rates are the stated assumptions."""
+    from ramoe_ray import tracking
+
+    d = dict(name="same", models=[dict(name="m", family="olmoe", path="synthetic-small:olmoe")],
+             tasks=[dict(name="arith", format="generative_numeric", source="synthetic-small:arith")],
+             languages=["syn3"], methods=["sft"], resources=dict(inference_actors=0), cache_dir=str(cache_dir),
+             output_dir=str(tmp_path / "runs"))
+    cfg = config_from_dict(d)
+    built = sources.build(cfg)
+    assert grid.config_hash(built) != grid.config_hash(cfg)  # the paths differ: the hash must be the resolved one's
+    client = tracking.mlflow_client(built.mlflow_uri)
+    exp = client.create_experiment(built.tracking.experiment)
+    built.run_dir.mkdir(parents=True, exist_ok=True)  # the sqlite database is in it
+    tracking.start_parent(client, exp, built, params={}, n_trials=1, cells=[], run_dir=built.run_dir)
+    said: list[str] = []
+    dryrun.dry_run(cfg, log=said.append)
+    assert ", the same settings;" in [x for x in said if x.startswith("measured (MLflow")][0]
+    assert any("[default: the synthetic world on a 2-core CPU" in x for x in said)
+    said.clear()
+    dryrun.dry_run(config_from_dict({**d, "training": {"lr": 1e-3}}), log=said.append)
+    assert ", other settings (config hash);" in [x for x in said if x.startswith("measured (MLflow")][0]
+
+
 @pytest.mark.skipif(not DEMO_DB.is_file(), reason="no earlier demo sweep in runs/demo/mlflow.db")
 def test_dry_run_reads_an_earlier_demo_sweep_and_estimates_it(tmp_path, capsys, monkeypatch):
     """Rates from the earlier demo sweep's children (a copy of its database, read only): the estimate of that
