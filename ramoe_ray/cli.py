@@ -339,8 +339,8 @@ def with_dry_run(sp) -> None:
                     help="the checks, then what the sweep would run (cells, trials, steps, cached stages, memory per "
                          "GPU) and its estimated wall time and GPU-hours; trains, builds and writes nothing")
     sp.add_argument("--calibrate", action="store_true",
-                    help="with --dry-run: measure the estimate's rates with a few steps and examples of each model here "
-                         "(this builds what they need)")
+                    help="with --dry-run: measure the estimate's rates with a short sweep here (first language and "
+                         "seed, a few knob settings, at most 40 steps per trial; this builds what it needs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,9 @@ Entry: ``dry_run(cfg, calibrate=False) -> dict`` (and its printout). In order:
    ``cache.read_only``); a key that needs a model not built yet (a world model, a preset) says so;
 4. the rates (``rates``): ``--calibrate`` (calibrate.py: a short sweep of every model and task run here,
    read as an earlier sweep's children; it builds what it needs), else an earlier sweep of this name in
-   MLflow (read only), else the stated assumptions of cost.py; and the estimate (cost.py) of this plan and of the plan without the savings
-   (``baseline``: every model on the top-level resources, one Tune trial per steering setting);
+   MLflow (read only), else the stated assumptions of cost.py; and the estimate (cost.py) of this plan and
+   of the plan without the savings (``baseline``: every model on the top-level resources, one Tune trial per
+   steering setting);
 5. the measured phases of that earlier sweep, next to the estimate.
 
 Twins (``grid.twins``) are left out of the estimate as the sweep leaves them out of Tune: an explicit band's
