@@ -123,15 +123,12 @@ _PNGS: dict[str, bytes] = {}  # a figure's inputs -> its PNG: stage 2 draws the 
 def _png(path: Path, inputs: list, draw) -> Path:
     """``draw()``'s matplotlib figure as a PNG at ``path``; the bytes of a figure of the same ``inputs`` drawn
     earlier in this process are written again instead (the importance figure is a cell's, divergence a band's)."""
-    import matplotlib.pyplot as plt
-
     key = content_key(inputs, 24)
     if key not in _PNGS:
         if len(_PNGS) >= 256:
             _PNGS.clear()
-        fig, buf = draw(), io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        buf = io.BytesIO()
+        draw().savefig(buf, format="png", dpi=100)
         _PNGS[key] = buf.getvalue()
     path.write_bytes(_PNGS[key])
     return path
@@ -140,18 +137,18 @@ def _png(path: Path, inputs: list, draw) -> Path:
 def experts_figures(out_dir: Any, *, curves: Mapping[str, Any], moe_layers: Sequence[int], band_layers: Sequence[int],
                     en_importance: Any, tgt_importance: Any, language: str, title: str = "") -> list:
     """Two PNGs in ``out_dir``: divergence.png (divergence by MoE layer, one line per language, the
-    band shaded) and importance.png (mean importance, layer × expert, English vs ``language``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    band shaded) and importance.png (mean importance, layer × expert, English vs ``language``). Bare
+    matplotlib Figures (no pyplot state) with fixed margins, not tight_layout or a tight bounding box
+    (each draws the figure once more)."""
+    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     layers = list(moe_layers)
     curves = {lang: np.asarray(c).tolist() for lang, c in curves.items()}
 
     def divergence():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         for lang, c in curves.items():
             ax.plot(layers, c, marker="o", label=lang, linewidth=2.5 if lang == language else 1.2)
         if band_layers:
@@ -161,20 +158,22 @@ def experts_figures(out_dir: Any, *, curves: Mapping[str, Any], moe_layers: Sequ
         ax.set_ylabel("normalised JSD to English")
         ax.set_title(title or "routing divergence")
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.9)
         return fig
 
     en, tg = np.asarray(to_numpy(en_importance)), np.asarray(to_numpy(tgt_importance))
 
     def importance():
         vmax = float(max(en.max(), tg.max()))
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+        fig = Figure(figsize=(8, 3.5))
+        axes = fig.subplots(1, 2, sharey=True)
         for ax, m, name in zip(axes, (en, tg), ("en", language)):
             im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
             ax.set_title(f"importance ({name})")
             ax.set_xlabel("expert")
             ax.set_yticks(range(len(layers)), [str(l) for l in layers])
         axes[0].set_ylabel("MoE layer")
+        fig.subplots_adjust(left=0.08, right=0.99, bottom=0.15, top=0.9, wspace=0.08)
         fig.colorbar(im, ax=list(axes))
         return fig
 
