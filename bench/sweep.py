@@ -8,7 +8,9 @@
   saving the adapter), the validation evaluation, and the rest (Ray Train's controller and worker
   group, Tune's bookkeeping inside the trial). Goal: <= 10 s on 2 CPU cores.
 - **sweep overhead** = the sweep's wall time / (sum of in-loop trial times / concurrency): how much
-  longer the sweep takes than its training loops alone would at the same concurrency.
+  longer the sweep takes than its training loops alone would at the same concurrency. Next to it, the
+  **overhead floor** = (in-loop + the evaluations the method needs: validation, ASHA's rungs, test) / in-loop,
+  the overhead of a sweep in which nothing else took time, and the overhead beyond that floor.
 
     .venv/bin/python bench/sweep.py [CONFIG] [--run] [--sweep RUN_ID] [key=value ...]
         CONFIG default sweeps/demo.yaml; --run runs the sweep first (else: the newest sweep of CONFIG in
@@ -59,6 +61,7 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
     parent = client.get_run(parent_id)
     kids = tracking.children(client, exp.experiment_id, parent_id)
     kids = kids[kids.status == "FINISHED"]
+    tested = kids  # twins included: a selected twin is tested on its own
     twins = tracking.twin_rows(kids)
     if twins.any():  # logged with the results of the trial they repeat (grid.twins): they cost nothing
         print(f"{int(twins.sum())} twins (the same computation as another trial of their cell) left out below")
@@ -121,12 +124,35 @@ def analyse(cfg, parent_id: str | None = None) -> dict:
         print(f"  sum of in-loop times {in_loop:.0f} s; sum of trial times {trial_sum:.0f} s")
         print(f"  sweep overhead = (stages + trials + replicates + selection) / (in-loop / {conc}) = "
               f"{work / max(in_loop / conc, 1e-9):.1f}")
+        evaluation_floor(client, records, stopped, tested, in_loop, work, conc)
         busy = tune_busy(cfg, parent_id)
         if ph["trials"] and busy:
             tune = ph["trials"] + (ph["replicates"] or 0)
             print(f"  Tune phases / (Tune trials' own time / {conc}) = {tune / max(busy / conc, 1e-9):.2f} "
                   f"(1.0 = no scheduling gaps; the trials' time as Tune measured it, those ASHA stopped included)")
     return {"fixed": fixed, "wall": wall, "in_loop": in_loop}
+
+
+def evaluation_floor(client, records: list, stopped, tested, in_loop: float, work: float, conc: int) -> None:
+    """The evaluations the method needs, and the overhead a sweep would have if nothing but its training
+    loops and these evaluations took time: validation (every trial, steering's model load included), ASHA's
+    rungs, the test split of the selected trials and replicates. Stage 1's inference is left out (it is
+    not timed per row), so the floor is a lower bound."""
+    val = sum(r["timing"]["eval"] or 0.0 for r in records)
+    rungs = sum(r["phases"].get("rung_eval", 0.0) for r in records)
+    for rid, last in zip(stopped.run_id, stopped.get("metrics.rung_seconds", [0.0] * len(stopped))):
+        # a stopped trial logs its last rung's seconds: times its number of rungs (a lower bound's estimate)
+        rungs += (float(last) if last == last else 0.0) * len(client.get_metric_history(rid, "rung_percent_trained"))
+    test = float(tested["metrics.seconds_test"].fillna(0).sum()) if "metrics.seconds_test" in tested else None
+    if test is None:
+        print("  evaluation floor: not computed (a sweep before the test evaluations were timed: no seconds_test)")
+        return
+    ev = val + rungs + test
+    print(f"  evaluation the method needs: validation {val:.0f} s, ASHA rungs {rungs:.0f} s, test {test:.0f} s "
+          f"(stage 1's inference not counted)")
+    print(f"  overhead floor = (in-loop + evaluation) / in-loop = {(in_loop + ev) / max(in_loop, 1e-9):.2f} "
+          f"(the overhead if nothing else took time); beyond it: (stages + trials + replicates + selection) / "
+          f"((in-loop + evaluation) / {conc}) = {work / max((in_loop + ev) / conc, 1e-9):.2f}")
 
 
 def machine_speed() -> str:

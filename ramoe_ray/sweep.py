@@ -428,6 +428,7 @@ def _test_selected(cfg: RunConfig, client, todo: list[tuple[dict, str]], *, log=
             model_id = tracking.log_adapter(client, row["exp_id"], row["run_id"], f"{row['method']}-{row['model']}-"
                                             f"{row['task']}-{row['language']}", row["adapter"], {"trial_key": row["key"]})
         tracking.log_metrics(client, row["run_id"], vals, model_id=model_id)
+        tracking.log_metrics(client, row["run_id"], {"seconds_test": got["seconds"]})  # bench/sweep.py's evaluation
         key = row.pop("key")
         out.append({**row, "test_acc": vals["test_acc"]})
         log(f"  {key}: val {100 * row['val_acc']:.1f}% -> test {100 * vals['test_acc']:.1f}%")

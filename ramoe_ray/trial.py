@@ -265,7 +265,9 @@ def trial_figure(record: dict, test_divergence: list[float], path: Path) -> None
 
 def evaluate_on_test(cfg_json: dict, folder: str) -> dict:
     """Test-split evaluation of one finished trial (its adapter or steering spec) -> test metrics, its
-    per-example predictions; its figure drawn (``trial_figure``, in the folder)."""
+    per-example predictions, its seconds (this function's wall time); its figure drawn (``trial_figure``, in
+    the folder)."""
+    t0 = time.time()
     cfg = config_from_dict(cfg_json, "sweep config")
     record = json.loads((Path(folder) / TRIAL_JSON).read_text())
     trial = Trial(**record["spec"])
@@ -278,7 +280,8 @@ def evaluate_on_test(cfg_json: dict, folder: str) -> dict:
     vals = {"test_acc": ev["accuracy"][lang], "test_acc_en": ev["accuracy"]["en"], "n_test": ev["n"][lang]}
     vals.update({f"test_div_L{l}": v for l, v in zip(ev["moe_layers"], ev["divergence"][lang])})
     trial_figure(record, ev["divergence"][lang], Path(folder) / TRIAL_FIGURE)
-    return {"metrics": vals, "predictions": test_predictions(Path(ev["path"]).parent / "rows.parquet", lang)}
+    predictions = test_predictions(Path(ev["path"]).parent / "rows.parquet", lang)
+    return {"metrics": vals, "predictions": predictions, "seconds": time.time() - t0}
 
 
 def test_predictions(rows_parquet: Path, language: str) -> dict:

@@ -239,6 +239,7 @@ def test_selection_on_validation_and_test_only_for_the_selected(swept):
     for rid in list(replicas.run_id) + list(ok[ok["tags.selected"] == "true"].run_id):
         run = client.get_run(rid)
         assert 0 <= run.data.metrics["test_acc"] <= 1
+        assert run.data.metrics["seconds_test"] > 0  # the test evaluation's time (bench/sweep.py's evaluation floor)
         pred = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{trial.PREDICTIONS}")
         assert len(pred["ids"]) == len(pred["correct"]) == int(run.data.metrics["n_test"])
         assert sum(pred["correct"]) / len(pred["correct"]) == pytest.approx(run.data.metrics["test_acc"])
@@ -250,6 +251,7 @@ def test_selection_on_validation_and_test_only_for_the_selected(swept):
             model = client.search_logged_models([summary["experiment_id"]],
                                                 filter_string=f"source_run_id = '{rid}'")[0]
             assert any(m.key == "test_acc" for m in model.metrics)
+            assert not any(m.key == "seconds_test" for m in model.metrics)  # a timing, not the model's
             assert {a.path for a in client.list_logged_model_artifacts(model.model_id)}
 
 
