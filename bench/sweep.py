@@ -141,7 +141,7 @@ def evaluation_floor(client, records: list, stopped, tested, in_loop: float, wor
     val = sum(r["timing"]["eval"] or 0.0 for r in records)
     rungs = sum(r["phases"].get("rung_eval", 0.0) for r in records)
     for rid, last in zip(stopped.run_id, stopped.get("metrics.rung_seconds", [0.0] * len(stopped))):
-        # a stopped trial logs its last rung's seconds: times its number of rungs (a lower bound's estimate)
+        # a stopped trial logs its last rung's seconds only: an estimate, its rungs taken as equally long
         rungs += (float(last) if last == last else 0.0) * len(client.get_metric_history(rid, "rung_percent_trained"))
     test = float(tested["metrics.seconds_test"].fillna(0).sum()) if "metrics.seconds_test" in tested else None
     if test is None:
